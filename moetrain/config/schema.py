@@ -1,0 +1,319 @@
+"""The typed config tree.
+
+Every component receives its own sub-config (never the root). Choices are ``str, Enum``
+because OmegaConf rejects ``Literal``. Single-field rules live in ``__post_init__``;
+cross-field rules live in :func:`moetrain.config.validate.validate`. Every error names
+the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message names the field, the value and the fix."""
+
+
+def _require(cond: bool, field_name: str, value: Any, fix: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}={value!r} is invalid: {fix}")
+
+
+# ----------------------------------------------------------------------------- enums
+class ScoreFunc(str, Enum):
+    softmax = "softmax"
+    sigmoid = "sigmoid"
+
+
+class RouterType(str, Enum):
+    topk = "topk"  # softmax/sigmoid top-k (Mixtral, DeepSeek)
+    switch = "switch"  # top-1 softmax (Switch Transformer)
+
+
+class DispatchMode(str, Enum):
+    dropless = "dropless"  # every routed row reaches its expert
+    capacity = "capacity"  # at most capacity_factor * T*K/E rows per expert; overflow dropped
+
+
+class ExpertBackend(str, Enum):
+    auto = "auto"  # grouped_mm on CUDA, loop elsewhere
+    loop = "loop"  # reference: one GEMM per expert
+    grouped_mm = "grouped_mm"  # torch._grouped_mm
+
+
+class KernelBackend(str, Enum):
+    auto = "auto"  # triton on CUDA when installed, torch otherwise
+    torch = "torch"
+    triton = "triton"
+
+
+class AuxLossScope(str, Enum):
+    micro_batch = "micro_batch"  # statistics of the local micro-batch (default)
+    global_batch = "global_batch"  # expert counts all-reduced across data parallelism
+
+
+class LRSchedule(str, Enum):
+    cosine = "cosine"  # linear warmup, cosine decay to min_lr_ratio * lr
+    wsd = "wsd"  # warmup-stable-decay (MiniCPM): linear warmup, flat, linear decay
+    constant = "constant"  # linear warmup, then flat
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class DataParallelMode(str, Enum):
+    fsdp = "fsdp"  # FSDP2 fully_shard: parameters, gradients, optimizer state sharded
+    replicate = "replicate"  # plain replication, gradients all-reduced
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """Architecture of the decoder-only MoE LM. Presets live in conf/model/."""
+
+    name: str = "tiny"
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    vocab_size: int | None = None  # None = the tokenizer's vocabulary size
+    ffn_hidden: int = 512  # hidden size of dense (non-MoE) SwiGLU MLPs
+    max_seq_len: int = 2048  # RoPE table length; train.seq_len must not exceed it
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    # --- MoE placement and shape
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 256  # F: hidden size of one routed expert
+    moe_every: int = 1  # every n-th layer is MoE (after the first_dense_layers)
+    first_dense_layers: int = 0  # DeepSeekMoE keeps the first k layers dense
+    n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each of expert_hidden
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "must be > 0")
+        _require(
+            self.dim % self.n_heads == 0,
+            "model.dim",
+            self.dim,
+            f"must be divisible by model.n_heads={self.n_heads}",
+        )
+        kv = self.n_kv_heads or self.n_heads
+        _require(
+            self.n_heads % kv == 0,
+            "model.n_kv_heads",
+            self.n_kv_heads,
+            f"must divide model.n_heads={self.n_heads}",
+        )
+        _require((self.dim // self.n_heads) % 2 == 0, "model.dim", self.dim,
+                 "head dim (dim / n_heads) must be even for RoPE")
+        _require(self.num_experts >= 1, "model.num_experts", self.num_experts, "must be >= 1")
+        _require(
+            1 <= self.top_k <= self.num_experts,
+            "model.top_k",
+            self.top_k,
+            f"must be in [1, model.num_experts={self.num_experts}]",
+        )
+        _require(self.expert_hidden > 0, "model.expert_hidden", self.expert_hidden, "must be > 0")
+        _require(self.moe_every >= 1, "model.moe_every", self.moe_every,
+                 "must be >= 1 (1 = every layer is MoE)")
+        _require(
+            0 <= self.first_dense_layers <= self.n_layers,
+            "model.first_dense_layers",
+            self.first_dense_layers,
+            f"must be in [0, model.n_layers={self.n_layers}]",
+        )
+        _require(self.n_shared_experts >= 0, "model.n_shared_experts", self.n_shared_experts,
+                 "must be >= 0")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        if layer_idx < self.first_dense_layers:
+            return False
+        return (layer_idx - self.first_dense_layers) % self.moe_every == 0
+
+
+# ----------------------------------------------------------------------------- moe
+@dataclass
+class RouterConfig:
+    """How tokens pick experts. Selected with ``moe/router=<name>``."""
+
+    name: RouterType = RouterType.topk
+    score_func: ScoreFunc = ScoreFunc.softmax
+    # Renormalise the top-k weights to sum to 1 (Mixtral). Switch (k=1) keeps the raw prob.
+    renormalize: bool = True
+    # Softmax temperature for the scores (dense-to-sparse schedules anneal it).
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, "moe.router.temperature", self.temperature, "must be > 0")
+
+
+@dataclass
+class MoEConfig:
+    """Routing, dispatch, compute backend and load-balancing losses."""
+
+    router: RouterConfig = field(default_factory=RouterConfig)
+    dispatch: DispatchMode = DispatchMode.dropless
+    # Capacity per expert = ceil(capacity_factor * T * K / E); used when dispatch=capacity.
+    capacity_factor: float = 1.25
+    expert_backend: ExpertBackend = ExpertBackend.auto
+    kernel_backend: KernelBackend = KernelBackend.auto
+    # Switch/GShard load-balancing loss coefficient (Switch uses 1e-2).
+    aux_loss_coef: float = 1e-2
+    # ST-MoE router z-loss coefficient (ST-MoE uses 1e-3).
+    z_loss_coef: float = 1e-3
+    aux_loss_scope: AuxLossScope = AuxLossScope.micro_batch
+
+    def __post_init__(self) -> None:
+        _require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
+                 "must be > 0 (1.0 = exactly T*K/E rows per expert)")
+        _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+        _require(self.z_loss_coef >= 0, "moe.z_loss_coef", self.z_loss_coef, "must be >= 0")
+
+
+# ----------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: LRSchedule = LRSchedule.cosine
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of train.steps spent in the final decay
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio,
+                 "must be in [0, 1]")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "must be in [0, 1)")
+        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip,
+                 "must be >= 0 (0 disables clipping)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(0 <= self.decay_fraction <= 1, "optim.decay_fraction", self.decay_fraction,
+                 "must be in [0, 1]")
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    # "default" = the embedded corpus (text of the Python installation, byte-level).
+    # Otherwise a directory written by tools/prepare_data.py.
+    source: str = "default"
+    # Where the default corpus is cached as token shards. Empty = ~/.cache/moetrain
+    # (or $MOETRAIN_CACHE).
+    cache_dir: str = ""
+    # Size cap of the default corpus in MiB of text (it is cut deterministically).
+    default_corpus_mb: float = 8.0
+    val_fraction: float = 0.01  # share of tokens held out for validation
+
+    def __post_init__(self) -> None:
+        _require(0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
+                 "must be in (0, 0.5)")
+        _require(self.default_corpus_mb > 0, "data.default_corpus_mb", self.default_corpus_mb,
+                 "must be > 0")
+
+
+# ----------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per rank per forward; accumulation is derived
+    seq_len: int = 128
+    precision: Precision = Precision.auto
+    log_every: int = 1  # metrics.jsonl / TensorBoard cadence, in steps
+    progress: bool = True  # tqdm bar on rank 0
+    # Raise if the loss becomes NaN/inf instead of silently training on.
+    fail_on_nonfinite: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
+            _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # validate every N optimizer steps (and after the last); 0 disables
+    batches: int = 8  # micro-batches per validation
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", self.every, "must be >= 0 (0 disables)")
+        _require(self.batches > 0, "eval.batches", self.batches, "must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run.dir}/checkpoints"
+    every: int = 100  # save every N optimizer steps (and after the last); 0 disables
+    resume: str = "auto"  # auto = latest complete checkpoint in dir; none; or a PATH
+    keep: int = 3  # complete checkpoints kept; older ones are deleted; 0 keeps all
+    async_save: bool = False  # save in the background (dcp.async_save)
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", self.every, "must be >= 0 (0 disables)")
+        _require(self.keep >= 0, "checkpoint.keep", self.keep, "must be >= 0 (0 keeps all)")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    heatmap_every: int = 50  # expert-load heatmap image cadence, in steps; 0 disables
+    # Peak device FLOP/s used for MFU. 0 = look up the GPU (H100/A100...) or skip on CPU.
+    peak_tflops: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    """Layout. world = pp * dp * tp; ep is carved out of dp * tp (see parallel/mesh.py)."""
+
+    dp: int = -1  # -1 infers world_size / (pp * tp)
+    ep: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp_mode: DataParallelMode = DataParallelMode.fsdp
+
+    def __post_init__(self) -> None:
+        _require(self.dp == -1 or self.dp >= 1, "parallel.dp", self.dp, "must be >= 1 or -1 (infer)")
+        for name in ("ep", "tp", "pp"):
+            _require(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
+
+
+@dataclass
+class Config:
+    """The root config. ``train.py`` builds it once with ``OmegaConf.to_object``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+
+
+__all__ = [name for name in dir() if not name.startswith("_")] + ["MISSING"]
