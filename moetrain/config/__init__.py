@@ -42,7 +42,20 @@ def register_configs() -> None:
 
 
 __all__ = [
-    "Config", "ConfigError", "Layout", "ModelConfig", "MoEConfig", "RouterConfig", "OptimConfig",
-    "DataConfig", "TrainConfig", "EvalConfig", "CheckpointConfig", "LoggingConfig",
-    "ParallelConfig", "register_configs", "resolve_layout", "validate",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "Layout",
+    "LoggingConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RouterConfig",
+    "TrainConfig",
+    "register_configs",
+    "resolve_layout",
+    "validate",
 ]

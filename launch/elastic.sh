@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Elastic, fault-tolerant training: torchrun restarts the workers when a process or a
+# node fails, and admits or drops nodes between MIN_NODES and MAX_NODES.
+#
+# Usage (run the same line on every node; MASTER_ADDR is a host that stays up):
+#   MIN_NODES=2 MAX_NODES=4 NPROC=8 MASTER_ADDR=node0 launch/elastic.sh run.dir=runs/elastic
+#
+# How training survives a restart: every restart relaunches all workers, and the trainer
+# resumes from the latest complete checkpoint in run.dir (checkpoint.resume=auto, set
+# below; an override of yours comes later and wins). The world size may differ after a
+# restart: keep parallel.dp=-1 so dp is inferred from it; the checkpoint is resharded
+# (torch.distributed.checkpoint), and the global batch stays fixed (gradient accumulation
+# is derived), so train.global_batch_size must divide by micro_batch_size * dp for every
+# world size in [MIN_NODES, MAX_NODES] * NPROC. Save often (checkpoint.every) because work
+# since the last checkpoint is redone. Keep run.dir fixed and shared by the nodes.
+#
+# Environment:
+#   MIN_NODES, MAX_NODES  node range (default 1:NNODES or 1:1)
+#   NPROC                 processes per node (default: visible GPUs, else 1)
+#   MAX_RESTARTS          worker-group restarts before giving up (default 3)
+#   MASTER_ADDR           rendezvous host (default 127.0.0.1)   MASTER_PORT (default 29500)
+#   RDZV_ID               rendezvous id of the job (default moetrain-elastic)
+#   TORCHRUN              the launcher command (default "torchrun")
+set -euo pipefail
+
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=0
+  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    IFS=',' read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
+    NPROC="${#ids[@]}"
+  elif command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L > /dev/null 2>&1; then
+    NPROC="$(nvidia-smi -L | grep -c '^GPU' || true)"
+  fi
+  if [[ "$NPROC" -lt 1 ]]; then NPROC=1; fi
+fi
+MIN_NODES="${MIN_NODES:-1}"
+MAX_NODES="${MAX_NODES:-${NNODES:-1}}"
+MAX_RESTARTS="${MAX_RESTARTS:-3}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+RDZV_ID="${RDZV_ID:-moetrain-elastic}"
+read -r -a LAUNCHER <<< "${TORCHRUN:-torchrun}"
+
+exec "${LAUNCHER[@]}" \
+  --nnodes="$MIN_NODES:$MAX_NODES" \
+  --nproc-per-node="$NPROC" \
+  --max-restarts="$MAX_RESTARTS" \
+  --rdzv-backend=c10d \
+  --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+  --rdzv-id="$RDZV_ID" \
+  -m moetrain.train checkpoint.resume=auto "$@"

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Launch moetrain under torchrun. Every argument is passed on as a Hydra override.
+#
+# Usage:
+#   launch/torchrun.sh [OVERRIDE ...]
+#
+#   # one node, one process per visible GPU (or 1 process on a CPU-only machine):
+#   launch/torchrun.sh model=small parallel.ep=4 train.steps=1000
+#   # one node, 4 CPU processes (gloo):
+#   NPROC=4 launch/torchrun.sh parallel.ep=2
+#   # two nodes: run the same line on both; MASTER_ADDR is a host of the first node.
+#   NNODES=2 NPROC=8 MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh parallel.ep=8
+#
+# Environment:
+#   NPROC        processes per node (default: number of visible GPUs, else 1)
+#   NNODES       nodes (default 1). With 1 node and no MASTER_ADDR torchrun runs
+#                --standalone (a private rendezvous on a free port).
+#   MASTER_ADDR  rendezvous host (multi-node: required)      MASTER_PORT (default 29500)
+#   RDZV_ID      rendezvous id shared by the nodes of one job (default moetrain)
+#   RDZV_BACKEND c10d (default) assigns node ranks itself; "static" uses NODE_RANK
+#   NODE_RANK    this node's rank, for RDZV_BACKEND=static only
+#   TORCHRUN     the launcher command (default "torchrun"; e.g. "python -m torch.distributed.run")
+set -euo pipefail
+
+gpu_count() {
+  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    local ids
+    IFS=',' read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
+    echo "${#ids[@]}"
+  elif command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L > /dev/null 2>&1; then
+    nvidia-smi -L | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+NPROC="${NPROC:-$(gpu_count)}"
+if [[ "$NPROC" -lt 1 ]]; then NPROC=1; fi
+NNODES="${NNODES:-1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+RDZV_ID="${RDZV_ID:-moetrain}"
+RDZV_BACKEND="${RDZV_BACKEND:-c10d}"
+read -r -a LAUNCHER <<< "${TORCHRUN:-torchrun}"
+
+args=(--nnodes="$NNODES" --nproc-per-node="$NPROC")
+if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
+  args+=(--standalone)
+else
+  if [[ -z "${MASTER_ADDR:-}" ]]; then
+    echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (a host of the first node)" >&2
+    exit 2
+  fi
+  args+=(--rdzv-backend="$RDZV_BACKEND" --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"
+         --rdzv-id="$RDZV_ID")
+  if [[ "$RDZV_BACKEND" == static ]]; then
+    args+=(--node-rank="${NODE_RANK:?RDZV_BACKEND=static needs NODE_RANK}")
+  fi
+fi
+
+exec "${LAUNCHER[@]}" "${args[@]}" -m moetrain.train "$@"

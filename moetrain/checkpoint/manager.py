@@ -1,0 +1,319 @@
+"""Atomic, resharding checkpoints through ``torch.distributed.checkpoint`` (DCP).
+
+Layout under ``checkpoint.dir``::
+
+    step_0000100/              committed: DCP shards + .metadata + COMMITTED (json)
+    step_0000200.tmp-3f9a1c2e/ being written (or left by a crash); never loaded
+
+A save writes into ``step_N.tmp-<token>/``. When every rank has finished writing, rank 0
+writes ``COMMITTED`` (step, time, world size), fsyncs it and ``os.replace``s the directory to
+``step_N/``. Only a directory with the final name *and* the marker counts as a checkpoint, so
+a crash at any point leaves either the previous checkpoint set or the new one, never a
+half-written checkpoint that resume would pick up. Rank 0 owns every filesystem change under
+``checkpoint.dir``; the other ranks meet it at collectives that all ranks reach (no barrier
+sits on one rank's path only), and a failure on rank 0 is broadcast so every rank raises.
+
+With ``checkpoint.async_save`` the state is staged (copied to CPU) in ``save()`` and written
+by a background thread on a dedicated gloo group; the commit happens once the write finished,
+in ``wait()``, at the next ``save()`` or in ``close()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
+
+from moetrain.config import CheckpointConfig, ConfigError
+
+__all__ = ["MARKER", "CheckpointManager", "is_committed", "step_dir_name"]
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMMITTED"
+_TMP = ".tmp-"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_STEP_DIGITS = 7
+
+T = TypeVar("T")
+
+
+def step_dir_name(step: int) -> str:
+    """``step_0000100`` for step 100 (zero-padded so names sort like steps)."""
+    return f"step_{step:0{_STEP_DIGITS}d}"
+
+
+def is_committed(path: str | Path) -> bool:
+    """True for a final-named ``step_N`` directory holding the ``COMMITTED`` marker."""
+    p = Path(path)
+    return p.is_dir() and _STEP_RE.match(p.name) is not None and (p / MARKER).is_file()
+
+
+def _committed_in(directory: Path) -> list[Path]:
+    """Committed checkpoints directly under ``directory``, oldest step first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if is_committed(p)]
+    return sorted(found, key=CheckpointManager.step_of)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    tmp: Path
+    final: Path
+    future: Any  # concurrent.futures.Future, or AsyncSaveResponse (upload_completion)
+
+
+class CheckpointManager:
+    """Saves and loads ``dict[str, Stateful]`` training state; see the module docstring.
+
+    Requires an initialised default process group (the trainer always has one, even for a
+    single process) and must be constructed on every rank at the same point, since it creates
+    process groups and runs the stale-directory cleanup collectively.
+    """
+
+    def __init__(self, cfg: CheckpointConfig) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "CheckpointManager needs an initialised torch.distributed process group "
+                "(the trainer creates one, gloo with world size 1 for a single process)"
+            )
+        self.cfg = cfg
+        self.dir = Path(cfg.dir)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        # Coordination (object collectives, barriers) on gloo: CPU-only and independent of
+        # the training backend. Async writes get their own group so the background thread's
+        # collectives never interleave with the main thread's.
+        self._pg = dist.new_group(backend="gloo")
+        self._async_pg = dist.new_group(backend="gloo") if cfg.async_save else None
+        self._pending: _PendingSave | None = None
+        self._on_rank0(self._clean_stale)
+
+    # ------------------------------------------------------------------ collectives
+    def _on_rank0(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0, broadcast its result (or its exception) to every rank."""
+        result: Any = None
+        err: BaseException | None = None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                err = e
+                try:
+                    pickle.dumps(e)
+                except Exception:  # noqa: BLE001 - unpicklable: send its text
+                    err = RuntimeError(f"{type(e).__name__}: {e}")
+        box = [(result, err)]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self._pg, 0), group=self._pg)
+        result, remote_err = box[0]
+        if err is not None:
+            raise err
+        if remote_err is not None:
+            raise remote_err
+        return result
+
+    def _agree(self, local_err: BaseException | None, what: str) -> None:
+        """All ranks learn whether any rank failed ``what``; doubles as a barrier."""
+        errs: list[Any] = [None] * self.world_size
+        dist.all_gather_object(errs, None if local_err is None else repr(local_err),
+                               group=self._pg)
+        if local_err is not None:
+            raise local_err
+        bad = [(r, e) for r, e in enumerate(errs) if e is not None]
+        if bad:
+            raise RuntimeError(f"{what} failed on rank {bad[0][0]}: {bad[0][1]}")
+
+    # ------------------------------------------------------------------ discovery
+    @staticmethod
+    def step_of(path: str | Path) -> int:
+        """The optimizer step of a checkpoint directory, from its ``step_N`` name."""
+        m = _STEP_RE.match(Path(path).name)
+        if m is None:
+            raise ValueError(f"{str(path)!r} is not a checkpoint directory named step_<N>")
+        return int(m.group(1))
+
+    def committed(self) -> list[Path]:
+        """Committed checkpoints in ``checkpoint.dir``, oldest first."""
+        return _committed_in(self.dir)
+
+    def latest(self) -> Path | None:
+        """The newest committed checkpoint in ``checkpoint.dir``, or None."""
+        found = self.committed()
+        return found[-1] if found else None
+
+    def resolve_resume(self) -> Path | None:
+        """What ``checkpoint.resume`` points at: ``auto`` -> latest() or None, ``none`` -> None,
+        otherwise a committed ``step_N`` directory or a directory of them (its latest).
+
+        Decided on rank 0 and broadcast, so every rank resumes from the same path.
+        """
+        return self._on_rank0(self._resolve_resume_local)
+
+    def _resolve_resume_local(self) -> Path | None:
+        value = self.cfg.resume
+        key = value.strip().lower()
+        if key == "none":
+            return None
+        if key == "auto":
+            return self.latest()
+        p = Path(value).expanduser()
+        fix = (f"point it at a committed step_N directory (one holding {MARKER}), at a "
+               "checkpoints directory that holds one, or use 'auto' / 'none'")
+        if is_committed(p):
+            return p
+        if not p.exists():
+            raise ConfigError(f"checkpoint.resume={value!r} does not exist: {fix}")
+        if _TMP in p.name:
+            raise ConfigError(f"checkpoint.resume={value!r} is an unfinished save "
+                              f"(temporary name): {fix}")
+        if _STEP_RE.match(p.name):
+            raise ConfigError(f"checkpoint.resume={value!r} has no {MARKER} marker (its save "
+                              f"did not finish): {fix}")
+        inside = _committed_in(p)
+        if inside:
+            return inside[-1]
+        raise ConfigError(f"checkpoint.resume={value!r} holds no committed checkpoint: {fix}")
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state: dict[str, Stateful], *, blocking: bool = False) -> None:
+        """Write ``state`` as checkpoint ``step``; collective, call on every rank.
+
+        Blocking unless ``checkpoint.async_save`` (and ``blocking=False``); an earlier async
+        save is finished and committed first.
+        """
+        self.wait()
+        final = self.dir / step_dir_name(step)
+
+        def make_tmp() -> Path:
+            tmp = final.with_name(f"{final.name}{_TMP}{uuid.uuid4().hex[:8]}")
+            tmp.mkdir(parents=True)
+            return tmp
+
+        tmp = self._on_rank0(make_tmp)
+        if self.cfg.async_save and not blocking:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_pg)
+            self._pending = _PendingSave(step, tmp, final, future)
+            return
+        err: BaseException | None = None
+        try:
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self._pg)
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, then raise
+            err = e
+        self._agree(err, f"checkpoint save of step {step}")
+        self._commit(step, tmp, final)
+
+    def wait(self) -> Path | None:
+        """Finish and commit a pending async save (no-op otherwise); collective.
+
+        Returns the committed directory, or None if nothing was pending.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        err: BaseException | None = None
+        try:
+            fut = pending.future
+            (fut if isinstance(fut, Future) else fut.upload_completion).result()
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, then raise
+            err = e
+        self._agree(err, f"async checkpoint save of step {pending.step}")
+        return self._commit(pending.step, pending.tmp, pending.final)
+
+    def close(self) -> None:
+        """Wait for and commit the last async save. Call on every rank before exiting."""
+        self.wait()
+
+    finalize = close
+
+    def _commit(self, step: int, tmp: Path, final: Path) -> Path:
+        """Rank 0: marker + fsync + atomic rename, then retention. Every rank returns after."""
+
+        def commit() -> Path:
+            meta = {"step": step, "time": time.time(),
+                    "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "world_size": self.world_size}
+            with open(tmp / MARKER, "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():
+                # Re-saving a step (a resume from an older checkpoint): move the old one aside
+                # under a temporary name, which the stale cleanup would also catch.
+                old = final.with_name(f"{final.name}{_TMP}old-{uuid.uuid4().hex[:8]}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            log.info("checkpoint step %d committed at %s", step, final)
+            self._apply_retention()
+            return final
+
+        return self._on_rank0(commit)
+
+    def _apply_retention(self) -> None:
+        if self.cfg.keep <= 0:
+            return
+        for old in self.committed()[: -self.cfg.keep]:
+            log.info("checkpoint.keep=%d: deleting %s", self.cfg.keep, old)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _clean_stale(self) -> None:
+        if not self.dir.is_dir():
+            return
+        for p in sorted(self.dir.iterdir()):
+            if p.is_dir() and _STEP_RE.match(p.name.split(_TMP)[0]) and _TMP in p.name:
+                log.warning("removing unfinished checkpoint %s (left by an interrupted save)", p)
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_dir() and _STEP_RE.match(p.name) and not (p / MARKER).is_file():
+                log.warning("ignoring %s: no %s marker, it is not a complete checkpoint",
+                            p, MARKER)
+
+    # ------------------------------------------------------------------ load
+    def load(self, path: str | Path, state: dict[str, Stateful]) -> int:
+        """Load committed checkpoint ``path`` into ``state`` in place; returns its step.
+
+        DCP reshards on read, so ``path`` may come from another world size or layout.
+        Collective: call on every rank.
+        """
+        p = Path(path)
+        if not is_committed(p):
+            raise ValueError(f"{str(p)!r} is not a committed checkpoint (a step_N directory "
+                             f"with a {MARKER} marker); refusing to load it")
+        dcp.load(state, checkpoint_id=str(p), process_group=self._pg)
+        step = self.step_of(p)
+        saved = json.loads((p / MARKER).read_text())
+        if self.rank == 0:
+            log.info("loaded checkpoint %s (step %d, saved by %d ranks; keys: %s)", p, step,
+                     saved.get("world_size", -1), ", ".join(sorted(state)))
+        return step

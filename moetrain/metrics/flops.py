@@ -1,0 +1,66 @@
+"""Model FLOPs per token, device peak FLOP/s and model FLOPs utilisation (MFU).
+
+MFU = achieved model FLOP/s / peak device FLOP/s (PaLM, Chowdhery et al. 2022, appendix B).
+It counts the FLOPs the model needs, not the FLOPs the hardware ran (recomputation from
+activation checkpointing does not raise it), so it compares fairly across implementations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["mfu", "model_flops_per_token", "peak_flops_for_name", "peak_flops_per_s"]
+
+# Dense (no structured sparsity) bf16 tensor-core peak per GPU, from NVIDIA's data sheets.
+# Matched in order as case-insensitive substrings of torch.cuda.get_device_name().
+_PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("h100 nvl", 835e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("h200", 989e12),  # also GH200
+    ("a100", 312e12),
+)
+
+
+def peak_flops_for_name(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s for a CUDA device name, or None for an unknown device."""
+    name = device_name.lower()
+    for key, peak in _PEAK_BF16:
+        if key in name:
+            return peak
+    return None
+
+
+def peak_flops_per_s(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s for MFU: ``logging.peak_tflops`` if > 0, else a lookup of the GPU name.
+
+    None (MFU not reported) on CPU and on GPUs missing from the table; set
+    ``logging.peak_tflops`` to report MFU there.
+    """
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type == "cuda" and torch.cuda.is_available():
+        return peak_flops_for_name(torch.cuda.get_device_name(device))
+    return None
+
+
+def model_flops_per_token(
+    active_params_non_embedding: int, n_layers: int, dim: int, seq_len: int
+) -> float:
+    """Training FLOPs per token: ``6 N + 12 L D S`` (PaLM appendix B).
+
+    ``6 N``: forward (2) plus backward (4) multiply-adds over the N parameters each token
+    touches; for an MoE, N counts only the top-k routed experts (plus shared experts, router,
+    attention, the output projection) and excludes the input embedding (a lookup).
+    ``12 L D S``: attention scores and weighted values, ``2 * 2 * S * D`` forward per layer and
+    token, times 3 for the backward. Causal masking halves the useful work, but this term
+    counts the full ``S x S`` matrix as PaLM does, so it slightly overstates causal models.
+    """
+    return 6.0 * active_params_non_embedding + 12.0 * n_layers * dim * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation in [0, 1]; None when the peak is unknown."""
+    if peak_flops is None or peak_flops <= 0:
+        return None
+    return tokens_per_s * flops_per_token / peak_flops

@@ -1,0 +1,251 @@
+"""Token dispatchers: move routed rows to their experts and back.
+
+Legend: T tokens, D model dim, E experts, e local experts, K top-k,
+R routed rows (the (token, slot) pairs that reach an expert; R = T*K when dropless).
+
+A dispatcher is not an nn.Module: it owns no parameters, only the data movement.
+``dispatch`` returns the rows sorted by (local) expert plus a frozen :class:`DispatchMeta`;
+``combine`` consumes that meta to undo the permutation and apply the router weights.
+The MoE layer only sees the :class:`Dispatcher` protocol, so the expert-parallel
+:class:`AllToAllDispatcher` replaces :class:`LocalDispatcher` at wiring time. It is the
+one object in moetrain/models/ that holds a process group (handed to it by
+``moetrain.parallel.expert.apply_ep``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
+
+from moetrain.config.schema import ConfigError
+
+
+@dataclass(frozen=True)
+class DispatchMeta:
+    """What ``combine`` needs to undo ``dispatch``.
+
+    row_index_R: int64 flat slot index t*K+k of each dispatched row, in dispatch order.
+    kept_TK: bool, False where a (token, slot) row was dropped for lack of capacity.
+    weights_TK: float32 router weights (differentiable), applied in ``combine``.
+    num_tokens, top_k: T and K.
+    out_dtype: dtype of ``combine``'s result (the dtype of x_TD).
+    tokens_per_expert: int64 (e,) rows per local expert, in dispatch order.
+    num_dropped: int64 0-dim tensor, number of dropped (token, slot) rows.
+    """
+
+    row_index_R: torch.Tensor
+    kept_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    num_tokens: int
+    top_k: int
+    out_dtype: torch.dtype
+    tokens_per_expert: torch.Tensor
+    num_dropped: torch.Tensor
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """Moves routed rows to experts (``dispatch``) and back (``combine``)."""
+
+    def dispatch(
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, DispatchMeta]: ...
+
+    def combine(self, y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor: ...
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows one expert accepts: ceil(capacity_factor * T * K / E) (Switch, Fedus et al., 2021).
+
+    A tolerance of 1e-9 keeps float noise (1.1 * 10 = 11.000000000000002) from adding a row.
+    """
+    if capacity_factor <= 0:
+        raise ConfigError(f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0")
+    return max(0, math.ceil(capacity_factor * num_tokens * top_k / num_experts - 1e-9))
+
+
+class LocalDispatcher:
+    """Single-device dispatcher: sorts the T*K (token, slot) rows by expert.
+
+    Rows are ordered by a stable sort of the expert ids over the flat index t*K+k, so within
+    an expert rows keep token order. Each token's x row is replicated once per slot.
+
+    ``capacity_factor=None`` is dropless. Otherwise each expert keeps its first
+    :func:`expert_capacity` rows (priority = flat index t*K+k) and the rest are dropped:
+    they are not sent to any expert (no padding rows) and contribute zero in ``combine``;
+    the block's residual connection carries those tokens (Switch Transformer, section 2.2).
+    """
+
+    def __init__(self, num_experts: int, capacity_factor: float | None = None) -> None:
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ConfigError(
+                f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0, or use "
+                f"moe.dispatch=dropless"
+            )
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+
+    def dispatch(
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, DispatchMeta]:
+        T, K = ids_TK.shape
+        E = self.num_experts
+        flat_ids = ids_TK.reshape(-1)
+        order_R = torch.argsort(flat_ids, stable=True)
+        counts_E = torch.bincount(flat_ids, minlength=E)
+        if self.capacity_factor is None:
+            row_index_R = order_R
+            tokens_per_expert = counts_E
+            kept_TK = torch.ones(T, K, dtype=torch.bool, device=ids_TK.device)
+            num_dropped = torch.zeros((), dtype=torch.int64, device=ids_TK.device)
+        else:
+            cap = expert_capacity(T, K, E, self.capacity_factor)
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            sorted_ids = flat_ids.index_select(0, order_R)
+            rank_in_expert = (
+                torch.arange(order_R.numel(), device=ids_TK.device)
+                - starts_E.index_select(0, sorted_ids)
+            )
+            row_index_R = order_R[rank_in_expert < cap]
+            tokens_per_expert = counts_E.clamp(max=cap)
+            kept = torch.zeros(T * K, dtype=torch.bool, device=ids_TK.device)
+            kept[row_index_R] = True
+            kept_TK = kept.view(T, K)
+            num_dropped = T * K - tokens_per_expert.sum()
+        x_RD = x_TD.index_select(0, torch.div(row_index_R, K, rounding_mode="floor"))
+        meta = DispatchMeta(
+            row_index_R=row_index_R,
+            kept_TK=kept_TK,
+            weights_TK=weights_TK,
+            num_tokens=T,
+            top_k=K,
+            out_dtype=x_TD.dtype,
+            tokens_per_expert=tokens_per_expert,
+            num_dropped=num_dropped,
+        )
+        return x_RD, meta
+
+    def combine(self, y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        return combine_rows(y_RD, meta)
+
+
+def combine_rows(y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+    """Scatter rows back to their (token, slot) positions and sum the slots with the weights.
+
+    out_t = sum_k w_tk * y_(t,k), in float32; dropped slots hold zeros. Each slot is written
+    exactly once (index_copy), so the result is deterministic on every device.
+    """
+    T, K = meta.num_tokens, meta.top_k
+    D = y_RD.shape[-1]
+    y_TKD = y_RD.new_zeros(T * K, D).index_copy(0, meta.row_index_R, y_RD)
+    out_TD = (y_TKD.view(T, K, D).float() * meta.weights_TK.float().unsqueeze(-1)).sum(dim=1)
+    return out_TD.to(meta.out_dtype)
+
+
+# ----------------------------------------------------------------------------- all-to-all
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Autograd-aware all-to-all with variable splits (backward is the reverse exchange)."""
+    y = funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+    return funcol.wait_tensor(y)
+
+
+@dataclass(frozen=True)
+class AllToAllMeta:
+    local: DispatchMeta  # the sort (and capacity drop) by global expert on this rank
+    in_splits: list[int]  # rows this rank sends to each EP rank
+    out_splits: list[int]  # rows this rank receives from each EP rank
+    regroup_idx: torch.Tensor  # received (source-major) row -> expert-major position
+    pad_idx: torch.Tensor | None  # capacity mode: kept row -> slot in the fixed-size buffer
+    tokens_per_expert: torch.Tensor  # rows per LOCAL expert after the exchange
+    num_dropped: torch.Tensor
+
+
+class AllToAllDispatcher:
+    """Expert-parallel dispatch: each of the ``ep`` ranks holds E/ep experts.
+
+    Tokens are first sorted by global expert on their own rank (and, in capacity mode,
+    the overflow dropped with the same rule as :class:`LocalDispatcher`, per source rank),
+    then exchanged:
+    - dropless: per-expert counts are exchanged first, then exactly the routed rows with
+      variable splits (no padding);
+    - capacity: a fixed-size exchange of ``C`` slots per expert (zero rows fill unused
+      slots; a SwiGLU expert maps a zero row to zero), so no counts are exchanged.
+    Received rows arrive grouped by source rank; they are regrouped by local expert
+    before the experts run, and the whole path is undone in ``combine``. Autograd runs
+    through both exchanges.
+    """
+
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor: float | None = None):
+        self.num_experts = num_experts
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        if num_experts % self.ep:
+            raise ConfigError(
+                f"model.num_experts={num_experts} is not divisible by parallel.ep={self.ep}"
+            )
+        self.local_experts = num_experts // self.ep
+        self.capacity_factor = capacity_factor
+        self.local = LocalDispatcher(num_experts, capacity_factor)
+        self.bytes_sent = 0  # token bytes sent by dispatch + combine since the last reset
+
+    def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """counts_E[j*e + l]: rows for expert l of EP rank j -> counts_Se[src, l] received."""
+        recv = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv, counts_E.contiguous(), group=self.group)
+        return recv.view(self.ep, self.local_experts)
+
+    def dispatch(self, x_TD, ids_TK, weights_TK):
+        ep, e = self.ep, self.local_experts
+        x_RD, lmeta = self.local.dispatch(x_TD, ids_TK, weights_TK)
+        counts_E = lmeta.tokens_per_expert
+        pad_idx = None
+        if self.capacity_factor is None:
+            counts_Se = self._exchange_counts(counts_E)
+            in_splits = counts_E.view(ep, e).sum(1).tolist()
+            out_splits = counts_Se.sum(1).tolist()
+            send_RD = x_RD
+        else:
+            cap = expert_capacity(ids_TK.shape[0], ids_TK.shape[1], self.num_experts,
+                                  self.capacity_factor)
+            # Row r of expert g goes to slot g*cap + (r - start of g's rows).
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            expert_of_row = torch.repeat_interleave(
+                torch.arange(self.num_experts, device=x_RD.device), counts_E
+            )
+            rank_in_expert = torch.arange(x_RD.shape[0], device=x_RD.device) - starts_E[expert_of_row]
+            pad_idx = expert_of_row * cap + rank_in_expert
+            send_RD = x_RD.new_zeros(self.num_experts * cap, x_RD.shape[1])
+            send_RD = send_RD.index_copy(0, pad_idx, x_RD)
+            counts_Se = torch.full((ep, e), cap, dtype=counts_E.dtype, device=counts_E.device)
+            in_splits = out_splits = [e * cap] * ep
+        recv_RD = _all_to_all(send_RD, out_splits, in_splits, self.group)
+        # Received rows are [source][local expert][rows]; regroup to [local expert][source].
+        local_id = torch.repeat_interleave(
+            torch.arange(e, device=recv_RD.device).repeat(ep), counts_Se.flatten()
+        )
+        regroup_idx = torch.argsort(local_id, stable=True)
+        self.bytes_sent += sum(in_splits) * send_RD.shape[1] * send_RD.element_size()
+        meta = AllToAllMeta(
+            local=lmeta,
+            in_splits=in_splits,
+            out_splits=out_splits,
+            regroup_idx=regroup_idx,
+            pad_idx=pad_idx,
+            tokens_per_expert=counts_Se.sum(0),
+            num_dropped=lmeta.num_dropped,
+        )
+        return recv_RD.index_select(0, regroup_idx), meta
+
+    def combine(self, y_RD, meta: AllToAllMeta):
+        # Undo the regroup: source-major order, as received.
+        y_recv = torch.empty_like(y_RD).index_copy(0, meta.regroup_idx, y_RD)
+        back = _all_to_all(y_recv, meta.in_splits, meta.out_splits, self.group)
+        self.bytes_sent += sum(meta.out_splits) * y_RD.shape[1] * y_RD.element_size()
+        if meta.pad_idx is not None:
+            back = back.index_select(0, meta.pad_idx)
+        return self.local.combine(back, meta.local)

@@ -1,0 +1,145 @@
+"""Expert MLPs: a dense SwiGLU and the stacked routed experts.
+
+Legend: D model dim, F expert hidden, E experts, e local experts, R routed rows.
+
+SwiGLU (Shazeer, 2020): y = (silu(x W1^T) * (x W3^T)) W2^T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrain.config.schema import ConfigError, ExpertBackend
+
+
+class FeedForward(nn.Module):
+    """Dense SwiGLU MLP: the FFN of dense blocks and the MoE's shared experts."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1.weight, mean=0.0, std=init_std)
+        nn.init.normal_(self.w3.weight, mean=0.0, std=init_std)
+        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """The local shard of a parameter that expert parallelism made a DTensor (duck-typed)."""
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``torch._grouped_mm``'s backward rejects expanded (stride-0) gradients such as the one
+    ``out.sum().backward()`` produces.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_mm_supported(dim: int, hidden: int, dtype: torch.dtype) -> bool:
+    """``torch._grouped_mm`` needs 16-byte aligned row strides: D and F multiples of 16/itemsize."""
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    return hasattr(torch, "_grouped_mm") and dim % align == 0 and hidden % align == 0
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights ``w1_EFD``, ``w3_EFD`` (E, F, D), ``w2_EDF``.
+
+    ``forward(x_RD, tokens_per_expert_e)`` takes rows already sorted by expert: the first
+    ``tokens_per_expert_e[0]`` rows go to local expert 0, and so on. Backends:
+
+    - ``loop``: one matmul chain per expert (the reference; any device, any dtype).
+    - ``grouped_mm``: ``torch._grouped_mm`` over the whole batch with cumulative offsets.
+      On CUDA the GEMMs run in bf16 (as torchtitan does); on CPU in the input dtype.
+    - ``auto``: grouped_mm on CUDA when the shapes are aligned, else loop.
+
+    Under expert parallelism the weights may be DTensors sharded on dim 0; the local shard
+    is used and its dim 0 is the number of local experts e.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int,
+                 backend: ExpertBackend = ExpertBackend.auto) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.backend = ExpertBackend(backend)
+        self.w1_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w3_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1_EFD, mean=0.0, std=init_std)
+        nn.init.normal_(self.w3_EFD, mean=0.0, std=init_std)
+        nn.init.normal_(self.w2_EDF, mean=0.0, std=out_std)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
+                f"backend={self.backend.value}")
+
+    def resolve_backend(self, x_RD: torch.Tensor) -> ExpertBackend:
+        """The backend that ``forward`` will use for this input."""
+        if self.backend != ExpertBackend.auto:
+            return self.backend
+        if x_RD.is_cuda and grouped_mm_supported(self.dim, self.hidden, torch.bfloat16):
+            return ExpertBackend.grouped_mm
+        return ExpertBackend.loop
+
+    def forward(self, x_RD: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
+        w1_eFD, w3_eFD, w2_eDF = _local(self.w1_EFD), _local(self.w3_EFD), _local(self.w2_EDF)
+        num_local = w1_eFD.shape[0]
+        if tokens_per_expert_e.numel() != num_local:
+            raise ValueError(
+                f"tokens_per_expert has {tokens_per_expert_e.numel()} entries but the expert "
+                f"weights hold {num_local} local experts: the dispatcher must count rows per LOCAL expert "
+                f"(model.num_experts / parallel.ep)"
+            )
+        if self.resolve_backend(x_RD) == ExpertBackend.grouped_mm:
+            return self._forward_grouped_mm(x_RD, tokens_per_expert_e, w1_eFD, w3_eFD, w2_eDF)
+        return self._forward_loop(x_RD, tokens_per_expert_e, w1_eFD, w3_eFD, w2_eDF)
+
+    @staticmethod
+    def _forward_loop(x_RD: torch.Tensor, counts_e: torch.Tensor, w1_eFD: torch.Tensor,
+                      w3_eFD: torch.Tensor, w2_eDF: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i, x_rD in enumerate(torch.split(x_RD, counts_e.tolist(), dim=0)):
+            h_rF = F.silu(x_rD @ w1_eFD[i].transpose(0, 1)) * (x_rD @ w3_eFD[i].transpose(0, 1))
+            outs.append(h_rF @ w2_eDF[i].transpose(0, 1))
+        if not outs:  # no local experts
+            return x_RD.new_zeros(x_RD.shape)
+        return torch.cat(outs, dim=0)
+
+    def _forward_grouped_mm(self, x_RD: torch.Tensor, counts_e: torch.Tensor,
+                            w1_eFD: torch.Tensor, w3_eFD: torch.Tensor,
+                            w2_eDF: torch.Tensor) -> torch.Tensor:
+        dtype = torch.bfloat16 if x_RD.is_cuda else x_RD.dtype
+        if not grouped_mm_supported(self.dim, self.hidden, dtype):
+            align = 16 // torch.empty((), dtype=dtype).element_size()
+            raise ConfigError(
+                f"moe.expert_backend=grouped_mm needs model.dim={self.dim} and "
+                f"model.expert_hidden={self.hidden} to be multiples of {align} for {dtype} "
+                f"(16-byte aligned rows): pick aligned sizes or set moe.expert_backend=loop"
+            )
+        offs = torch.cumsum(counts_e, dim=0, dtype=torch.int32)
+        x = x_RD.to(dtype).contiguous()
+        h1_RF = torch._grouped_mm(x, w1_eFD.to(dtype).transpose(-2, -1), offs=offs)
+        h3_RF = torch._grouped_mm(x, w3_eFD.to(dtype).transpose(-2, -1), offs=offs)
+        h_RF = F.silu(h1_RF) * h3_RF
+        y_RD = torch._grouped_mm(h_RF, w2_eDF.to(dtype).transpose(-2, -1), offs=offs)
+        return _ContiguousGrad.apply(y_RD).to(x_RD.dtype)
+

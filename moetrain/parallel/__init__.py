@@ -1,0 +1,1 @@
+"""Placement: device meshes, process groups and the ``apply_*`` parallelisms."""

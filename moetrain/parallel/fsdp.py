@@ -1,0 +1,63 @@
+"""Data parallelism: FSDP2 ``fully_shard`` (parameters, gradients and optimizer state
+sharded) or plain replication with an all-reduce of gradients.
+
+Gradient scale. Each rank's loss is the mean over its own tokens, and the objective is
+the mean over the ``dp`` data-parallel replicas. Dense gradients are therefore averaged
+over dp. An expert shard already receives the summed gradient of every token that any
+rank of its EP group routed to it (through the all-to-all backward), so across its
+expert-data-parallel group it must be summed and divided by dp (not by edp).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(
+    model: nn.Module,
+    moe_layers: list[nn.Module],
+    dp_mesh: DeviceMesh,
+    edp_mesh: DeviceMesh | None,
+    dp_degree: int,
+    param_dtype: torch.dtype | None,
+) -> None:
+    """Shard experts over edp (when expert-parallel), each block and the root over dp."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if edp_mesh is not None:
+        for layer in moe_layers:
+            fully_shard(layer.experts, mesh=edp_mesh, mp_policy=mp)
+            layer.experts.set_gradient_divide_factor(float(dp_degree))
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+class GradReplicator:
+    """Plain data parallelism: all-reduce each gradient over its replica group, then
+    divide by the number of data-parallel replicas (see the module docstring)."""
+
+    def __init__(self, dense: list[nn.Parameter], dense_group, expert: list[nn.Parameter],
+                 expert_group, dp_degree: int):
+        self.buckets = [(dense, dense_group), (expert, expert_group)]
+        self.dp = dp_degree
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        for params, group in self.buckets:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads or group is None:
+                continue
+            locals_ = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            flat = torch.cat([g.reshape(-1) for g in locals_])
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(flat, group=group)
+            flat /= self.dp
+            offset = 0
+            for g in locals_:
+                n = g.numel()
+                g.copy_(flat[offset:offset + n].view_as(g))
+                offset += n

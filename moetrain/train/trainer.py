@@ -1,0 +1,285 @@
+"""The training loop. It reads top to bottom: build, (resume), then per optimizer step
+accumulate micro-batches, clip, step, log, validate and checkpoint.
+
+Every layout runs the same micro-batches (see ``GlobalBatchSampler.micro_batches``) and
+normalises losses the same way, so per-step losses match the single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moetrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
+from moetrain.config.schema import Config, Precision
+from moetrain.config.validate import Layout
+from moetrain.data import GlobalBatchSampler, build_data
+from moetrain.metrics import MetricsLogger, mfu, model_flops_per_token, peak_flops_per_s
+from moetrain.models import Transformer, count_params
+from moetrain.parallel.parallelize import ParallelModel, parallelize
+from moetrain.train.moe_stats import MoEStatsTracker
+from moetrain.train.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Progress:
+    """The trainer's own resumable counters (saved in every checkpoint)."""
+
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # training tokens consumed, over all ranks
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step, self.tokens = int(sd["step"]), int(sd["tokens"])
+
+
+@dataclass
+class Summary:
+    steps: int
+    final_loss: float
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    run_dir: str = ""
+
+    def format(self) -> str:
+        lines = [
+            "moetrain: training finished",
+            f"  steps        {self.steps}",
+            f"  final loss   {self.final_loss:.4f}",
+        ]
+        if self.val_losses:
+            (s0, v0), (s1, v1) = self.val_losses[0], self.val_losses[-1]
+            lines.append(f"  val loss     {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1}), "
+                         f"ppl {math.exp(min(v1, 50)):.2f}")
+        tps = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        lines += [
+            f"  tokens       {self.tokens:,} in {self.seconds:.1f} s ({tps:,.0f} tokens/s)",
+            f"  run dir      {self.run_dir}  (metrics.jsonl, tensorboard/, checkpoints/)",
+        ]
+        return "\n".join(lines)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, layout: Layout, device: torch.device):
+        self.cfg, self.layout, self.device = cfg, layout, device
+        self.rank = dist.get_rank()
+        self.run_dir = Path(cfg.run.dir)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        self.data = build_data(cfg.data, cfg.train.seq_len)
+        vocab = cfg.model.vocab_size or self.data.tokenizer.vocab_size
+        if vocab < self.data.tokenizer.vocab_size:
+            from moetrain.config import ConfigError
+
+            raise ConfigError(
+                f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
+                f"({self.data.tokenizer.vocab_size}): set model.vocab_size=null to use the "
+                f"tokenizer's size"
+            )
+        self.vocab_size = vocab
+
+        # Every rank builds the same full model from the same seed; parallelize() then
+        # keeps each rank's shard. So the initial weights do not depend on the layout.
+        torch.manual_seed(cfg.seed)
+        model = Transformer(cfg.model, cfg.moe, vocab)
+        self.params = count_params(cfg.model, vocab)
+        self.pm: ParallelModel = parallelize(model, layout, cfg.parallel, cfg.moe, device)
+        self.model: nn.Module = self.pm.model
+        self.optimizer = build_optimizer(self.model, cfg.optim, device)
+
+        t = cfg.train
+        self.dp_rank, self.dp_size = self.pm.dp_rank, layout.dp
+        self.accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, cfg.seed)
+        self.progress = Progress()
+        self.ckpt = CheckpointManager(cfg.checkpoint)
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging, enabled=self.rank == 0)
+        self.autocast_dtype = self._autocast_dtype()
+        self.peak = peak_flops_per_s(device, cfg.logging.peak_tflops)
+        self.moe_stats = MoEStatsTracker(self.pm.moe_layers, device, layout.ep)
+        self.flops_per_token = model_flops_per_token(
+            self.params.active - self.params.embedding, cfg.model.n_layers, cfg.model.dim, t.seq_len
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast_dtype(self) -> torch.dtype | None:
+        p = self.cfg.train.precision
+        if p == Precision.bf16 or (p == Precision.auto and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _state(self) -> dict:
+        return {
+            "model_optim": ModelOptimizerState(self.model, self.optimizer),
+            "progress": self.progress,
+            "sampler": self.sampler,
+            "rng": RNGState(),
+        }
+
+    def _batch(self, ds, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = ds.get_batch(indices)
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def _all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over the data-parallel ranks (every rank of a stage holds a full loss)."""
+        values = values.detach().to(self.device, torch.float32).clone()
+        if self.dp_size > 1:
+            dist.all_reduce(values, group=self.pm.dp_group)
+            values /= self.dp_size
+        return values
+
+    # ------------------------------------------------------------------ phases
+    def resume(self) -> None:
+        path = self.ckpt.resolve_resume()
+        if path is None:
+            return
+        self.ckpt.load(path, self._state())
+        self.metrics.truncate_after(self.progress.step)
+        log.info("resumed from %s at step %d", path, self.progress.step)
+
+    def train_step(self) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.train
+        step = self.progress.step
+        lr = lr_at(step, t.steps, cfg.optim)
+        set_lr(self.optimizer, lr)
+        self.pm.set_aux_loss_scale(1.0 / self.accum)
+
+        global_batch = self.sampler.next_global_batch()
+        micro = GlobalBatchSampler.micro_batches(
+            global_batch, self.dp_rank, self.dp_size, t.micro_batch_size
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        for j, indices in enumerate(micro):
+            inputs, targets = self._batch(self.data.train, indices)
+            with self.pm.no_grad_sync(last=j == len(micro) - 1):
+                loss = self._loss(inputs, targets)
+                (loss / self.accum).backward()
+            loss_sum += loss.detach()
+            self.moe_stats.accumulate()
+
+        grad_norm = self.pm.clip_grad_norm_(cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        loss = self._all_reduce_mean(loss_sum / self.accum).item()
+        if not math.isfinite(loss) and t.fail_on_nonfinite:
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {step}: lower optim.lr or set optim.grad_clip; "
+                f"set train.fail_on_nonfinite=false to continue anyway"
+            )
+        self.progress.step += 1
+        self.progress.tokens += t.global_batch_size * t.seq_len
+        out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+        out.update(self.moe_stats.reduce(self.pm.dp_group, self.dp_size))
+        if self.layout.ep > 1:
+            out["a2a_bytes"] = float(self.pm.ep_bytes_sent())
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean LM loss over ``eval.batches`` fixed validation micro-batches (same samples
+        for every layout: micro-batch j goes to data-parallel rank j % dp)."""
+        self.model.eval()
+        m, n = self.cfg.train.micro_batch_size, self.cfg.eval.batches
+        n_samples = len(self.data.val)
+        total, count = torch.zeros((), device=self.device), 0
+        for j in range(self.dp_rank, n, self.dp_size):
+            indices = [(j * m + i) % n_samples for i in range(m)]
+            inputs, targets = self._batch(self.data.val, indices)
+            total += self._loss(inputs, targets)
+            count += 1
+        sums = torch.stack([total, torch.tensor(float(count), device=self.device)])
+        if self.dp_size > 1:
+            dist.all_reduce(sums, group=self.pm.dp_group)
+        self.model.train()
+        return (sums[0] / sums[1]).item()
+
+    def fit(self) -> Summary:
+        cfg, t = self.cfg, self.cfg.train
+        self.resume()
+        val_losses: list[tuple[int, float]] = []
+        bar = None
+        if t.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.progress.step, desc="train", dynamic_ncols=True)
+        if cfg.eval.every and self.progress.step == 0:
+            # The untrained model's validation loss: the baseline every later one compares to.
+            val_losses.append((0, self.validate()))
+            self.metrics.log_val(0, val_losses[-1][1])
+        self.model.train()
+        t_start, last_loss = time.perf_counter(), float("nan")
+        tokens_start = self.progress.tokens
+        try:
+            while self.progress.step < t.steps:
+                t0 = time.perf_counter()
+                out = self.train_step()
+                dt = time.perf_counter() - t0
+                step = self.progress.step
+                last_loss = out["loss"]
+                tps = t.global_batch_size * t.seq_len / dt
+                out.update(tokens=self.progress.tokens, tokens_per_s=tps, step_time_s=dt)
+                util = mfu(tps / self.layout.world_size, self.flops_per_token, self.peak)
+                if util is not None:
+                    out["mfu"] = util
+                load_LE = self.moe_stats.last_load_LE
+                if step % t.log_every == 0 or step == t.steps:
+                    self.metrics.log_step(step, out)
+                    if load_LE is not None:
+                        self.metrics.log_expert_loads(step, load_LE)
+                if load_LE is not None and self.metrics.heatmap_due(step):
+                    self.metrics.log_heatmap(step, load_LE)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
+                last = step == t.steps
+                if cfg.eval.every and (step % cfg.eval.every == 0 or last):
+                    val = self.validate()
+                    val_losses.append((step, val))
+                    self.metrics.log_val(step, val)
+                    if bar is not None:
+                        bar.write(f"step {step}: val_loss {val:.4f}")
+                if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last):
+                    self.ckpt.save(step, self._state())
+        finally:
+            if bar is not None:
+                bar.close()
+            self.ckpt.close()
+            self.metrics.close()
+        return Summary(
+            steps=self.progress.step,
+            final_loss=last_loss,
+            val_losses=val_losses,
+            tokens=self.progress.tokens - tokens_start,
+            seconds=time.perf_counter() - t_start,
+            run_dir=str(self.run_dir),
+        )
