@@ -241,10 +241,15 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on rank 0
     # Raise if the loss becomes NaN/inf instead of silently training on.
     fail_on_nonfinite: bool = True
+    # Stop this invocation after step N (checkpointing there) although the LR schedule
+    # runs to train.steps; 0 = run to the end. For time-sliced jobs: re-launch to resume.
+    stop_at: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
             _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
+        _require(0 <= self.stop_at <= self.steps, "train.stop_at", self.stop_at,
+                 f"must be in [0, train.steps={self.steps}] (0 = run to the end)")
 
 
 @dataclass

@@ -31,6 +31,10 @@ def apply_fsdp(
         for layer in moe_layers:
             fully_shard(layer.experts, mesh=edp_mesh, mp_policy=mp)
             layer.experts.set_gradient_divide_factor(float(dp_degree))
+            # gloo has no PREMUL_SUM: sum, then scale. Not on a 1-rank mesh, where FSDP
+            # skips the collective and would then divide twice.
+            if dist.get_backend() == "gloo" and edp_mesh.size() > 1:
+                layer.experts.set_force_sum_reduction_for_comms(True)
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)

@@ -210,8 +210,12 @@ def build_mesh(layout: Layout, device_type: str) -> MoEMesh:
     dense = init_device_mesh(
         device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp")
     )
-    # The expert view reshapes the same ranks; DeviceMesh creates one group per axis.
+    # The expert view reshapes the same ranks through the public constructor (one group per
+    # axis; its pp groups duplicate the dense ones). It is a root mesh of its own: expert
+    # parameters live on it, dense parameters on `dense`, and no DTensor mixes the two.
     expert = DeviceMesh(device_type, dims.expert_ranks(), mesh_dim_names=("pp", "edp", "ep"))
+    # _flatten is the (private, long-standing) way to get a flattened axis that slicing
+    # `dense["dp_tp"]` also finds afterwards.
     stage = dense["dp", "tp"]._flatten("dp_tp")
     world = DeviceMesh(device_type, torch.arange(world_size), mesh_dim_names=("world",))
     return MoEMesh(dims=dims, dense=dense, expert=expert, stage=stage, world=world)

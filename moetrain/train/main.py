@@ -20,7 +20,11 @@ log = logging.getLogger("moetrain")
 register_configs()
 
 
-def _world_size_from_env() -> int:
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # e.g. a test harness created the group
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -29,7 +33,7 @@ def run(cfg: Config) -> object:
     from moetrain.parallel.mesh import destroy_distributed, init_distributed
     from moetrain.train.trainer import Trainer
 
-    layout = validate(cfg, _world_size_from_env())  # before any process group exists
+    layout = validate(cfg, _world_size())  # before any process group exists
     rank, _, device = init_distributed()
     try:
         summary = Trainer(cfg, layout, device).fit()

@@ -240,7 +240,8 @@ class Trainer:
         t_start, last_loss = time.perf_counter(), float("nan")
         tokens_start = self.progress.tokens
         try:
-            while self.progress.step < t.steps:
+            end = t.stop_at or t.steps
+            while self.progress.step < end:
                 t0 = time.perf_counter()
                 out = self.train_step()
                 dt = time.perf_counter() - t0
@@ -252,7 +253,8 @@ class Trainer:
                 if util is not None:
                     out["mfu"] = util
                 load_LE = self.moe_stats.last_load_LE
-                if step % t.log_every == 0 or step == t.steps:
+                last = step == end
+                if step % t.log_every == 0 or last:
                     self.metrics.log_step(step, out)
                     if load_LE is not None:
                         self.metrics.log_expert_loads(step, load_LE)
@@ -261,14 +263,14 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
-                last = step == t.steps
                 if cfg.eval.every and (step % cfg.eval.every == 0 or last):
                     val = self.validate()
                     val_losses.append((step, val))
                     self.metrics.log_val(step, val)
                     if bar is not None:
                         bar.write(f"step {step}: val_loss {val:.4f}")
-                if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last):
+                stopping = bool(t.stop_at) and step == t.stop_at
+                if stopping or (cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last)):
                     self.ckpt.save(step, self._state())
         finally:
             if bar is not None:

@@ -167,3 +167,15 @@ def test_harness_fails_fast_when_a_rank_dies():
     with pytest.raises(RuntimeError, match="rank 1 of 2 exited with code 7"):
         run_distributed(_die_on_rank1, 2, timeout_s=60)
     assert time.monotonic() - start < 30
+
+
+def _hang(rank: int, world_size: int) -> None:
+    time.sleep(600)
+
+
+def test_harness_times_out_a_hang_and_shows_where():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 still running after 2") as info:
+        run_distributed(_hang, 2, timeout_s=2)
+    assert time.monotonic() - start < 15
+    assert str(info.value).count("in _hang") == 2  # each rank's stack points at the hang
