@@ -28,6 +28,7 @@ from moetrain.models import Transformer, count_params
 from moetrain.parallel.parallelize import ParallelModel, parallelize
 from moetrain.train.moe_stats import MoEStatsTracker
 from moetrain.train.optim import build_optimizer, lr_at, set_lr
+from moetrain.train.preemption import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +201,9 @@ class Trainer:
         self.progress.tokens += t.global_batch_size * t.seq_len
         out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
         out.update(self.moe_stats.reduce(self.pm.dp_group, self.dp_size))
-        if self.layout.ep > 1:
-            out["a2a_bytes"] = float(self.pm.ep_bytes_sent())
+        if self.layout.ep > 1:  # token bytes all ranks sent through all-to-all this step
+            out["a2a_bytes"] = self._all_reduce_mean(
+                torch.tensor(float(self.pm.ep_bytes_sent()))).item() * self.dp_size
         return out
 
     @torch.no_grad()
@@ -239,6 +241,7 @@ class Trainer:
         self.model.train()
         t_start, last_loss = time.perf_counter(), float("nan")
         tokens_start = self.progress.tokens
+        self.stop = StopSignal(self.device).install()
         try:
             end = t.stop_at or t.steps
             while self.progress.step < end:
@@ -269,10 +272,13 @@ class Trainer:
                     self.metrics.log_val(step, val)
                     if bar is not None:
                         bar.write(f"step {step}: val_loss {val:.4f}")
-                stopping = bool(t.stop_at) and step == t.stop_at
+                stopping = (bool(t.stop_at) and step == t.stop_at) or self.stop.requested()
                 if stopping or (cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last)):
                     self.ckpt.save(step, self._state())
+                if stopping:
+                    break
         finally:
+            self.stop.uninstall()
             if bar is not None:
                 bar.close()
             self.ckpt.close()

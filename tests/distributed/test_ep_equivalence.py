@@ -51,3 +51,17 @@ def test_layout_matches_single_process(reference, tmp_path, cache, name, extra, 
             [r["dropped_frac"] for r in step_rows(reference[mode])], rel=1e-6)
     if "parallel.ep=1" not in extra:
         assert all(r["a2a_bytes"] > 0 for r in step_rows(got))
+
+
+def test_global_batch_aux_statistics(tmp_path, cache):
+    """moe.aux_loss_scope=global_batch all-reduces expert counts over data parallelism:
+    2 ranks with one micro-batch of 4 sequences each give the 1-process run whose single
+    micro-batch holds all 8 sequences (there, micro-batch statistics are global)."""
+    extra = ["moe.aux_loss_scope=global_batch", "parallel.ep=2"]
+    ref = train(_overrides(tmp_path, cache, "ref", extra[:1] + ["train.micro_batch_size=8"]))
+    got = train(_overrides(tmp_path, cache, "dp2", extra + ["train.micro_batch_size=4"]),
+                world=2)
+    assert_same_trajectory(ref, got)
+    # And it differs from micro-batch statistics, so the test can fail.
+    local = train(_overrides(tmp_path, cache, "local", ["train.micro_batch_size=4"]))
+    assert abs(step_rows(local)[0]["aux_loss"] - step_rows(got)[0]["aux_loss"]) > 1e-6

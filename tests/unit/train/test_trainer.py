@@ -58,3 +58,31 @@ def test_nonfinite_loss_stops_with_advice(tiny_overrides):
     with pytest.raises(NonFiniteLossError, match="optim.lr"):
         run(compose(tiny_overrides + ["optim.lr=1e30", "optim.grad_clip=0",
                                       "optim.warmup_steps=0", "train.steps=20"]))
+
+
+def test_sigterm_checkpoints_and_resume_continues(tiny_overrides, tmp_path, monkeypatch):
+    """A preempted run (SIGTERM after step 2) checkpoints at that step and exits; the
+    re-launched run resumes there and logs the uninterrupted losses."""
+    import signal
+
+    from moetrain.train.trainer import Trainer
+
+    base = [o for o in tiny_overrides if not o.startswith("run.dir")]
+    run(compose(base + [f"run.dir={tmp_path / 'ref'}"]))
+
+    original = Trainer.train_step
+
+    def preempted_step(self):
+        out = original(self)
+        if self.progress.step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", preempted_step)
+    summary = run(compose(base + [f"run.dir={tmp_path / 'job'}"]))
+    assert summary.steps == 2
+    assert (tmp_path / "job" / "checkpoints" / "step_0000002").is_dir()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    run(compose(base + [f"run.dir={tmp_path / 'job'}"]))
+    ref, got = _steps(tmp_path / "ref"), _steps(tmp_path / "job")
+    assert [(r["step"], r["loss"]) for r in ref] == [(r["step"], r["loss"]) for r in got]
