@@ -25,7 +25,7 @@ class StopSignal:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+    def _handle(self, signum, frame) -> None:
         self.received = signum
 
     def install(self) -> StopSignal:
