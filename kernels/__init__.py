@@ -1,5 +1,71 @@
 """Triton kernels for MoE routing and token movement, shipped as ``moetrain.kernels``.
 
-Each kernel has a pure-torch reference beside it; the references are the oracle in tests
-and the path used on CPU.
+Three layers, as in OLMo-core: :mod:`.moe` holds the raw ``@triton.jit`` kernels and
+their launchers, :mod:`.ops` the ``autograd.Function`` wrappers, and the model code
+(router, dispatcher) calls the ops. Each kernel has a pure-torch reference in
+:mod:`.reference`; the references are the oracle in tests and the path used on CPU.
+
+``moe.kernel_backend`` picks the path (see :func:`use_triton`). Importing this package
+does not import triton; :mod:`.moe` and :mod:`.ops` do.
+
+Not here yet: fusing the gather into the first expert GEMM and the combine into the last
+(ScatterMoE; Tan et al., 2024). It pays only if GPU measurements with
+``tools/bench_moe_layer.py`` show the permute/combine traffic matters next to the GEMMs.
 """
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from moetrain.config.schema import ConfigError, KernelBackend
+
+__all__ = ["interpreting", "triton_available", "use_triton"]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the triton package is installed."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when triton would run kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if not triton_available():
+        return False
+    from moetrain.kernels.moe import interpreting as _interpreting
+
+    return _interpreting()
+
+
+def use_triton(backend: KernelBackend | str, device: torch.device | torch.Tensor) -> bool:
+    """Whether ``moe.kernel_backend`` selects the Triton kernels for tensors on ``device``.
+
+    - ``torch``: never.
+    - ``auto``: the torch path for now. The kernels pass their tests under Triton's
+      interpreter but have not yet run on a GPU; ``auto`` will select them on CUDA once
+      tests/gpu has passed there. Opt in with ``moe.kernel_backend=triton``.
+    - ``triton``: always; it needs triton and a CUDA device, or the interpreter
+      (``TRITON_INTERPRET=1``) for CPU tensors, and fails naming the fix otherwise.
+    """
+    backend = KernelBackend(backend)
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    if backend == KernelBackend.torch:
+        return False
+    if backend == KernelBackend.auto:
+        return False
+    if not triton_available():
+        raise ConfigError(
+            "moe.kernel_backend=triton is invalid: triton is not installed; "
+            "pip install triton, or set moe.kernel_backend=auto"
+        )
+    if device.type != "cuda" and not interpreting():
+        raise ConfigError(
+            f"moe.kernel_backend=triton is invalid on device {device.type!r}: the kernels "
+            f"need a CUDA device (or TRITON_INTERPRET=1 to run them in triton's CPU "
+            f"interpreter); set moe.kernel_backend=auto"
+        )
+    return True

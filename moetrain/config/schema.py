@@ -74,6 +74,44 @@ class DataParallelMode(str, Enum):
     replicate = "replicate"  # plain replication, gradients all-reduced
 
 
+class ExpertTP(str, Enum):
+    """How routed experts use the tensor-parallel ranks (parallel.tp > 1).
+
+    Attention and dense MLPs are tensor-parallel either way (moetrain/parallel/tensor.py).
+    """
+
+    ep = "ep"  # each tp rank routes its sequence shard; experts are expert-parallel
+    # over parallel.ep ranks (parallel.ep=tp: the ep group is the tp group), else replicated
+    etp = "etp"  # expert-tensor-parallel: tokens gathered over tp, every expert's hidden
+    # dim F sharded over tp (needs parallel.ep=1 and model.expert_hidden % tp == 0)
+
+
+# Pipeline schedules of torch.distributed.pipelining. Functional API: OmegaConf matches a
+# config string to a member *name*, and "1f1b" is not a Python identifier.
+PipelineSchedule = Enum(
+    "PipelineSchedule",
+    [
+        ("gpipe", "gpipe"),  # all forwards, then all backwards (Huang et al., 2019)
+        ("1f1b", "1f1b"),  # one forward, one backward in steady state (Narayanan et al., 2021)
+        # several non-adjacent stages per rank (parallel.pp_virtual_stages >= 2)
+        ("interleaved_1f1b", "interleaved_1f1b"),
+        # backward split into input and weight halves that fill the bubble (Qi et al., 2024)
+        ("zero_bubble", "zero_bubble"),
+    ],
+    type=str,
+)
+
+
+class ActivationCheckpointing(str, Enum):
+    """What the backward recomputes instead of keeping (Chen et al., 2016; Korthikanti et
+    al., 2022). Recomputation changes memory and speed, never the numbers."""
+
+    none = "none"  # keep every activation
+    full = "full"  # keep only each transformer block's input; recompute the block
+    selective = "selective"  # recompute each MoE layer's routed experts (parallel.ac_attention
+    # adds each attention sublayer); the all-to-all is not re-run
+
+
 # ----------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
@@ -167,7 +205,11 @@ class MoEConfig:
     # Capacity per expert = ceil(capacity_factor * T * K / E); used when dispatch=capacity.
     capacity_factor: float = 1.25
     expert_backend: ExpertBackend = ExpertBackend.auto
+    # Routing/permute/combine kernels: auto = Triton on CUDA when installed, torch otherwise.
     kernel_backend: KernelBackend = KernelBackend.auto
+    # Recompute the routed experts' SwiGLU activations in the backward (torch checkpoint):
+    # saves ~4*R*F activation values per MoE layer for ~1/3 more expert FLOPs.
+    recompute_experts: bool = False
     # Switch/GShard load-balancing loss coefficient (Switch uses 1e-2).
     aux_loss_coef: float = 1e-2
     # ST-MoE router z-loss coefficient (ST-MoE uses 1e-3).
@@ -292,11 +334,38 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp_mode: DataParallelMode = DataParallelMode.fsdp
+    # Routed experts under tensor parallelism: ep (expert-parallel, tokens stay sequence-
+    # sharded) | etp (expert-tensor-parallel). See ExpertTP and moetrain/parallel/tensor.py.
+    expert_tp: ExpertTP = ExpertTP.ep
+    # Activation checkpointing, applied by parallelize() after TP/EP and before compile/FSDP
+    # (see moetrain/parallel/activation_checkpoint.py). Checkpoints load across settings.
+    ac: ActivationCheckpointing = ActivationCheckpointing.none
+    ac_attention: bool = False  # with ac=selective: also recompute every attention sublayer
+    compile: bool = False  # torch.compile each transformer block in place (FQNs unchanged)
+    # Pipeline parallelism (parallel.pp > 1; see moetrain/parallel/pipeline.py). The
+    # micro-batches of the schedule are the train.micro_batch_size micro-batches of one step.
+    pp_schedule: PipelineSchedule = PipelineSchedule["1f1b"]
+    pp_virtual_stages: int = 1  # stages per rank (interleaved_1f1b, zero_bubble)
+    # First layer of each of the pp * pp_virtual_stages stages, e.g. [0, 3] for pp=2 on 6
+    # layers; null = balance parameters and FLOPs (pipeline.default_split).
+    pp_split: list[int] | None = None
 
     def __post_init__(self) -> None:
         _require(self.dp == -1 or self.dp >= 1, "parallel.dp", self.dp, "must be >= 1 or -1 (infer)")
+        ac = ActivationCheckpointing(self.ac).value
+        _require(not self.ac_attention or ac == "selective", "parallel.ac_attention",
+                 self.ac_attention, f"only applies to parallel.ac=selective (got parallel.ac="
+                 f"{ac}): set parallel.ac=selective or drop parallel.ac_attention")
         for name in ("ep", "tp", "pp"):
             _require(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "must be >= 1")
+        _require(self.pp_virtual_stages >= 1, "parallel.pp_virtual_stages",
+                 self.pp_virtual_stages, "must be >= 1 (stages per pipeline rank)")
+        if self.pp_split is not None:
+            split = list(self.pp_split)
+            _require(bool(split) and split[0] == 0
+                     and sorted(set(split)) == split, "parallel.pp_split",
+                     split, "must start at 0 and strictly increase (the first layer of each "
+                     "stage), or be null for the balanced default")
 
 
 @dataclass

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moetrain.config.schema import Config, ConfigError, ParallelConfig
+from moetrain.config.schema import (
+    Config,
+    ConfigError,
+    DataParallelMode,
+    DispatchMode,
+    ExpertTP,
+    ParallelConfig,
+    PipelineSchedule,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,112 @@ def resolve_layout(par: ParallelConfig, world_size: int, num_experts: int | None
     return Layout(world_size=world_size, pp=par.pp, dp=dp, tp=par.tp, ep=par.ep)
 
 
+def _validate_tp(cfg: Config, layout: Layout) -> None:
+    """Rules of tensor parallelism (moetrain/parallel/tensor.py); head counts are checked
+    in validate()."""
+    tp, m, par = layout.tp, cfg.model, cfg.parallel
+    if tp == 1:
+        return
+    if cfg.train.seq_len % tp:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} is not divisible by parallel.tp={tp} "
+            f"(sequence parallelism splits each sequence over the tp ranks): use a "
+            f"train.seq_len that is a multiple of {tp}"
+        )
+    if any(not m.is_moe_layer(i) for i in range(m.n_layers)) and m.ffn_hidden % tp:
+        raise ConfigError(
+            f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tp={tp} (dense "
+            f"MLPs are split over tp): use a model.ffn_hidden that is a multiple of {tp}"
+        )
+    if ExpertTP(par.expert_tp) == ExpertTP.etp:
+        if par.ep > 1:
+            raise ConfigError(
+                f"parallel.ep={par.ep} with parallel.expert_tp=etp: expert-tensor-parallelism "
+                f"already splits every expert over the tp ranks, and EP groups are made of "
+                f"consecutive tp ranks: set parallel.ep=1, or parallel.expert_tp=ep"
+            )
+        if m.expert_hidden % tp:
+            raise ConfigError(
+                f"model.expert_hidden={m.expert_hidden} is not divisible by parallel.tp={tp} "
+                f"(parallel.expert_tp=etp splits each expert's hidden dim over tp): use a "
+                f"model.expert_hidden that is a multiple of {tp}, or parallel.expert_tp=ep"
+            )
+    elif DispatchMode(cfg.moe.dispatch) == DispatchMode.capacity:
+        raise ConfigError(
+            f"moe.dispatch=capacity with parallel.tp={tp} and parallel.expert_tp=ep: each tp "
+            f"rank routes a sequence shard, so per-rank capacities would drop other tokens "
+            f"than the 1-process run: set parallel.expert_tp=etp (routes the whole "
+            f"micro-batch) or moe.dispatch=dropless"
+        )
+
+
+def _validate_pp(cfg: Config, layout: Layout) -> None:
+    """Rules of pipeline parallelism (moetrain/parallel/pipeline.py): the split, the
+    schedule and its micro-batches (the accumulation micro-batches of one step)."""
+    par, m, pp = cfg.parallel, cfg.model, layout.pp
+    v, name = par.pp_virtual_stages, PipelineSchedule(par.pp_schedule).value
+    if pp == 1:
+        if v > 1 or par.pp_split is not None:
+            field, value = (("parallel.pp_virtual_stages", v) if v > 1
+                            else ("parallel.pp_split", list(par.pp_split)))
+            raise ConfigError(f"{field}={value} only applies to pipeline parallelism but "
+                              f"parallel.pp=1: set parallel.pp > 1 or drop {field}")
+        return
+    n_stages = pp * v
+    if m.tie_embeddings:
+        raise ConfigError(
+            f"model.tie_embeddings=true with parallel.pp={pp}: the embedding (first stage) "
+            f"and the output projection (last stage) live on different ranks: set "
+            f"model.tie_embeddings=false or parallel.pp=1")
+    if par.pp_split is None:
+        if m.n_layers % n_stages:
+            raise ConfigError(
+                f"model.n_layers={m.n_layers} is not divisible by parallel.pp={pp} * "
+                f"parallel.pp_virtual_stages={v} = {n_stages} stages: use a pp that divides "
+                f"{m.n_layers}, or set parallel.pp_split to the first layer of each stage")
+    else:
+        split = list(par.pp_split)
+        if len(split) != n_stages or split[-1] >= m.n_layers:
+            raise ConfigError(
+                f"parallel.pp_split={split} must give the first layer of each of the "
+                f"parallel.pp * parallel.pp_virtual_stages = {n_stages} stages, each below "
+                f"model.n_layers={m.n_layers}: e.g. parallel.pp_split="
+                f"{[i * m.n_layers // n_stages for i in range(n_stages)]}")
+    if name in ("gpipe", "1f1b") and v > 1:
+        raise ConfigError(
+            f"parallel.pp_virtual_stages={v} needs a multi-stage schedule: set "
+            f"parallel.pp_schedule=interleaved_1f1b or zero_bubble, or "
+            f"parallel.pp_virtual_stages=1")
+    if name == "interleaved_1f1b" and v < 2:
+        raise ConfigError(
+            "parallel.pp_schedule=interleaved_1f1b with parallel.pp_virtual_stages=1: set "
+            "parallel.pp_virtual_stages >= 2 (stages per rank), or parallel.pp_schedule=1f1b")
+    if name == "zero_bubble" and layout.dp > 1 and par.dp_mode == DataParallelMode.fsdp:
+        # Measured on torch 2.13: with FSDP2-sharded stages the split backward (input half,
+        # then weight half) leaves weight gradients partial or missing after the reduce.
+        raise ConfigError(
+            f"parallel.pp_schedule=zero_bubble with parallel.dp_mode=fsdp (dp={layout.dp}): "
+            f"torch's split input/weight backward does not deliver FSDP-sharded weight "
+            f"gradients correctly: set parallel.dp_mode=replicate, or parallel.pp_schedule="
+            f"1f1b or interleaved_1f1b")
+    t = cfg.train
+    n_mb = t.global_batch_size // (t.micro_batch_size * layout.dp)
+    where = (f"train.global_batch_size / (train.micro_batch_size * dp) = {t.global_batch_size}"
+             f" / ({t.micro_batch_size} * {layout.dp}) = {n_mb} micro-batches per step")
+    if name == "1f1b" and n_mb < pp:
+        raise ConfigError(
+            f"parallel.pp_schedule=1f1b needs at least parallel.pp={pp} micro-batches per "
+            f"step, but {where}: raise train.global_batch_size to "
+            f"{pp * t.micro_batch_size * layout.dp} or lower train.micro_batch_size")
+    rounds = max(1, n_mb // pp)
+    if name in ("interleaved_1f1b", "zero_bubble") and n_mb % rounds:
+        raise ConfigError(
+            f"parallel.pp_schedule={name} runs rounds of parallel.pp={pp} micro-batches and "
+            f"needs their number to be a multiple of {rounds} rounds, but {where}: use a "
+            f"multiple of {pp} micro-batches (train.global_batch_size = "
+            f"{rounds * pp * t.micro_batch_size * layout.dp})")
+
+
 def validate(cfg: Config, world_size: int) -> Layout:
     """All cross-field rules. Returns the resolved layout."""
     layout = resolve_layout(cfg.parallel, world_size, cfg.model.num_experts)
@@ -84,9 +198,6 @@ def validate(cfg: Config, world_size: int) -> Layout:
             f"model.n_kv_heads={kv} is not divisible by parallel.tp={layout.tp}: "
             f"use a tp that divides {kv}"
         )
-    if m.n_layers % layout.pp:
-        raise ConfigError(
-            f"model.n_layers={m.n_layers} is not divisible by parallel.pp={layout.pp}: "
-            f"use a pp that divides {m.n_layers}"
-        )
+    _validate_tp(cfg, layout)
+    _validate_pp(cfg, layout)
     return layout

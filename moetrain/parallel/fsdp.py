@@ -24,9 +24,20 @@ def apply_fsdp(
     edp_mesh: DeviceMesh | None,
     dp_degree: int,
     param_dtype: torch.dtype | None,
+    replicated: tuple[list[nn.Module], DeviceMesh] | None = None,
 ) -> None:
-    """Shard experts over edp (when expert-parallel), each block and the root over dp."""
+    """Shard experts over edp (when expert-parallel), each block and the root over dp.
+
+    ``replicated``: modules replicated over a mesh wider than dp whose ranks see different
+    tokens (routers under sequence-parallel TP, over dp x tp): sharded over that mesh,
+    their gradients summed there and divided by dp, like the experts over edp.
+    """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for module in replicated[0] if replicated is not None else []:
+        fully_shard(module, mesh=replicated[1], mp_policy=mp)
+        module.set_gradient_divide_factor(float(dp_degree))
+        if dist.get_backend() == "gloo" and replicated[1].size() > 1:
+            module.set_force_sum_reduction_for_comms(True)
     if edp_mesh is not None:
         for layer in moe_layers:
             fully_shard(layer.experts, mesh=edp_mesh, mp_policy=mp)
@@ -45,8 +56,12 @@ class GradReplicator:
     divide by the number of data-parallel replicas (see the module docstring)."""
 
     def __init__(self, dense: list[nn.Parameter], dense_group, expert: list[nn.Parameter],
-                 expert_group, dp_degree: int):
+                 expert_group, dp_degree: int, replicated=None):
+        # replicated: (params, group) replicated over a group wider than dp (routers under
+        # sequence-parallel TP, over dp x tp), summed there and divided by dp.
         self.buckets = [(dense, dense_group), (expert, expert_group)]
+        if replicated is not None:
+            self.buckets.append(replicated)
         self.dp = dp_degree
 
     @torch.no_grad()

@@ -1,11 +1,14 @@
 """Global gradient-norm clipping that counts every parameter exactly once.
 
 Gradients may be plain tensors (replicated) or DTensors on different meshes (dense
-parameters sharded over dp, experts over edp x ep). DTensor's norm reduces over the
-mesh axes where the gradient is sharded and not over those where it is replicated, so
-each group of gradients that share a mesh and placements gets its own norm; the groups
-are then combined. Pipeline stages hold disjoint parameters, so their squared norms are
-summed over the pp group.
+parameters sharded over dp, or over dp x tp as 2-D DTensors under tensor parallelism;
+experts over edp x ep; routers under TP over the flattened dp_tp mesh). Each gradient
+must carry its parameter's placements: under TP, ``Partial`` gradients of sequence-
+parallel norms are first redistributed (``tensor.align_grad_placements``). DTensor's norm
+reduces over the mesh axes where the gradient is sharded and not over those where it is
+replicated, so each group of gradients that share a mesh and placements gets its own
+norm; the groups are then combined. Pipeline stages hold disjoint parameters, so their
+squared norms are summed over the pp group.
 """
 
 from __future__ import annotations

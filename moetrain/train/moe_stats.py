@@ -17,22 +17,29 @@ class MoEStatsTracker:
     division by the number of micro-batches give layout-independent values.
     """
 
-    def __init__(self, moe_layers: list, device: torch.device, ep: int = 1):
+    def __init__(self, moe_layers: list, device: torch.device, ep: int = 1,
+                 num_experts: int | None = None):
+        # Every MoE layer of the model in layer order; under pipeline parallelism the layers
+        # held by other stages are None (their rows stay zero here and are summed over pp).
         self.layers = moe_layers
+        self.num_experts = num_experts or next(
+            (m.router.num_experts for m in moe_layers if m is not None), 0)
         self.ep = ep
         self.device = device
         self.last_load_LE: torch.Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
-        n = len(self.layers)
-        e = self.layers[0].router.num_experts if n else 0
+        n, e = len(self.layers), self.num_experts
         self.load_LE = torch.zeros(n, e, device=self.device)
         # columns: aux_loss, z_loss, entropy, dropped, routed, micro-batches
         self.scalars_L6 = torch.zeros(n, 6, device=self.device)
 
-    def accumulate(self) -> None:
+    def accumulate(self, only=None) -> None:
+        """Add each layer's last micro-batch statistics (only layer ``only`` if given)."""
         for i, layer in enumerate(self.layers):
+            if layer is None or (only is not None and layer is not only):
+                continue
             s = layer.last_stats
             if s is None:
                 continue
@@ -43,8 +50,10 @@ class MoEStatsTracker:
                 torch.ones((), device=self.device),
             ])
 
-    def reduce(self, group: dist.ProcessGroup | None, world: int) -> dict[str, float]:
-        """All-reduce over ``group`` (data parallelism) and return step scalars.
+    def reduce(self, group: dist.ProcessGroup | None, world: int,
+               pp_group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """All-reduce over ``group`` (data parallelism) and ``pp_group`` (pipeline stages
+        hold disjoint layers), and return step scalars.
 
         ``aux_loss`` is the raw Switch load-balancing loss (1.0 = perfectly balanced) and
         ``z_loss`` the raw router z-loss, both averaged over MoE layers and micro-batches;
@@ -55,6 +64,8 @@ class MoEStatsTracker:
         packed = torch.cat([self.load_LE, self.scalars_L6], dim=1)
         if world > 1:
             dist.all_reduce(packed, group=group)
+        if pp_group is not None and dist.get_world_size(pp_group) > 1:
+            dist.all_reduce(packed, group=pp_group)
         e = self.load_LE.shape[1]
         load_LE, s = packed[:, :e], packed[:, e:]
         n_mb = s[:, 5].clamp_min(1)

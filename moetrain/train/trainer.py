@@ -26,6 +26,8 @@ from moetrain.data import GlobalBatchSampler, build_data
 from moetrain.metrics import MetricsLogger, mfu, model_flops_per_token, peak_flops_per_s
 from moetrain.models import Transformer, count_params
 from moetrain.parallel.parallelize import ParallelModel, parallelize
+from moetrain.parallel.pipeline import StageOptimizers
+from moetrain.parallel.tensor import local_loss
 from moetrain.train.moe_stats import MoEStatsTracker
 from moetrain.train.optim import build_optimizer, lr_at, set_lr
 from moetrain.train.preemption import StopSignal
@@ -103,9 +105,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg.model, cfg.moe, vocab)
         self.params = count_params(cfg.model, vocab)
-        self.pm: ParallelModel = parallelize(model, layout, cfg.parallel, cfg.moe, device)
+        self.pm: ParallelModel = parallelize(model, layout, cfg.parallel, cfg.moe, device,
+                                             train=cfg.train)
         self.model: nn.Module = self.pm.model
-        self.optimizer = build_optimizer(self.model, cfg.optim, device)
+        # One optimizer per model part: this rank's pipeline stages ([model] without PP).
+        self.optimizers = [build_optimizer(part, cfg.optim, device) for part in self.pm.parts]
+        self.optimizer = (self.optimizers[0] if len(self.optimizers) == 1
+                          else StageOptimizers(self.optimizers))
 
         t = cfg.train
         self.dp_rank, self.dp_size = self.pm.dp_rank, layout.dp
@@ -116,7 +122,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, enabled=self.rank == 0)
         self.autocast_dtype = self._autocast_dtype()
         self.peak = peak_flops_per_s(device, cfg.logging.peak_tflops)
-        self.moe_stats = MoEStatsTracker(self.pm.moe_layers, device, layout.ep)
+        self.moe_stats = MoEStatsTracker(self.pm.all_moe_layers, device, layout.ep,
+                                         cfg.model.num_experts)
         self.flops_per_token = model_flops_per_token(
             self.params.active - self.params.embedding, cfg.model.n_layers, cfg.model.dim, t.seq_len
         )
@@ -135,7 +142,7 @@ class Trainer:
 
     def _state(self) -> dict:
         return {
-            "model_optim": ModelOptimizerState(self.model, self.optimizer),
+            "model_optim": ModelOptimizerState(self.pm.parts, self.optimizers),
             "progress": self.progress,
             "sampler": self.sampler,
             "rng": RNGState(),
@@ -148,7 +155,9 @@ class Trainer:
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             logits = self.model(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        with self.pm.loss_parallel():  # under TP the logits stay sharded over the vocabulary
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return local_loss(loss)
 
     def _all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over the data-parallel ranks (every rank of a stage holds a full loss)."""
@@ -179,11 +188,17 @@ class Trainer:
             global_batch, self.dp_rank, self.dp_size, t.micro_batch_size
         )
         loss_sum = torch.zeros((), device=self.device)
+        if self.pm.pipeline is not None:  # the schedule runs the micro-batches
+            batches = [self._batch(self.data.train, indices) for indices in micro]
+            with self._autocast():
+                loss_sum = self.pm.pipeline.step(batches, self.moe_stats)
+            micro = []  # nothing left for the loop below
         for j, indices in enumerate(micro):
             inputs, targets = self._batch(self.data.train, indices)
             with self.pm.no_grad_sync(last=j == len(micro) - 1):
                 loss = self._loss(inputs, targets)
-                (loss / self.accum).backward()
+                with self.pm.loss_parallel():
+                    (loss / self.accum).backward()
             loss_sum += loss.detach()
             self.moe_stats.accumulate()
 
@@ -200,10 +215,13 @@ class Trainer:
         self.progress.step += 1
         self.progress.tokens += t.global_batch_size * t.seq_len
         out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
-        out.update(self.moe_stats.reduce(self.pm.dp_group, self.dp_size))
+        out.update(self.moe_stats.reduce(self.pm.stats_group, self.pm.stats_size,
+                                         self.pm.pp_group))
         if self.layout.ep > 1:  # token bytes all ranks sent through all-to-all this step
-            out["a2a_bytes"] = self._all_reduce_mean(
-                torch.tensor(float(self.pm.ep_bytes_sent()))).item() * self.dp_size
+            sent = torch.tensor(float(self.pm.ep_bytes_sent()), device=self.device)
+            if self.pm.stats_size > 1:  # every dp (x tp) rank of the stage
+                dist.all_reduce(sent, group=self.pm.stats_group)
+            out["a2a_bytes"] = sent.item()
         return out
 
     @torch.no_grad()
@@ -214,11 +232,18 @@ class Trainer:
         m, n = self.cfg.train.micro_batch_size, self.cfg.eval.batches
         n_samples = len(self.data.val)
         total, count = torch.zeros((), device=self.device), 0
+        batches = []
         for j in range(self.dp_rank, n, self.dp_size):
             indices = [(j * m + i) % n_samples for i in range(m)]
             inputs, targets = self._batch(self.data.val, indices)
-            total += self._loss(inputs, targets)
+            if self.pm.pipeline is not None:
+                batches.append((inputs, targets))
+            else:
+                total += self._loss(inputs, targets)
             count += 1
+        if self.pm.pipeline is not None:
+            with self._autocast():
+                total = self.pm.pipeline.eval(batches, pad_to=-(-n // self.dp_size))
         sums = torch.stack([total, torch.tensor(float(count), device=self.device)])
         if self.dp_size > 1:
             dist.all_reduce(sums, group=self.pm.dp_group)

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from moetrain.config.schema import ConfigError
+from moetrain.config.schema import ConfigError, KernelBackend
+from moetrain.kernels import use_triton
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class DispatchMeta:
     out_dtype: dtype of ``combine``'s result (the dtype of x_TD).
     tokens_per_expert: int64 (e,) rows per local expert, in dispatch order.
     num_dropped: int64 0-dim tensor, number of dropped (token, slot) rows.
+    pos_TK: int32 position of each (token, slot) among the dispatched rows, -1 if dropped;
+        set by the Triton path (``combine`` then runs the fused unpermute+combine kernel).
     """
 
     row_index_R: torch.Tensor
@@ -46,6 +49,7 @@ class DispatchMeta:
     out_dtype: torch.dtype
     tokens_per_expert: torch.Tensor
     num_dropped: torch.Tensor
+    pos_TK: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -79,9 +83,14 @@ class LocalDispatcher:
     :func:`expert_capacity` rows (priority = flat index t*K+k) and the rest are dropped:
     they are not sent to any expert (no padding rows) and contribute zero in ``combine``;
     the block's residual connection carries those tokens (Switch Transformer, section 2.2).
+
+    ``kernel_backend`` (``moe.kernel_backend``) selects the Triton kernels of
+    ``moetrain.kernels`` (routing metadata, permute, fused unpermute+combine) for the same
+    rows in the same order; the torch code below is their reference.
     """
 
-    def __init__(self, num_experts: int, capacity_factor: float | None = None) -> None:
+    def __init__(self, num_experts: int, capacity_factor: float | None = None,
+                 kernel_backend: KernelBackend = KernelBackend.auto) -> None:
         if capacity_factor is not None and capacity_factor <= 0:
             raise ConfigError(
                 f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0, or use "
@@ -89,10 +98,13 @@ class LocalDispatcher:
             )
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
+        self.kernel_backend = KernelBackend(kernel_backend)
 
     def dispatch(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     ) -> tuple[torch.Tensor, DispatchMeta]:
+        if use_triton(self.kernel_backend, x_TD):
+            return self._dispatch_triton(x_TD, ids_TK, weights_TK)
         T, K = ids_TK.shape
         E = self.num_experts
         flat_ids = ids_TK.reshape(-1)
@@ -130,7 +142,33 @@ class LocalDispatcher:
         )
         return x_RD, meta
 
+    def _dispatch_triton(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
+                         weights_TK: torch.Tensor) -> tuple[torch.Tensor, DispatchMeta]:
+        from moetrain.kernels import ops
+
+        T, K = ids_TK.shape
+        cap = (None if self.capacity_factor is None
+               else expert_capacity(T, K, self.num_experts, self.capacity_factor))
+        route = ops.routing_metadata(ids_TK, self.num_experts, cap)
+        x_RD = ops.permute(x_TD, route.row_index_R, route.pos_TK, K)
+        meta = DispatchMeta(
+            row_index_R=route.row_index_R,
+            kept_TK=route.pos_TK >= 0,
+            weights_TK=weights_TK,
+            num_tokens=T,
+            top_k=K,
+            out_dtype=x_TD.dtype,
+            tokens_per_expert=route.tokens_per_expert,
+            num_dropped=route.num_dropped,
+            pos_TK=route.pos_TK,
+        )
+        return x_RD, meta
+
     def combine(self, y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        if meta.pos_TK is not None:
+            from moetrain.kernels import ops
+
+            return ops.unpermute_combine(y_RD, meta.weights_TK, meta.pos_TK, meta.out_dtype)
         return combine_rows(y_RD, meta)
 
 
@@ -180,7 +218,8 @@ class AllToAllDispatcher:
     through both exchanges.
     """
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor: float | None = None):
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor: float | None = None,
+                 kernel_backend: KernelBackend = KernelBackend.auto):
         self.num_experts = num_experts
         self.group = group
         self.ep = dist.get_world_size(group)
@@ -190,7 +229,7 @@ class AllToAllDispatcher:
             )
         self.local_experts = num_experts // self.ep
         self.capacity_factor = capacity_factor
-        self.local = LocalDispatcher(num_experts, capacity_factor)
+        self.local = LocalDispatcher(num_experts, capacity_factor, kernel_backend)
         self.bytes_sent = 0  # token bytes sent by dispatch + combine since the last reset
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:

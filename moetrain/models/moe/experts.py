@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moetrain.config.schema import ConfigError, ExpertBackend
 
@@ -70,15 +71,20 @@ class GroupedExperts(nn.Module):
       On CUDA the GEMMs run in bf16 (as torchtitan does); on CPU in the input dtype.
     - ``auto``: grouped_mm on CUDA when the shapes are aligned, else loop.
 
+    ``recompute=True`` (``moe.recompute_experts``) keeps only the input rows and re-runs the
+    SwiGLU in the backward (non-reentrant ``torch.utils.checkpoint``; Chen et al., 2016):
+    its R x F intermediates (about 4 R F values) are not stored; gradients are unchanged.
+
     Under expert parallelism the weights may be DTensors sharded on dim 0; the local shard
     is used and its dim 0 is the number of local experts e.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int,
-                 backend: ExpertBackend = ExpertBackend.auto) -> None:
+                 backend: ExpertBackend = ExpertBackend.auto, recompute: bool = False) -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.backend = ExpertBackend(backend)
+        self.recompute = recompute
         self.w1_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w3_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -110,8 +116,13 @@ class GroupedExperts(nn.Module):
                 f"(model.num_experts / parallel.ep)"
             )
         if self.resolve_backend(x_RD) == ExpertBackend.grouped_mm:
-            return self._forward_grouped_mm(x_RD, tokens_per_expert_e, w1_eFD, w3_eFD, w2_eDF)
-        return self._forward_loop(x_RD, tokens_per_expert_e, w1_eFD, w3_eFD, w2_eDF)
+            fn = self._forward_grouped_mm
+        else:
+            fn = self._forward_loop
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(fn, x_RD, tokens_per_expert_e, w1_eFD, w3_eFD, w2_eDF,
+                              use_reentrant=False)
+        return fn(x_RD, tokens_per_expert_e, w1_eFD, w3_eFD, w2_eDF)
 
     @staticmethod
     def _forward_loop(x_RD: torch.Tensor, counts_e: torch.Tensor, w1_eFD: torch.Tensor,

@@ -83,15 +83,17 @@ class MoELayer(nn.Module):
         self.aux_loss_coef = moe_cfg.aux_loss_coef
         self.z_loss_coef = moe_cfg.z_loss_coef
         self.router = build_router(dim, model_cfg.num_experts, model_cfg.top_k, moe_cfg.router)
+        self.router.kernel_backend = moe_cfg.kernel_backend  # fused Triton top-k when selected
         self.experts = GroupedExperts(model_cfg.num_experts, dim, model_cfg.expert_hidden,
-                                      moe_cfg.expert_backend)
+                                      moe_cfg.expert_backend, moe_cfg.recompute_experts)
         self.shared_experts = (
             FeedForward(dim, model_cfg.n_shared_experts * model_cfg.expert_hidden)
             if model_cfg.n_shared_experts > 0 else None
         )
         capacity = (moe_cfg.capacity_factor
                     if DispatchMode(moe_cfg.dispatch) == DispatchMode.capacity else None)
-        self.dispatcher: Dispatcher = LocalDispatcher(model_cfg.num_experts, capacity)
+        self.dispatcher: Dispatcher = LocalDispatcher(model_cfg.num_experts, capacity,
+                                                      moe_cfg.kernel_backend)
         self.aux_loss_scale: float = 1.0
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.last_stats: MoEStats | None = None

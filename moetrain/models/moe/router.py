@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config.schema import ConfigError, RouterConfig, RouterType, ScoreFunc
+from moetrain.config.schema import ConfigError, KernelBackend, RouterConfig, RouterType, ScoreFunc
+from moetrain.kernels import use_triton
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class TopKRouter(nn.Module):
       schedules anneal it); ``top_k`` and ``temperature`` are plain attributes that
       callbacks may change between steps.
     - ``renormalize`` rescales the k weights of each token to sum to 1.
+    - ``kernel_backend`` (set by the MoE layer from ``moe.kernel_backend``): with Triton,
+      scores, biased top-k and weights run in one fused kernel
+      (``moetrain.kernels.ops.topk_router``); same outputs, same gradients.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
@@ -78,6 +82,7 @@ class TopKRouter(nn.Module):
         self.temperature = float(cfg.temperature)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
+        self.kernel_backend = KernelBackend.auto
 
     def init_weights(self, init_std: float) -> None:
         nn.init.normal_(self.gate.weight, mean=0.0, std=init_std)
@@ -91,6 +96,16 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self._logits(x_TD)
+        # The fused kernel implements this class's selection; subclasses that change
+        # _select keep the torch path.
+        if type(self)._select is TopKRouter._select and use_triton(self.kernel_backend, logits_TE):
+            from moetrain.kernels import ops
+
+            ids_TK, weights_TK, scores_TE = ops.topk_router(
+                logits_TE, self.expert_bias, self.top_k, self.score_func == ScoreFunc.sigmoid,
+                self.renormalize, self.temperature)
+            return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE,
+                                logits_TE=logits_TE)
         z_TE = logits_TE / self.temperature
         if self.score_func == ScoreFunc.softmax:
             raw_TE = torch.softmax(z_TE, dim=-1)

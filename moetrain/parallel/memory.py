@@ -1,0 +1,546 @@
+"""Per-rank memory of a training run, predicted from its config and parallel layout, and
+the layouts of a world size that fit a GPU. ``tools/estimate_memory.py`` is the CLI.
+
+Legend: T tokens of one micro-batch (micro_batch_size * seq_len), D model dim, F expert
+hidden, Fd dense-MLP hidden, Fs shared-expert hidden, E experts, K top-k, R routed rows one
+rank's experts receive, V vocabulary, H heads, t tp degree, c / r bytes per element of
+matmul outputs / of the residual stream.
+
+**Parameters** are exact: the model is built on the meta device and every parameter is
+sharded as the real placement does it (``tensor.py``, ``expert.py``, ``fsdp.py``):
+tensor-parallel dims over tp (vocab rows of the embedding and output; column-parallel
+wq/wk/wv/w1/w3 on dim 0, row-parallel wo/w2 on dim 1; under ``parallel.expert_tp=etp`` the
+experts' F dim), routed experts over ep on dim 0, then FSDP2 over dp (dense; experts too
+when ep=1) or edp (experts, ep>1) on dim 0 of the local tensor. FSDP2 splits dim 0 like
+``torch.chunk``: ceil(n/dp) rows per rank, the last ranks fewer, and pads every shard to
+ceil(n/dp) rows in memory. Layers go to pipeline stages by the real split
+(``pipeline.stage_split``); the embedding sits on stage 0, norm and output on the last.
+
+**Training state**, per local parameter: fp32 master weight (4 B), fp32 gradient (4 B;
+FSDP reduces in fp32), AdamW exp_avg and exp_avg_sq (8 B). On top: FSDP's unsharded
+working set (the largest unit all-gathered in the compute dtype, twice for prefetch, plus
+its unsharded gradient and fp32 reduce-scatter input); without FSDP, bf16 autocast keeps a
+bf16 copy of each weight for the backward, and replicated DP flattens all gradients.
+
+**Activations** saved for the backward, per micro-batch and MoE layer (the tensors the
+autograd graph holds, counted op by op on this model; the dense transformer terms are
+Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer
+Models", with flash attention, i.e. without their 5*a*s/h score terms):
+
+    attention   norm in + normalised (2 r T/t D), the gathered q/k/v input (c T D, or
+                3 c T D when autocast casts it once per projection), q, k, v (GQA
+                heads repeated) and the output, which is wo's input (4 c T D / t)
+    ffn norm    2 r T/t D, and the router's fp32 input (4 T/t D)
+    router      fp32 logits and scores (~12 T E), top-k weights, ids and the dispatch
+                permutation (40 T K)
+    experts     input rows c R D, SwiGLU intermediates w1 out, silu, w3 out, product
+                (4 c R F, F/t under etp)
+    combine     expert output rows c R D (twice under EP: the regroup and the scatter)
+                and the fp32 weighted rows 4 T K D
+    shared/MLP  inputs plus 4 c T Fs / t (4 c T Fd / t for a dense layer)
+
+with R = T K (T/t K when each tp rank routes its sequence shard) times the routing
+imbalance (dropless) or the capacity factor (padded EP exchange). The last stage adds the
+final norm and the loss (fp32 log-softmax T V / t, plus the compute-dtype logits at the
+peak). ``parallel.ac=full`` keeps only each block's input (r T/t D) and re-creates one
+block at a time; ``selective`` (or ``moe.recompute_experts``) drops the 4 c R F expert
+terms and re-creates one layer's; ``ac_attention`` drops the attention's projections and
+core, keeping its input. The peak adds to the kept activations the larger of the logits
+at the end of the forward and one recomputed region in the backward. A pipeline rank holds several micro-batches in flight: all of
+them under GPipe, min(pp - rank, accumulation) under 1F1B.
+
+**All-to-all buffers** (EP): one layer's send and receive rows, 2 r R D, transient.
+
+On CPU in float32 the activation count equals the bytes of the tensors the autograd graph
+saves (tests/unit/parallel/test_memory_estimate.py measures it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from moetrain.config.schema import (
+    ActivationCheckpointing,
+    Config,
+    ConfigError,
+    DataParallelMode,
+    DispatchMode,
+    ExpertTP,
+    Precision,
+)
+from moetrain.config.validate import Layout, validate
+from moetrain.parallel.mesh import ParallelDims
+
+GiB = 1024**3
+
+__all__ = [
+    "GiB", "LayoutCost", "MemoryEstimate", "ParamInfo", "estimate", "local_param_counts",
+    "model_params", "resolve_vocab_size", "suggest_layouts",
+]
+
+
+# ----------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter of the full model and how the layout shards it.
+
+    layer: its layer index, -1 for the embedding, n_layers for the final norm / output.
+    expert: a routed-expert weight (EP on dim 0, FSDP over edp when ep > 1).
+    tp_dims: the dim sharded over tp, per ``parallel.expert_tp`` mode (None = replicated).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    layer: int
+    expert: bool
+    tp_dim: dict[str, int | None]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+_COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1",
+            "feed_forward.w3")
+_ROWWISE = ("attention.wo", "feed_forward.w2")
+_EXPERT_F_DIM = {"w1_EFD": 1, "w3_EFD": 1, "w2_EDF": 2}
+
+
+def _tp_dims(name: str, expert: bool) -> dict[str, int | None]:
+    """The tensor-parallel dim of a parameter under each ``expert_tp`` mode (tensor.py)."""
+    both = lambda d: {ExpertTP.ep.value: d, ExpertTP.etp.value: d}
+    if name in ("tok_embeddings.weight", "output.weight"):
+        return both(0)  # vocabulary-parallel
+    if any(f".{m}.weight" in f".{name}" for m in _COLWISE):
+        return both(0)
+    if any(f".{m}.weight" in f".{name}" for m in _ROWWISE):
+        return both(1)
+    if expert:
+        return {ExpertTP.ep.value: None, ExpertTP.etp.value: _EXPERT_F_DIM[name.split(".")[-1]]}
+    if ".moe.shared_experts." in f".{name}":
+        d = 1 if name.endswith("w2.weight") else 0
+        return {ExpertTP.ep.value: None, ExpertTP.etp.value: d}
+    return both(None)  # norms, router
+
+
+def _unwrapped(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+_PARAMS_CACHE: dict[tuple[str, str, int], list[ParamInfo]] = {}
+
+
+def model_params(cfg: Config, vocab_size: int) -> list[ParamInfo]:
+    """Every parameter of ``Transformer(cfg.model, cfg.moe, vocab_size)`` (built on meta)."""
+    key = (repr(cfg.model), repr(cfg.moe), vocab_size)
+    if key not in _PARAMS_CACHE:
+        _PARAMS_CACHE[key] = _model_params(cfg, vocab_size)
+    return _PARAMS_CACHE[key]
+
+
+def _model_params(cfg: Config, vocab_size: int) -> list[ParamInfo]:
+    from moetrain.models import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe, vocab_size)
+    L = cfg.model.n_layers
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        name = _unwrapped(name)
+        parts = name.split(".")
+        layer = int(parts[1]) if parts[0] == "layers" else (-1 if parts[0] == "tok_embeddings"
+                                                            else L)
+        expert = ".moe.experts." in f".{name}"
+        out.append(ParamInfo(name, tuple(p.shape), layer, expert, _tp_dims(name, expert)))
+    return out
+
+
+def _chunk(n: int, parts: int, index: int) -> int:
+    """Size of chunk ``index`` of ``torch.chunk`` of n rows into ``parts`` (FSDP2, DTensor)."""
+    size = -(-n // parts)
+    return max(0, min(size, n - index * size))
+
+
+def _stage_layers(cfg: Config, vocab_size: int, layout: Layout) -> list[set[int]]:
+    """Layer indices (with -1 = embedding and n_layers = head) held by each pp rank."""
+    L = cfg.model.n_layers
+    if layout.pp == 1:
+        return [set(range(-1, L + 1))]
+    from moetrain.parallel.pipeline import stage_ids_of, stage_split
+
+    v = cfg.parallel.pp_virtual_stages
+    n_stages = layout.pp * v
+    starts = stage_split(cfg.model, vocab_size, cfg.train.seq_len, n_stages, cfg.parallel.pp_split)
+    bounds = [*starts, L]
+    out = []
+    for r in range(layout.pp):
+        held: set[int] = set()
+        for s in stage_ids_of(r, layout.pp, v):
+            held |= set(range(bounds[s], bounds[s + 1]))
+            if s == 0:
+                held.add(-1)
+            if s == n_stages - 1:
+                held.add(L)
+        out.append(held)
+    return out
+
+
+def _fsdp(cfg: Config, layout: Layout) -> bool:
+    return layout.dp > 1 and cfg.parallel.dp_mode == DataParallelMode.fsdp
+
+
+def _local_shape(p: ParamInfo, cfg: Config, layout: Layout, c: dict[str, int]) -> list[int]:
+    """The shape of ``p`` on the rank at mesh coordinates ``c``, before FSDP."""
+    shape = list(p.shape)
+    d = p.tp_dim[ExpertTP(cfg.parallel.expert_tp).value]
+    if layout.tp > 1 and d is not None:
+        shape[d] = _chunk(shape[d], layout.tp, c["tp"])
+    if p.expert and layout.ep > 1:
+        shape[0] = _chunk(shape[0], layout.ep, c["ep"])
+    return shape
+
+
+def _fsdp_rows(p: ParamInfo, cfg: Config, layout: Layout,
+               c: dict[str, int]) -> tuple[int, int, str]:
+    """(FSDP degree, this rank's index, mesh axis) that shard dim 0 of ``p``'s local tensor.
+
+    As parallelize() does: experts over edp when EP shards them or when tp ranks feed them
+    different tokens (``expert_tp=ep``); modules replicated over tp although their ranks
+    see different tokens (routers; shared experts under ``ep``) over dp x tp.
+    """
+    tp_routes_shard = layout.tp > 1 and ExpertTP(cfg.parallel.expert_tp) == ExpertTP.ep
+    if p.expert and (layout.ep > 1 or tp_routes_shard):
+        return layout.edp, c["edp"], "edp"
+    name = f".{p.name}"
+    if layout.tp > 1 and (".moe.router." in name
+                          or (tp_routes_shard and ".moe.shared_experts." in name)):
+        return layout.dp * layout.tp, c["dp_tp"], "dp_tp"
+    return layout.dp, c["dp"], "dp"
+
+
+def _rank_numel(params: list[ParamInfo], cfg: Config, layout: Layout, held: set[int],
+                c: dict[str, int]) -> tuple[int, int]:
+    """(unpadded, padded) local parameter count of the rank at coordinates ``c``."""
+    fsdp = _fsdp(cfg, layout)
+    unpadded = padded = 0
+    for p in params:
+        if p.layer not in held:
+            continue
+        if p.name == "output.weight" and cfg.model.tie_embeddings and -1 in held:
+            continue  # one tensor with the embedding on this rank
+        shape = _local_shape(p, cfg, layout, c)
+        rest = math.prod(shape[1:])
+        if fsdp:
+            n, i, _ = _fsdp_rows(p, cfg, layout, c)
+            unpadded += _chunk(shape[0], n, i) * rest
+            padded += -(-shape[0] // n) * rest
+        else:
+            unpadded += shape[0] * rest
+            padded += shape[0] * rest
+    return unpadded, padded
+
+
+def local_param_counts(cfg: Config, layout: Layout, vocab_size: int) -> list[int]:
+    """Parameters each global rank holds (unpadded FSDP shards: ``DTensor.to_local()``)."""
+    params = model_params(cfg, vocab_size)
+    dims = ParallelDims.from_layout(layout)
+    stages = _stage_layers(cfg, vocab_size, layout)
+    return [_rank_numel(params, cfg, layout, stages[dims.coords(r)["pp"]], dims.coords(r))[0]
+            for r in range(layout.world_size)]
+
+
+# ----------------------------------------------------------------------------- estimate
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the most loaded rank (``rank``); ``parts`` itemises ``total``."""
+
+    layout: Layout
+    rank: int
+    params: int  # local parameters of that rank (unpadded)
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def format(self) -> str:
+        lines = [f"  {k:<24} {v / GiB:9.2f} GiB" for k, v in self.parts.items()]
+        lines.append(f"  {'total':<24} {self.total / GiB:9.2f} GiB")
+        return "\n".join(lines)
+
+
+def resolve_vocab_size(cfg: Config) -> int:
+    """``model.vocab_size``, else the tokenizer's (byte: 257; a prepared directory's meta)."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    if cfg.data.source == "default":
+        from moetrain.data.tokenizer import ByteTokenizer
+
+        return ByteTokenizer.vocab_size
+    from pathlib import Path
+
+    from moetrain.data import read_meta
+
+    try:
+        meta = read_meta(Path(cfg.data.source).expanduser())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.vocab_size=None and data.source={cfg.data.source!r} has no "
+                          f"readable meta.json ({e}): set model.vocab_size") from e
+    return int(meta.get("tokenizer", meta)["vocab_size"])
+
+
+def _dtypes(cfg: Config, layout: Layout, device: str) -> tuple[int, int, int]:
+    """(c, r, p): bytes of matmul outputs, of the residual stream, of FSDP's gathered params.
+
+    As the trainer and parallelize() do: bf16 autocast for precision=bf16 (or auto on
+    CUDA); FSDP gathers bf16 parameters on CUDA, so then the whole stream is bf16.
+    """
+    prec = Precision(cfg.train.precision)
+    bf16 = prec == Precision.bf16 or (prec == Precision.auto and device == "cuda")
+    p = 2 if (device == "cuda" and _fsdp(cfg, layout)) else 4
+    return (2 if bf16 or p == 2 else 4), p, p
+
+
+def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
+                imbalance: float) -> tuple[dict[str, float], float]:
+    """Bytes one micro-batch leaves saved in layer ``i``, by region (see module doc), and
+    the routed rows this rank's experts receive (0 for a dense layer)."""
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    t = layout.tp
+    c, r, _ = _dtypes(cfg, layout, device)
+    casts = c != r  # autocast casts an fp32 input once per consuming matmul
+    D, Ts = m.dim, T / t
+    etp = t > 1 and ExpertTP(par.expert_tp) == ExpertTP.etp
+    out = {}
+    out["attn_norm"] = 2 * r * Ts * D + 4 * Ts
+    # q, k, v and the output, which is also wo's input; the log-sum-exp per head
+    out["attn"] = (3 * c if casts else r) * T * D + 4 * c * T * D / t + 4 * T * m.n_heads / t
+    out["ffn_norm"] = 2 * r * Ts * D + 4 * Ts
+    if not m.is_moe_layer(i):
+        out["mlp"] = (2 * c if casts else r) * T * D + 4 * c * T * m.ffn_hidden / t
+        return out, 0.0
+    E, K, F = m.num_experts, m.top_k, m.expert_hidden
+    tokens = T if etp else Ts  # tokens this rank routes
+    rows = tokens * K
+    if DispatchMode(moe.dispatch) == DispatchMode.capacity:
+        rows *= moe.capacity_factor if layout.ep > 1 else min(1.0, moe.capacity_factor)
+    else:
+        rows *= imbalance
+    # fp32 input; fp32 logits, scores and loss terms; top-k weights, ids, dispatch indices
+    out["router"] = 4 * tokens * D + tokens * (12 * E + 40 * K)
+    # One cast of the rows for w1 and w3 (grouped_mm, CUDA); the loop backend (CPU) casts
+    # each expert's rows once per matmul.
+    out["experts_in"] = (2 if casts and device != "cuda" else 1) * c * rows * D
+    out["experts_mid"] = 4 * c * rows * (F / t if etp else F)
+    out["combine"] = c * rows * D * (2 if layout.ep > 1 else 1) + 4 * tokens * K * D
+    if m.n_shared_experts:
+        Fs = m.n_shared_experts * F
+        # The fp32 norm output is already held by the router when nothing is cast.
+        shared_in = (2 * c if casts else (0 if r == 4 else r)) * tokens * D
+        out["shared"] = shared_in + 4 * c * tokens * Fs / (t if etp else 1)
+    return out, rows
+
+
+def _ac_split(cfg: Config, layer: dict[str, float], block_in: float) -> tuple[float, float]:
+    """(kept, recompute working set) of one layer under the configured recomputation."""
+    ac = ActivationCheckpointing(cfg.parallel.ac)
+    full = sum(layer.values())
+    if ac == ActivationCheckpointing.full:
+        return block_in, full
+    experts = attn = 0.0
+    if ac == ActivationCheckpointing.selective or cfg.moe.recompute_experts:
+        experts = layer.get("experts_mid", 0.0)
+    if ac == ActivationCheckpointing.selective and cfg.parallel.ac_attention:
+        attn = layer["attn"]  # recomputed from its input, which the checkpoint keeps
+        return full - experts - attn + block_in, max(experts, attn)
+    return full - experts, experts
+
+
+def _in_flight(cfg: Config, layout: Layout, pp_rank: int, accum: int) -> float:
+    """Micro-batches whose activations a pipeline rank holds at once (per held stage)."""
+    if layout.pp == 1:
+        return 1
+    from moetrain.config.schema import PipelineSchedule
+
+    sched = PipelineSchedule(cfg.parallel.pp_schedule).value
+    v = cfg.parallel.pp_virtual_stages
+    if sched == "gpipe":
+        return accum
+    if v == 1:
+        return min(layout.pp - pp_rank, accum)
+    # Interleaved (Megatron): warm-up of 2 (pp - rank - 1) + (v - 1) pp chunk forwards.
+    return min(accum * v, 2 * (layout.pp - pp_rank - 1) + (v - 1) * layout.pp + 1) / v
+
+
+def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, *,
+             device: str = "cuda", imbalance: float = 1.0) -> MemoryEstimate:
+    """Memory of the most loaded rank of ``cfg`` on ``world_size`` ranks (see module doc)."""
+    layout = validate(cfg, world_size)
+    vocab = vocab_size or resolve_vocab_size(cfg)
+    params = model_params(cfg, vocab)
+    dims = ParallelDims.from_layout(layout)
+    stages = _stage_layers(cfg, vocab, layout)
+    fsdp = _fsdp(cfg, layout)
+    c, r, pb = _dtypes(cfg, layout, device)
+    t = cfg.train
+    T = t.micro_batch_size * t.seq_len
+    accum = t.global_batch_size // (t.micro_batch_size * layout.dp)
+    best: MemoryEstimate | None = None
+    for pp_rank in range(layout.pp):
+        # Rank 0 of every other axis holds the largest FSDP/TP chunks of its stage.
+        rank = dims.rank(pp=pp_rank)
+        coords = dims.coords(rank)
+        held = stages[pp_rank]
+        n, n_pad = _rank_numel(params, cfg, layout, held, coords)
+        parts = {"params (fp32)": 4 * n_pad, "grads (fp32)": 4 * n_pad,
+                 "adamw m+v (fp32)": 8 * n_pad}
+        parts["param buffers"] = _param_buffers(params, cfg, layout, held, coords, fsdp,
+                                                c, pb, n_pad)
+        layer_ids = sorted(i for i in held if 0 <= i < cfg.model.n_layers)
+        kept = work = 0.0
+        a2a = 0.0
+        for i in layer_ids:
+            acts, rows = _layer_acts(cfg, layout, i, T, device, imbalance)
+            k, w = _ac_split(cfg, acts, r * T / layout.tp * cfg.model.dim)
+            kept += k
+            work = max(work, w)
+            if layout.ep > 1:  # one layer's send and receive buffers
+                a2a = max(a2a, 2 * r * rows * cfg.model.dim)
+        V, D, tp = vocab, cfg.model.dim, layout.tp
+        head_kept = head = 0.0
+        if cfg.model.n_layers in held:
+            # final norm, the output projection's input, the fp32 log-softmax
+            head_kept = 2 * r * T / tp * D + c * T * D + 4 * T * V / tp
+            # the logits and their fp32 copy as the forward ends (then their gradients)
+            head = (c + 4) * T * V / tp
+        parts["activations"] = int((kept + head_kept) * _in_flight(cfg, layout, pp_rank, accum))
+        # On top, at the peak: the logits as the forward ends, or one recomputed region as
+        # the backward reaches it (the loss's saved tensors are freed by then).
+        parts["logits / recompute"] = int(max(head, work - head_kept))
+        parts["all-to-all buffers"] = int(a2a)
+        est = MemoryEstimate(layout=layout, rank=rank, params=n, parts=parts)
+        if best is None or est.total > best.total:
+            best = est
+    return best
+
+
+def _param_buffers(params, cfg, layout, held, coords, fsdp, c, pb, n_pad) -> int:
+    """FSDP's unsharded working set, or autocast's bf16 weight copies / flat DP gradients."""
+    if not fsdp:
+        copies = 2 * n_pad if c == 2 else 0  # autocast's bf16 weights saved for backward
+        flat = 4 * n_pad if layout.dp > 1 else 0  # GradReplicator's flat all-reduce buffer
+        return copies + flat
+    units: dict[str, int] = {}
+    for p in params:
+        if p.layer not in held:
+            continue
+        own_unit = _fsdp_rows(p, cfg, layout, coords)[2] != "dp"  # a separate FSDP unit
+        key = (f"{p.name.rsplit('.', 1)[0]}" if own_unit
+               else f"layer{p.layer}" if 0 <= p.layer < cfg.model.n_layers else "root")
+        units[key] = units.get(key, 0) + math.prod(_local_shape(p, cfg, layout, coords))
+    largest = max(units.values(), default=0)
+    # Gathered (current + prefetched), its unsharded gradient, and the fp32 reduce input.
+    return largest * (3 * pb + (4 if pb != 4 else 0))
+
+
+# ----------------------------------------------------------------------------- layouts
+@dataclass(frozen=True)
+class LayoutCost:
+    """A layout, its memory estimate and a simple step-time model (seconds)."""
+
+    estimate: MemoryEstimate
+    compute_s: float
+    comm_s: float
+    bubble_s: float
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.comm_s + self.bubble_s
+
+
+def _layouts(world_size: int) -> Iterator[tuple[int, int, int]]:
+    for pp in range(1, world_size + 1):
+        if world_size % pp:
+            continue
+        for tp in range(1, world_size // pp + 1):
+            if (world_size // pp) % tp:
+                continue
+            dp = world_size // (pp * tp)
+            for ep in range(1, dp * tp + 1):
+                if (dp * tp) % ep == 0:
+                    yield pp, tp, ep
+
+
+def _step_cost(cfg: Config, est: MemoryEstimate, vocab: int, *, peak_tflops: float,
+               mfu: float, gpus_per_node: int, intra_gbs: float, inter_gbs: float) -> LayoutCost:
+    """Compute at ``mfu`` of ``peak_tflops``, plus un-overlapped communication (ring
+    collectives over NVLink inside a node, the network across) and the pipeline bubble.
+    Deliberately simple: it ranks layouts, it does not predict a step time."""
+    from moetrain.models import count_params
+
+    lay, m, t = est.layout, cfg.model, cfg.train
+    c = 2
+    tokens = t.global_batch_size * t.seq_len
+    active = count_params(m, vocab).active
+    compute = 6 * active * tokens / lay.world_size / (peak_tflops * 1e12 * mfu)
+    accum = t.global_batch_size // (t.micro_batch_size * lay.dp)
+    T = t.micro_batch_size * t.seq_len
+    layers = m.n_layers / lay.pp
+    moe_layers = sum(m.is_moe_layer(i) for i in range(m.n_layers)) / lay.pp
+
+    def bw(span: int) -> float:
+        return (intra_gbs if span <= gpus_per_node else inter_gbs) * 1e9
+
+    comm = 0.0
+    if lay.tp > 1:  # sequence parallel: 2 all-gathers + 2 reduce-scatters per layer and pass
+        vol = 4 * 2 * layers * c * T * m.dim * (lay.tp - 1) / lay.tp
+        comm += accum * vol / bw(lay.tp)
+    if lay.ep > 1:  # dispatch + combine, forward and backward (again under full AC)
+        n = 6 if ActivationCheckpointing(cfg.parallel.ac) == ActivationCheckpointing.full else 4
+        vol = n * moe_layers * c * T / lay.tp * m.top_k * m.dim * (lay.ep - 1) / lay.ep
+        comm += accum * vol / bw(lay.ep)
+    if lay.dp > 1:
+        n = est.params * lay.dp  # unsharded over dp: what one rank gathers each pass
+        if cfg.parallel.dp_mode == DataParallelMode.fsdp:
+            vol = (2 * accum * c + 4) * n * (lay.dp - 1) / lay.dp
+        else:
+            vol = 2 * 4 * est.params * (lay.dp - 1) / lay.dp
+        comm += vol / bw(lay.dp * lay.tp)
+    if lay.pp > 1:  # activations forward and their gradients backward, per micro-batch
+        comm += 2 * accum * c * T / lay.tp * m.dim / bw(2 * lay.dp * lay.tp)
+    bubble = compute * (lay.pp - 1) / accum if lay.pp > 1 else 0.0
+    return LayoutCost(est, compute, comm, bubble)
+
+
+def suggest_layouts(cfg: Config, world_size: int, gpu_memory_gb: float, *,
+                    vocab_size: int | None = None, reserve_gb: float = 2.0,
+                    imbalance: float = 1.0, peak_tflops: float = 989.0, mfu: float = 0.4,
+                    gpus_per_node: int = 8, intra_gbs: float = 300.0,
+                    inter_gbs: float = 25.0) -> tuple[list[LayoutCost], int]:
+    """Every valid (pp, dp, tp, ep) of ``world_size`` that fits ``gpu_memory_gb`` minus
+    ``reserve_gb`` (CUDA context, NCCL, allocator slack), fastest first by
+    :func:`_step_cost`; and how many valid layouts were tried."""
+    vocab = vocab_size or resolve_vocab_size(cfg)
+    budget = (gpu_memory_gb - reserve_gb) * GiB
+    fits, tried = [], 0
+    for pp, tp, ep in _layouts(world_size):
+        par = dataclasses.replace(cfg.parallel, pp=pp, tp=tp, ep=ep, dp=-1, pp_split=None)
+        if ExpertTP(par.expert_tp) == ExpertTP.etp and ep > 1:
+            continue
+        trial = dataclasses.replace(cfg, parallel=par)
+        try:
+            est = estimate(trial, world_size, vocab, imbalance=imbalance)
+        except (ConfigError, ValueError):
+            continue  # not a valid layout for this model and batch
+        tried += 1
+        if est.total <= budget:
+            fits.append(_step_cost(trial, est, vocab, peak_tflops=peak_tflops, mfu=mfu,
+                                   gpus_per_node=gpus_per_node, intra_gbs=intra_gbs,
+                                   inter_gbs=inter_gbs))
+    fits.sort(key=lambda x: (x.step_s, x.estimate.total))
+    return fits, tried

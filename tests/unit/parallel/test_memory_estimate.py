@@ -1,0 +1,153 @@
+"""The memory estimator against known values: preset parameter totals, hand-derived
+per-rank shards, the activation memory torch's MemTracker measures on CPU for every
+activation-checkpointing mode, and the layout search and CLI."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moetrain.config import ConfigError, validate
+from moetrain.models import Transformer, count_params
+from moetrain.parallel.activation_checkpoint import apply_ac
+from moetrain.parallel.memory import (
+    GiB,
+    estimate,
+    local_param_counts,
+    model_params,
+    suggest_layouts,
+)
+from tests.conftest import TINY, compose
+
+EXPERT = 3 * 4096 * 14336  # one Mixtral expert: w1, w3 (F x D) and w2 (D x F)
+
+
+def test_mixtral_totals_and_hand_derived_shards():
+    cfg = compose(["model=mixtral_8x7b"])
+    counts = count_params(cfg.model, 32000)
+    assert sum(p.numel for p in model_params(cfg, 32000)) == counts.total
+    assert round(counts.total / 1e9, 1) == 46.7  # Jiang et al., 2024
+    assert round(counts.active / 1e9, 1) == 12.9
+    # dp=8, ep=8: every dim 0 splits evenly and each rank keeps one expert per layer.
+    cfg8 = compose(["model=mixtral_8x7b", "parallel.ep=8", "train.micro_batch_size=1"])
+    assert local_param_counts(cfg8, validate(cfg8, 8), 32000) == [counts.total // 8] * 8
+    # ep=8 of dp=64: one local expert per layer cannot split over edp=8 on dim 0; FSDP2
+    # leaves it whole on edp rank 0 and pads the other ranks to a whole expert.
+    cfg64 = compose(["model=mixtral_8x7b", "parallel.ep=8", "train.micro_batch_size=1",
+                     "train.global_batch_size=64"])
+    per_rank = local_param_counts(cfg64, validate(cfg64, 64), 32000)
+    # Rank 8 is edp 1 of rank 0's ep rank; it also has no row of the 8-row routers (dp=8).
+    assert per_rank[0] - per_rank[8] == 32 * (EXPERT + 4096)
+    est = estimate(cfg64, 64, 32000)
+    assert est.rank == 0 and est.params == per_rank[0]
+    assert est.parts["params (fp32)"] >= 4 * 32 * EXPERT
+
+
+def test_deepseekmoe_total():
+    cfg = compose(["model=deepseekmoe_16b"])
+    assert round(count_params(cfg.model, 102400).total / 1e9, 1) == 16.4  # Dai et al., 2024
+    assert sum(p.numel for p in model_params(cfg, 102400)) == \
+        count_params(cfg.model, 102400).total
+
+
+MEM = TINY + ["train.micro_batch_size=8", "train.seq_len=64", "model.n_layers=4",
+              "model.n_kv_heads=1", "model.n_shared_experts=1", "model.first_dense_layers=1"]
+
+
+def _measured_peak(cfg) -> tuple[int, int]:
+    """(saved activations, activations + temporaries) at the peak of one fwd+bwd, as the
+    trainer runs it on CPU (bf16 autocast for train.precision=bf16)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    model = Transformer(cfg.model, cfg.moe, 257)
+    apply_ac(model, cfg.parallel.ac, attention=cfg.parallel.ac_attention)
+    tokens = torch.randint(0, 257, (cfg.train.micro_batch_size, cfg.train.seq_len))
+    tracker = MemTracker()
+    tracker.track_external(model)
+    bf16 = cfg.train.precision.value == "bf16"
+    with tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(tokens)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        del logits
+        loss.backward()
+    peak = {str(k).rsplit(".", 1)[-1]: v
+            for k, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
+    return peak["ACT"], peak["ACT"] + peak["TEMP"]
+
+
+@pytest.mark.parametrize("ac", [[], ["parallel.ac=full"], ["parallel.ac=selective"],
+                                ["parallel.ac=selective", "parallel.ac_attention=true"],
+                                ["moe.recompute_experts=true"], ["train.precision=bf16"],
+                                ["train.precision=bf16", "parallel.ac=full"]],
+                         ids=["none", "full", "selective", "selective_attn", "in_module",
+                              "bf16", "bf16_full"])
+def test_activation_estimate_matches_measured_peak(ac):
+    cfg = compose(MEM + ac)
+    act, peak = _measured_peak(cfg)
+    est = estimate(cfg, 1, 257, device="cpu")
+    predicted_peak = est.parts["activations"] + est.parts["logits / recompute"]
+    if "train.precision=bf16" in ac:  # autocast's bf16 weight copies live as activations
+        predicted_peak += est.parts["param buffers"]
+    assert predicted_peak == pytest.approx(peak, rel=0.07 if "bf16" in str(ac) else 0.05)
+    if not ac:  # nothing recomputed: the saved tensors themselves
+        assert est.parts["activations"] == pytest.approx(act, rel=0.02)
+
+
+def test_recompute_orders_activation_memory():
+    acts = {name: estimate(compose(MEM + extra), 1, 257, device="cpu").parts["activations"]
+            for name, extra in [("none", []), ("sel", ["parallel.ac=selective"]),
+                                ("full", ["parallel.ac=full"])]}
+    assert acts["full"] < acts["sel"] < acts["none"]
+
+
+def test_suggestions_fit_and_are_valid():
+    # Parameters, gradients and AdamW state alone: 16 B * 46.7e9 / 8 = 87 GiB > 78 GiB.
+    cfg = compose(["model=mixtral_8x7b", "train.seq_len=4096", "train.micro_batch_size=1",
+                   "train.global_batch_size=64", "parallel.ac=full"])
+    fits, tried = suggest_layouts(cfg, 8, 80.0, vocab_size=32000)
+    assert tried > 0 and fits == []
+    fits, tried = suggest_layouts(cfg, 32, 80.0, vocab_size=32000)
+    assert 0 < len(fits) < tried
+    for f in fits:
+        assert f.estimate.total <= 78 * GiB
+        trial = copy.deepcopy(cfg)
+        lay = f.estimate.layout
+        trial.parallel.pp, trial.parallel.tp, trial.parallel.ep = lay.pp, lay.tp, lay.ep
+        assert validate(trial, 32) == lay
+    assert [f.step_s for f in fits] == sorted(f.step_s for f in fits)
+
+
+def _cli():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+    try:
+        import estimate_memory
+    finally:
+        sys.path.pop(0)
+    return estimate_memory
+
+
+def test_cli_prints_estimate_and_suggestions(capsys):
+    cli = _cli()
+    args = ["model=mixtral_8x7b", "parallel.ep=8", "train.seq_len=4096",
+            "train.micro_batch_size=1", "train.global_batch_size=64", "parallel.ac=full"]
+    assert cli.main(args + ["--world-size", "32", "--gpu-memory-gb", "80", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    cfg = compose(args)
+    rank0 = max(local_param_counts(cfg, validate(cfg, 32), 32000))
+    assert f"holds {rank0 / 1e9:.3f}B parameters" in out
+    assert "46.70B parameters, 12.88B active" in out
+    assert out.count("\n") > 15 and "pp   dp  tp  ep" in out
+
+
+def test_cli_rejects_invalid_layout(capsys):
+    assert _cli().main(["parallel.ep=3", "--world-size", "4"]) == 2
+    assert "parallel.ep=3" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="parallel.ep"):
+        estimate(compose(["parallel.ep=3"]), 4)

@@ -1,0 +1,399 @@
+"""Benchmark one MoE layer, forward + backward, side by side in one process.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R = T*K routed rows.
+
+Implementations, all on the same shapes (inputs (T/S, S, D), S = min(2048, T)):
+- ``moetrain``: :class:`moetrain.models.moe.MoELayer` (softmax top-k, renormalised; aux
+  and z-loss coefficients 0, as the peers compute none);
+- ``naive_loop``: a Python loop over experts (index, SwiGLU, index_add) with the same
+  router and weights: the correctness reference, checked before anything is timed;
+- ``dense_limit``: one SwiGLU GEMM chain over all R routed rows, the roofline a perfectly
+  load-balanced grouped GEMM could reach (no routing, no permutation);
+- ``hf_mixtral`` and ``hf_mixtral_grouped_mm``: Hugging Face transformers'
+  ``MixtralSparseMoeBlock`` (default, and ``config._experts_implementation="grouped_mm"``);
+- ``torchtitan``: torchtitan's ``MoE`` (softmax top-k, route_norm, no bias).
+Peers that are not importable are reported as skipped with the reason.
+
+Each figure is the mean of ``--iters`` timed iterations after ``--warmup`` warm-ups
+(CUDA events on GPU, perf_counter on CPU). Expert FLOPs of one forward + backward are
+18 * T * K * D * F (three GEMMs of 2 R D F each, forward once and backward twice).
+
+    python tools/bench_moe_layer.py --json bench.json            # GPU, both shapes
+    python tools/bench_moe_layer.py --device cpu --shape tiny    # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    D: int
+    F: int
+    E: int
+    K: int
+    T: int
+
+    @property
+    def seq(self) -> int:
+        return min(2048, self.T)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.T // self.seq, self.seq, self.D)
+
+
+SHAPES = {
+    "mixtral_like": Shape("mixtral_like", D=4096, F=14336, E=8, K=2, T=8192),
+    "fine_grained": Shape("fine_grained", D=2048, F=1408, E=64, K=6, T=16384),
+    "tiny": Shape("tiny", D=64, F=96, E=8, K=2, T=256),  # CPU smoke test
+}
+IMPLS = ("moetrain", "naive_loop", "dense_limit", "hf_mixtral", "hf_mixtral_grouped_mm",
+         "torchtitan")
+
+
+def expert_flops(s: Shape) -> int:
+    """Expert GEMM FLOPs of one forward + backward: 18 * T * K * D * F."""
+    return 18 * s.T * s.K * s.D * s.F
+
+
+# ----------------------------------------------------------------------------- weights
+@dataclass
+class Weights:
+    """One set of MoE weights shared by every implementation (moetrain's layout)."""
+
+    gate_ED: torch.Tensor
+    w1_EFD: torch.Tensor
+    w3_EFD: torch.Tensor
+    w2_EDF: torch.Tensor
+
+
+def make_weights(s: Shape, device: torch.device, dtype: torch.dtype, seed: int) -> Weights:
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, std):
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
+
+    return Weights(randn(s.E, s.D, std=0.02), randn(s.E, s.F, s.D, std=0.02),
+                   randn(s.E, s.F, s.D, std=0.02), randn(s.E, s.D, s.F, std=0.02))
+
+
+# ----------------------------------------------------------------------------- modules
+def build_moetrain(s: Shape, w: Weights, kernel_backend: str, expert_backend: str) -> nn.Module:
+    from moetrain.config.schema import ModelConfig, MoEConfig
+    from moetrain.models.moe.layer import MoELayer
+
+    mcfg = ModelConfig(dim=s.D, n_heads=1, num_experts=s.E, top_k=s.K, expert_hidden=s.F)
+    moe_cfg = MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0, kernel_backend=kernel_backend,
+                        expert_backend=expert_backend)
+    layer = MoELayer(s.D, mcfg, moe_cfg).to(device=w.w1_EFD.device, dtype=w.w1_EFD.dtype)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(w.gate_ED)
+        layer.experts.w1_EFD.copy_(w.w1_EFD)
+        layer.experts.w3_EFD.copy_(w.w3_EFD)
+        layer.experts.w2_EDF.copy_(w.w2_EDF)
+    return layer
+
+
+class NaiveLoopMoE(nn.Module):
+    """Loop over experts: gather the expert's (token, slot) pairs, SwiGLU, weighted index_add.
+
+    Routing equals moetrain's default: float32 softmax, top-k, renormalised weights.
+    """
+
+    def __init__(self, w: Weights, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gate_ED = nn.Parameter(w.gate_ED.clone())
+        self.w1_EFD = nn.Parameter(w.w1_EFD.clone())
+        self.w3_EFD = nn.Parameter(w.w3_EFD.clone())
+        self.w2_EDF = nn.Parameter(w.w2_EDF.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        probs_TE = torch.softmax(F.linear(x_TD.float(), self.gate_ED.float()), dim=-1)
+        w_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+        out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x.device)
+        for e in range(self.w1_EFD.shape[0]):
+            t_idx, k_idx = torch.where(ids_TK == e)
+            x_rD = x_TD[t_idx]
+            h_rF = F.silu(x_rD @ self.w1_EFD[e].T) * (x_rD @ self.w3_EFD[e].T)
+            y_rD = h_rF @ self.w2_EDF[e].T
+            out_TD = out_TD.index_add(0, t_idx, y_rD.float() * w_TK[t_idx, k_idx, None])
+        return out_TD.to(x.dtype).view_as(x)
+
+
+class DenseLimit(nn.Module):
+    """One SwiGLU over all R = T*K routed rows: the grouped GEMM's upper bound."""
+
+    def __init__(self, w: Weights) -> None:
+        super().__init__()
+        self.w1_FD = nn.Parameter(w.w1_EFD[0].clone())
+        self.w3_FD = nn.Parameter(w.w3_EFD[0].clone())
+        self.w2_DF = nn.Parameter(w.w2_EDF[0].clone())
+
+    def forward(self, x_RD: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x_RD, self.w1_FD)) * F.linear(x_RD, self.w3_FD),
+                        self.w2_DF)
+
+
+def build_hf(s: Shape, w: Weights, grouped_mm: bool) -> nn.Module:
+    """transformers' MixtralSparseMoeBlock with our weights (both of its weight layouts)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=s.D, intermediate_size=s.F, num_local_experts=s.E,
+                        num_experts_per_tok=s.K, router_jitter_noise=0.0)
+    if grouped_mm:
+        cfg._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(cfg).to(device=w.w1_EFD.device, dtype=w.w1_EFD.dtype)
+    params = dict(block.named_parameters())
+    with torch.no_grad():
+        params["gate.weight"].copy_(w.gate_ED)
+        if "experts.gate_up_proj" in params:  # transformers 5: fused (E, 2F, D) or (E, D, 2F)
+            gu, down = params["experts.gate_up_proj"], params["experts.down_proj"]
+            w13 = torch.cat([w.w1_EFD, w.w3_EFD], dim=1)
+            gu.copy_(w13 if gu.shape == w13.shape else w13.transpose(1, 2))
+            down.copy_(w.w2_EDF if down.shape == w.w2_EDF.shape else w.w2_EDF.transpose(1, 2))
+        else:  # transformers 4: one MLP per expert
+            for e in range(s.E):
+                params[f"experts.{e}.w1.weight"].copy_(w.w1_EFD[e])
+                params[f"experts.{e}.w3.weight"].copy_(w.w3_EFD[e])
+                params[f"experts.{e}.w2.weight"].copy_(w.w2_EDF[e])
+    return _FirstOutput(block)
+
+
+class _FirstOutput(nn.Module):
+    """Returns only the hidden states of a block that may also return router logits."""
+
+    def __init__(self, block: nn.Module, flat: bool = False) -> None:
+        super().__init__()
+        self.block, self.flat = block, flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x.reshape(-1, x.shape[-1]) if self.flat else x)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.view_as(x)
+
+
+def build_torchtitan(s: Shape, w: Weights) -> nn.Module:
+    """torchtitan's MoE (softmax top-k, route_norm=True, no load-balancing bias)."""
+    try:  # torchtitan <= 0.2: MoE(MoEArgs, dim, hidden_dim) on (B, S, D) inputs
+        from torchtitan.models.moe import MoE, MoEArgs
+
+        args = MoEArgs(num_experts=s.E, top_k=s.K, score_func="softmax", route_norm=True,
+                       load_balance_coeff=None, num_shared_experts=0)
+        moe, flat = MoE(args, dim=s.D, hidden_dim=s.F), False
+    except ImportError:  # torchtitan >= 0.3: nested Config objects on (T, D) inputs
+        from torchtitan.models.common import moe as tt
+
+        linear = __import__("torchtitan.models.common.linear", fromlist=["GroupedLinear"])
+        act = __import__("torchtitan.models.common.activation", fromlist=["Softmax"])
+        cfg = tt.MoE.Config(
+            num_experts=s.E, load_balance_coeff=None,
+            router=tt.TokenChoiceTopKRouter.Config(
+                num_experts=s.E, top_k=s.K, route_norm=True, score_func=act.Softmax.Config(),
+                gate=linear.RouterGateLinear.Config(in_features=s.D, out_features=s.E)),
+            routed_experts=tt.RoutedExperts.Config(
+                w13=linear.GroupedLinear.Config(group_size=s.E, in_features=s.D,
+                                                out_features=s.F, num_linears=2),
+                w2=linear.GroupedLinear.Config(group_size=s.E, in_features=s.F,
+                                               out_features=s.D, num_linears=1),
+                token_dispatcher=tt.LocalTokenDispatcher.Config(num_experts=s.E, top_k=s.K)))
+        moe, flat = cfg.build(), True
+    moe = moe.to(device=w.w1_EFD.device, dtype=w.w1_EFD.dtype)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.02)
+    return _FirstOutput(moe, flat=flat)
+
+
+# ----------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, warmup: int,
+                 iters: int) -> float:
+    """Mean milliseconds of one forward + backward (gradients reset outside the timing)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step() -> None:
+        out = module(x)
+        out.backward(grad)
+
+    def reset() -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    for _ in range(warmup):
+        reset()
+        step()
+    _sync(x.device)
+    total = 0.0
+    for _ in range(iters):
+        reset()
+        if x.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            total += start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            step()
+            total += (time.perf_counter() - t0) * 1e3
+    return total / iters
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.dtype,
+                warmup: int, iters: int, seed: int, kernel_backend: str = "auto",
+                expert_backend: str = "auto", check_tol: float | None = None) -> dict:
+    """Verify moetrain against the naive loop, then time every implementation."""
+    w = make_weights(s, device, dtype, seed)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(*s.input_shape, generator=g, device=device).to(dtype)
+    grad = torch.randn(*s.input_shape, generator=g, device=device).to(dtype)
+    x_RD = torch.randn(s.T * s.K, s.D, generator=g, device=device).to(dtype)
+    grad_RD = torch.randn(s.T * s.K, s.D, generator=g, device=device).to(dtype)
+    flops = expert_flops(s)
+    tol = check_tol if check_tol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
+
+    # Correctness first: moetrain's layer against the naive loop on the same weights.
+    with torch.device(device):
+        ref_mod = NaiveLoopMoE(w, s.K)
+        our_mod = build_moetrain(s, w, kernel_backend, expert_backend)
+    outs = []
+    for mod in (ref_mod, our_mod):
+        xi = x.clone().requires_grad_()
+        y = mod(xi)
+        y.backward(grad)
+        outs.append((y.detach(), xi.grad))
+    check = {"output_rel_err": _rel_err(outs[1][0], outs[0][0]),
+             "input_grad_rel_err": _rel_err(outs[1][1], outs[0][1]), "tol": tol}
+    check["ok"] = max(check["output_rel_err"], check["input_grad_rel_err"]) <= tol
+    if not check["ok"]:
+        raise RuntimeError(f"{s.name}: moetrain's MoE layer disagrees with the naive loop: "
+                           f"{check}")
+    del ref_mod, our_mod, outs
+
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "moetrain": lambda: build_moetrain(s, w, kernel_backend, expert_backend),
+        "naive_loop": lambda: NaiveLoopMoE(w, s.K),
+        "dense_limit": lambda: DenseLimit(w),
+        "hf_mixtral": lambda: build_hf(s, w, grouped_mm=False),
+        "hf_mixtral_grouped_mm": lambda: build_hf(s, w, grouped_mm=True),
+        "torchtitan": lambda: build_torchtitan(s, w),
+    }
+    rows = []
+    for name in impls:
+        row: dict = {"impl": name, "status": "ok", "ms": None, "tflops": None,
+                     "pct_of_dense": None, "peak_mem_gib": None, "note": ""}
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            with torch.device(device):  # build on the device: no slow CPU init
+                module = builders[name]()
+        except Exception as e:  # noqa: BLE001 - a peer that is missing or whose API moved
+            row.update(status="skipped", note=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+            continue
+        inp, g_out = (x_RD, grad_RD) if name == "dense_limit" else (x, grad)
+        inp = inp.clone().requires_grad_()
+        try:
+            ms = time_fwd_bwd(module, inp, g_out, warmup, iters)
+        except Exception as e:  # noqa: BLE001 - report the failure, time the others
+            row.update(status="failed", note=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+            continue
+        row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+        if device.type == "cuda":
+            row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        rows.append(row)
+        del module, inp
+    dense = next((r["ms"] for r in rows if r["impl"] == "dense_limit" and r["ms"]), None)
+    for r in rows:
+        if dense and r["ms"]:
+            r["pct_of_dense"] = 100.0 * dense / r["ms"]
+    return {**asdict(s), "input_shape": list(s.input_shape), "expert_flops": flops,
+            "check": check, "results": rows}
+
+
+# ----------------------------------------------------------------------------- report
+def format_table(report: dict) -> str:
+    lines = [f"device: {report['device']}  dtype: {report['dtype']}  torch {report['torch']}"]
+    for sh in report["shapes"]:
+        lines.append("")
+        lines.append(f"{sh['name']}  D={sh['D']} F={sh['F']} E={sh['E']} K={sh['K']} "
+                     f"T={sh['T']}  input {tuple(sh['input_shape'])}  expert GFLOP "
+                     f"{sh['expert_flops'] / 1e9:.1f}  check: moetrain vs naive rel err "
+                     f"{sh['check']['output_rel_err']:.1e}")
+        lines.append(f"  {'impl':<24}{'ms':>10}{'TFLOP/s':>10}{'% dense':>10}{'peak GiB':>10}")
+        for r in sh["results"]:
+            if r["status"] != "ok":
+                lines.append(f"  {r['impl']:<24}{r['status']}: {r['note']}")
+                continue
+
+            def fmt(v, spec):
+                return format(v, spec) if v is not None else format("-", ">10")
+
+            lines.append(f"  {r['impl']:<24}{fmt(r['ms'], '10.2f')}{fmt(r['tflops'], '10.1f')}"
+                         f"{fmt(r['pct_of_dense'], '10.1f')}{fmt(r['peak_mem_gib'], '10.2f')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", action="append", choices=sorted(SHAPES),
+                   help="repeatable; default: mixtral_like and fine_grained")
+    p.add_argument("--impl", action="append", choices=IMPLS, help="repeatable; default: all")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--expert-backend", default="auto", choices=["auto", "loop", "grouped_mm"])
+    p.add_argument("--json", default=None, help="write the report to this path")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    dtype_name = a.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    shapes = a.shape or ["mixtral_like", "fine_grained"]
+    impls = a.impl or list(IMPLS)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    report = {"device": name or device.type, "torch": torch.__version__, "dtype": dtype_name,
+              "warmup": a.warmup, "iters": a.iters,
+              "shapes": [bench_shape(SHAPES[n], impls, device, dtype, a.warmup, a.iters, a.seed,
+                                     a.kernel_backend, a.expert_backend) for n in shapes]}
+    print(format_table(report), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
