@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from moetrain.config.schema import (
     Config,
     ConfigError,
-    DataParallelMode,
     DispatchMode,
     ExpertTP,
     ParallelConfig,
@@ -144,14 +143,6 @@ def _validate_pp(cfg: Config, layout: Layout) -> None:
         raise ConfigError(
             "parallel.pp_schedule=interleaved_1f1b with parallel.pp_virtual_stages=1: set "
             "parallel.pp_virtual_stages >= 2 (stages per rank), or parallel.pp_schedule=1f1b")
-    if name == "zero_bubble" and layout.dp > 1 and par.dp_mode == DataParallelMode.fsdp:
-        # Measured on torch 2.13: with FSDP2-sharded stages the split backward (input half,
-        # then weight half) leaves weight gradients partial or missing after the reduce.
-        raise ConfigError(
-            f"parallel.pp_schedule=zero_bubble with parallel.dp_mode=fsdp (dp={layout.dp}): "
-            f"torch's split input/weight backward does not deliver FSDP-sharded weight "
-            f"gradients correctly: set parallel.dp_mode=replicate, or parallel.pp_schedule="
-            f"1f1b or interleaved_1f1b")
     t = cfg.train
     n_mb = t.global_batch_size // (t.micro_batch_size * layout.dp)
     where = (f"train.global_batch_size / (train.micro_batch_size * dp) = {t.global_batch_size}"

@@ -6,15 +6,53 @@ the mean over the ``dp`` data-parallel replicas. Dense gradients are therefore a
 over dp. An expert shard already receives the summed gradient of every token that any
 rank of its EP group routed to it (through the all-to-all backward), so across its
 expert-data-parallel group it must be summed and divided by dp (not by edp).
+
+Expert shard dim. FSDP2 splits a parameter like ``torch.chunk`` along its shard dim and
+pads every shard to the largest. The routed-expert weights (w1_EFD, w3_EFD: (e, F, D);
+w2_EDF: (e, D, F); e = E/ep local experts) default to dim 0, which wastes memory when e
+does not divide evenly over the edp ranks: Mixtral (E=8) with ep=8 on 64 GPUs leaves e=1
+expert over edp=8, so one rank keeps the whole expert and seven hold padding. They are
+then sharded on dim 1 (F of w1/w3, D of w2), as torchtitan does for ``dp_mod_ep * ep >
+num_experts`` (``models/deepseek_v3/parallelize.py``); see :func:`expert_fsdp_shard_dim`.
+
+Legend: E experts, e local experts (E/ep), F expert hidden, D model dim.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+
+def expert_fsdp_shard_dim(local_shape: Sequence[int], degree: int) -> int:
+    """The dim FSDP shards a routed-expert weight of local shape ``local_shape`` (e, ., .)
+    on over ``degree`` ranks: 0 when the e local experts split evenly (``e % degree ==
+    0``), else 1 when that dim does (FSDP2 shards a nonzero dim only evenly), else 0.
+
+    Dim 1 is F for w1_EFD/w3_EFD and D for w2_EDF. Sharding it gives every rank 1/degree
+    of each expert instead of whole experts to some ranks and padding to the others.
+    ``moetrain.parallel.memory`` applies the same rule, so its estimate stays exact.
+    """
+    e = local_shape[0]
+    if degree > 1 and e % degree and local_shape[1] % degree == 0:
+        return 1
+    return 0
+
+
+def _expert_placement(degree: int):
+    """``shard_placement_fn`` for ``fully_shard`` of a GroupedExperts module."""
+
+    def placement(param: nn.Parameter) -> Shard:
+        local = param.to_local() if isinstance(param, DTensor) else param
+        return Shard(expert_fsdp_shard_dim(local.shape, degree))
+
+    return placement
 
 
 def apply_fsdp(
@@ -28,6 +66,9 @@ def apply_fsdp(
 ) -> None:
     """Shard experts over edp (when expert-parallel), each block and the root over dp.
 
+    The experts are sharded on dim 0 when their local experts split evenly over edp, else
+    on dim 1 (:func:`expert_fsdp_shard_dim`).
+
     ``replicated``: modules replicated over a mesh wider than dp whose ranks see different
     tokens (routers under sequence-parallel TP, over dp x tp): sharded over that mesh,
     their gradients summed there and divided by dp, like the experts over edp.
@@ -40,7 +81,8 @@ def apply_fsdp(
             module.set_force_sum_reduction_for_comms(True)
     if edp_mesh is not None:
         for layer in moe_layers:
-            fully_shard(layer.experts, mesh=edp_mesh, mp_policy=mp)
+            fully_shard(layer.experts, mesh=edp_mesh, mp_policy=mp,
+                        shard_placement_fn=_expert_placement(edp_mesh.size()))
             layer.experts.set_gradient_divide_factor(float(dp_degree))
             # gloo has no PREMUL_SUM: sum, then scale. Not on a 1-rank mesh, where FSDP
             # skips the collective and would then divide twice.

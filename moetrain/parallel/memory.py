@@ -11,9 +11,11 @@ sharded as the real placement does it (``tensor.py``, ``expert.py``, ``fsdp.py``
 tensor-parallel dims over tp (vocab rows of the embedding and output; column-parallel
 wq/wk/wv/w1/w3 on dim 0, row-parallel wo/w2 on dim 1; under ``parallel.expert_tp=etp`` the
 experts' F dim), routed experts over ep on dim 0, then FSDP2 over dp (dense; experts too
-when ep=1) or edp (experts, ep>1) on dim 0 of the local tensor. FSDP2 splits dim 0 like
-``torch.chunk``: ceil(n/dp) rows per rank, the last ranks fewer, and pads every shard to
-ceil(n/dp) rows in memory. Layers go to pipeline stages by the real split
+when ep=1) or edp (experts, ep>1) on dim 0 of the local tensor; experts in their own edp
+unit on dim 1 when their local experts do not split evenly over edp
+(``fsdp.expert_fsdp_shard_dim``, the same function the placement calls). FSDP2 splits
+its dim like ``torch.chunk``: ceil(n/dp) rows per rank, the last ranks fewer, and pads
+every shard to ceil(n/dp) rows in memory. Layers go to pipeline stages by the real split
 (``pipeline.stage_split``); the embedding sits on stage 0, norm and output on the last.
 
 **Training state**, per local parameter: fp32 master weight (4 B), fp32 gradient (4 B;
@@ -74,6 +76,7 @@ from moetrain.config.schema import (
     Precision,
 )
 from moetrain.config.validate import Layout, validate
+from moetrain.parallel.fsdp import expert_fsdp_shard_dim
 from moetrain.parallel.mesh import ParallelDims
 
 GiB = 1024**3
@@ -90,7 +93,8 @@ class ParamInfo:
     """One parameter of the full model and how the layout shards it.
 
     layer: its layer index, -1 for the embedding, n_layers for the final norm / output.
-    expert: a routed-expert weight (EP on dim 0, FSDP over edp when ep > 1).
+    expert: a routed-expert weight (EP on dim 0, FSDP over edp when ep > 1, on dim 0 or 1
+    by ``expert_fsdp_shard_dim``).
     tp_dims: the dim sharded over tp, per ``parallel.expert_tp`` mode (None = replicated).
     """
 
@@ -207,7 +211,8 @@ def _local_shape(p: ParamInfo, cfg: Config, layout: Layout, c: dict[str, int]) -
 
 def _fsdp_rows(p: ParamInfo, cfg: Config, layout: Layout,
                c: dict[str, int]) -> tuple[int, int, str]:
-    """(FSDP degree, this rank's index, mesh axis) that shard dim 0 of ``p``'s local tensor.
+    """(FSDP degree, this rank's index, mesh axis) that shard ``p``'s local tensor (on the
+    dim :func:`_fsdp_dim` gives).
 
     As parallelize() does: experts over edp when EP shards them or when tp ranks feed them
     different tokens (``expert_tp=ep``); modules replicated over tp although their ranks
@@ -223,6 +228,12 @@ def _fsdp_rows(p: ParamInfo, cfg: Config, layout: Layout,
     return layout.dp, c["dp"], "dp"
 
 
+def _fsdp_dim(p: ParamInfo, shape: list[int], n: int, axis: str) -> int:
+    """The dim FSDP shards ``p`` (local ``shape``) on: experts in their own edp unit by the
+    placement's own rule; everything else, experts inside a block's dp unit too, dim 0."""
+    return expert_fsdp_shard_dim(shape, n) if p.expert and axis == "edp" else 0
+
+
 def _rank_numel(params: list[ParamInfo], cfg: Config, layout: Layout, held: set[int],
                 c: dict[str, int]) -> tuple[int, int]:
     """(unpadded, padded) local parameter count of the rank at coordinates ``c``."""
@@ -234,14 +245,15 @@ def _rank_numel(params: list[ParamInfo], cfg: Config, layout: Layout, held: set[
         if p.name == "output.weight" and cfg.model.tie_embeddings and -1 in held:
             continue  # one tensor with the embedding on this rank
         shape = _local_shape(p, cfg, layout, c)
-        rest = math.prod(shape[1:])
         if fsdp:
-            n, i, _ = _fsdp_rows(p, cfg, layout, c)
-            unpadded += _chunk(shape[0], n, i) * rest
-            padded += -(-shape[0] // n) * rest
+            n, i, axis = _fsdp_rows(p, cfg, layout, c)
+            d = _fsdp_dim(p, shape, n, axis)
+            rest = math.prod(shape[:d] + shape[d + 1:])
+            unpadded += _chunk(shape[d], n, i) * rest
+            padded += -(-shape[d] // n) * rest
         else:
-            unpadded += shape[0] * rest
-            padded += shape[0] * rest
+            unpadded += math.prod(shape)
+            padded += math.prod(shape)
     return unpadded, padded
 
 

@@ -13,7 +13,11 @@ the 1-process run's), then :func:`split_model` keeps this rank's stages and drop
 Layers stay in ``layers`` (a ModuleDict keyed by the global layer index), so parameter
 FQNs and checkpoints do not depend on the layout. With ``parallel.pp_virtual_stages = v``
 there are ``pp * v`` stages; stage ``s`` lives on pp rank ``s % pp`` (looped, Narayanan et
-al., 2021).
+al., 2021). ``parallelize`` splits after TP, EP, activation checkpointing and compile
+(per-module steps that keep FQNs) and before FSDP, whose roots are the stage modules.
+Under TP the tensors crossing a stage boundary are DTensors (hidden states sharded over
+the sequence, logits over the vocabulary); their shapes are given to the stages up front
+(static metadata), so no placeholder forward ever runs.
 
 Schedules (``parallel.pp_schedule``): ``gpipe`` (Huang et al., 2019), ``1f1b`` (PipeDream-
 Flush, Narayanan et al., 2021), ``interleaved_1f1b`` (Megatron's interleaved 1F1B over the
@@ -43,6 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -67,6 +72,7 @@ __all__ = [
     "default_split",
     "pipeline_costs",
     "split_model",
+    "stage_ids_of",
     "stage_split",
 ]
 
@@ -328,8 +334,8 @@ class Pipeline:
             logits = (m, S, part.vocab_size)  # vocabulary-sharded under TP
             x_shape, x_dim = ((m, S), None) if s == 0 else (hidden, 1)
             y_shape, y_dim = (logits, 2) if s == n_stages - 1 else (hidden, 1)
-            if s == 0:
-                x = dx = torch.empty(x_shape, dtype=torch.long, device="meta")
+            if s == 0:  # token ids: no gradient
+                x, dx = torch.empty(x_shape, dtype=torch.long, device="meta"), None
             else:
                 x = _example(x_shape, hidden_dtype, tp_mesh, x_dim, True)
                 dx = _example(x_shape, hidden_dtype, tp_mesh, x_dim, False)
@@ -337,12 +343,20 @@ class Pipeline:
             dy = _example(y_shape, hidden_dtype, tp_mesh, y_dim, False)
             grads = {}
             if self.tp:  # DTensor boundaries need their gradients' layouts too
-                grads = {"input_grads": (None,) if s == 0 else dx, "output_grads": dy}
+                grads = {"input_grads": (dx,), "output_grads": dy}
             # Static shapes: no metadata-inference forward (which would run the MoE layers,
             # their collectives and statistics on placeholder data).
             stages.append(PipelineStage(part, s, n_stages, device, input_args=x,
                                         output_args=y, group=group, **grads))
         name = PipelineSchedule(schedule).value
+        if name == "zero_bubble":
+            # The input half of the split backward collects the stage's parameters before it
+            # runs; FSDP2 would have resharded each block after its forward, so the weight
+            # half would see the sharded DTensors (not in the graph) and compute no
+            # gradient for them. Keep FSDP-sharded stages gathered from forward to backward.
+            for part in parts:
+                if isinstance(part, FSDPModule):
+                    part.set_reshard_after_forward(False)
         kwargs = {"n_microbatches": self.n_microbatches, "loss_fn": self._loss_fn,
                   "scale_grads": False}
         if name in _SINGLE:

@@ -233,17 +233,24 @@ class Trainer:
         n_samples = len(self.data.val)
         total, count = torch.zeros((), device=self.device), 0
         batches = []
-        for j in range(self.dp_rank, n, self.dp_size):
+        rounds = -(-n // self.dp_size)
+        for k in range(rounds):
+            j = k * self.dp_size + self.dp_rank
             indices = [(j * m + i) % n_samples for i in range(m)]
             inputs, targets = self._batch(self.data.val, indices)
             if self.pm.pipeline is not None:
-                batches.append((inputs, targets))
-            else:
+                if j < n:
+                    batches.append((inputs, targets))
+            elif j < n:
                 total += self._loss(inputs, targets)
-            count += 1
+            else:
+                # Every rank runs the same number of forwards: expert-parallel and
+                # global-batch layers hold collectives. The padding batch is not counted.
+                self._loss(inputs, targets)
+            count += j < n
         if self.pm.pipeline is not None:
             with self._autocast():
-                total = self.pm.pipeline.eval(batches, pad_to=-(-n // self.dp_size))
+                total = self.pm.pipeline.eval(batches, pad_to=rounds)
         sums = torch.stack([total, torch.tensor(float(count), device=self.device)])
         if self.dp_size > 1:
             dist.all_reduce(sums, group=self.pm.dp_group)

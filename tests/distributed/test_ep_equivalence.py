@@ -65,3 +65,32 @@ def test_global_batch_aux_statistics(tmp_path, cache):
     # And it differs from micro-batch statistics, so the test can fail.
     local = train(_overrides(tmp_path, cache, "local", ["train.micro_batch_size=4"]))
     assert abs(step_rows(local)[0]["aux_loss"] - step_rows(got)[0]["aux_loss"]) > 1e-6
+
+
+def test_one_local_expert_sharded_on_dim1_matches_and_resumes(tmp_path, cache):
+    """2 experts with ep=2 on 4 ranks: one local expert per rank over edp=2, which FSDP
+    shards on dim 1 (``fsdp.expert_fsdp_shard_dim``; ``test_memory_estimate_dist`` checks
+    the placement). The run matches the 1-process run, and its step-3 checkpoint resumes
+    in 1 process on the same losses."""
+    two = ["model.num_experts=2", "model.top_k=1"]
+    ref = train(_overrides(tmp_path, cache, "ref2", two))
+    got = train(_overrides(tmp_path, cache, "ep2_local1",
+                           two + ["parallel.ep=2", "checkpoint.every=3"]), world=4)
+    assert_same_trajectory(ref, got)
+    assert all(r["a2a_bytes"] > 0 for r in step_rows(got))
+    ckpt = tmp_path / "ep2_local1" / "checkpoints" / "step_0000003"
+    resumed = train(_overrides(tmp_path, cache, "resumed", two + [f"checkpoint.resume={ckpt}"]))
+    assert [r["step"] for r in step_rows(resumed)] == [4, 5, 6]
+    assert_same_trajectory(step_rows(ref)[3:], resumed)
+
+
+def test_validation_with_uneven_batches_per_rank(tmp_path, cache):
+    """eval.batches=3 over dp=2 gives one rank 2 micro-batches and the other 1; with EP
+    every forward is a collective, so the short rank runs an uncounted padding batch. The
+    validation loss equals the 1-process one (no hang, no double count)."""
+    extra = ["eval.every=3", "eval.batches=3", "train.steps=3"]
+    ref = train(_overrides(tmp_path, cache, "ref", extra))
+    got = train(_overrides(tmp_path, cache, "ep2", extra + ["parallel.ep=2"]), world=2)
+    ref_val = [r["val_loss"] for r in ref if "val_loss" in r]
+    got_val = [r["val_loss"] for r in got if "val_loss" in r]
+    assert len(ref_val) == 2 and got_val == pytest.approx(ref_val, rel=1e-5)

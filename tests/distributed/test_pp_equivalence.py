@@ -17,11 +17,6 @@ BASE = [o for o in TINY if not o.startswith(("model.n_heads", "model.n_layers"))
 ]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
 def _overrides(root, cache, name, extra=()):
     return BASE + list(extra) + [f"run.dir={root / name}", f"data.cache_dir={cache}"]
 
@@ -36,10 +31,10 @@ def _assert_same(ref, got, first_step=1):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory, data_cache):
     """The 1-process run; its step-3 checkpoint seeds the 1 process -> pp=2 test."""
     root = tmp_path_factory.mktemp("ref")
-    rows = train(_overrides(root, cache, "ref", ["checkpoint.every=3"]))
+    rows = train(_overrides(root, data_cache, "ref", ["checkpoint.every=3"]))
     return rows, root / "ref" / "checkpoints" / "step_0000003"
 
 
@@ -47,13 +42,14 @@ def reference(tmp_path_factory, cache):
     # each rank holds stages r and r+2 of four (one layer each)
     ("interleaved", ["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"],
      2),
-    ("zero_bubble", ["parallel.pp_schedule=zero_bubble", "parallel.pp_virtual_stages=2"], 2),
     # pp=2 x dp=2 (FSDP), experts sharded over ep=2: 2 micro-batches per pipeline
     ("pp2_dp2_ep2", ["parallel.ep=2"], 4),
+    ("zero_bubble_dp2_ep2", ["parallel.pp_schedule=zero_bubble", "parallel.pp_virtual_stages=2",
+                             "parallel.ep=2"], 4),
 ])
-def test_pp_layout_matches_single_process(reference, tmp_path, cache, name, extra, world):
+def test_pp_layout_matches_single_process(reference, tmp_path, data_cache, name, extra, world):
     ref, _ = reference
-    got = train(_overrides(tmp_path, cache, name, ["parallel.pp=2", *extra]), world=world)
+    got = train(_overrides(tmp_path, data_cache, name, ["parallel.pp=2", *extra]), world=world)
     _assert_same(ref, got)
     assert _vals(got) == pytest.approx(_vals(ref), rel=1e-5)
 
@@ -63,22 +59,22 @@ def test_pp_layout_matches_single_process(reference, tmp_path, cache, name, extr
     # tp=2 inside each stage: sequence-sharded DTensors cross the stage boundary
     ("pp2_tp2", ["parallel.tp=2", "parallel.ep=2"], 4),
 ])
-def test_pp_checkpoint_resumes_in_one_process(reference, tmp_path, cache, name, extra, world):
+def test_pp_checkpoint_resumes_in_one_process(reference, tmp_path, data_cache, name, extra, world):
     """The pp run matches the 1-process run; its step-3 checkpoint (stage modules saved
     under their global FQNs) continues in one process on the same losses."""
     ref, _ = reference
-    got = train(_overrides(tmp_path, cache, name, ["parallel.pp=2", "checkpoint.every=3",
+    got = train(_overrides(tmp_path, data_cache, name, ["parallel.pp=2", "checkpoint.every=3",
                                                    *extra]), world=world)
     _assert_same(ref, got)
     assert _vals(got) == pytest.approx(_vals(ref), rel=1e-5)
     ckpt = tmp_path / name / "checkpoints" / "step_0000003"
-    resumed = train(_overrides(tmp_path, cache, "resumed", [f"checkpoint.resume={ckpt}"]))
+    resumed = train(_overrides(tmp_path, data_cache, "resumed", [f"checkpoint.resume={ckpt}"]))
     _assert_same(ref, resumed, first_step=4)
 
 
-def test_one_process_checkpoint_resumes_under_pp(reference, tmp_path, cache):
+def test_one_process_checkpoint_resumes_under_pp(reference, tmp_path, data_cache):
     """The 1-process step-3 checkpoint continues under pp=2 (GPipe) on the same losses."""
     ref, ckpt = reference
-    got = train(_overrides(tmp_path, cache, "pp2_gpipe", [
+    got = train(_overrides(tmp_path, data_cache, "pp2_gpipe", [
         "parallel.pp=2", "parallel.pp_schedule=gpipe", f"checkpoint.resume={ckpt}"]), world=2)
     _assert_same(ref, got, first_step=4)

@@ -97,8 +97,9 @@ def test_stage_modules_chain_to_the_full_model():
     (["parallel.pp=2", "parallel.pp_split=[0,1,3]"], 2, ["parallel.pp_split=[0, 1, 3]", "2 stages"]),
     (["parallel.pp=2", "model.n_layers=3"], 2, ["model.n_layers=3", "parallel.pp_split"]),
     (["parallel.pp=2", "model.tie_embeddings=true"], 2, ["model.tie_embeddings"]),
-    (["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "train.global_batch_size=32"], 4,
-     ["zero_bubble", "parallel.dp_mode=replicate"]),
+    (["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.pp_virtual_stages=2",
+      "train.global_batch_size=40", "train.micro_batch_size=8"], 2,
+     ["zero_bubble", "multiple of 2 rounds", "5 micro-batches", "global_batch_size = 32"]),
     (["parallel.pp_split=[0,2]"], 1, ["parallel.pp_split", "parallel.pp=1"]),
 ])
 def test_pipeline_rules(overrides, world, words):
