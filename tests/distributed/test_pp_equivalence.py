@@ -73,8 +73,18 @@ def test_pp_checkpoint_resumes_in_one_process(reference, tmp_path, data_cache, n
 
 
 def test_one_process_checkpoint_resumes_under_pp(reference, tmp_path, data_cache):
-    """The 1-process step-3 checkpoint continues under pp=2 (GPipe) on the same losses."""
+    """The 1-process step-3 checkpoint continues under pp=2 x tp=2 (GPipe) on the same
+    losses."""
     ref, ckpt = reference
-    got = train(_overrides(tmp_path, data_cache, "pp2_gpipe", [
-        "parallel.pp=2", "parallel.pp_schedule=gpipe", f"checkpoint.resume={ckpt}"]), world=2)
+    got = train(_overrides(tmp_path, data_cache, "pp2_tp2_gpipe", [
+        "parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=gpipe",
+        f"checkpoint.resume={ckpt}"]), world=4)
     _assert_same(ref, got, first_step=4)
+
+
+def test_eight_process_pp_dp_tp_ep(reference, tmp_path, data_cache):
+    """All four axes at once: pp=2 x dp=2 x tp=2 on 8 processes, experts over ep=2."""
+    ref, _ = reference
+    got = train(_overrides(tmp_path, data_cache, "pp2_dp2_tp2_ep2", [
+        "parallel.pp=2", "parallel.tp=2", "parallel.ep=2"]), world=8)
+    _assert_same(ref, got)
