@@ -36,16 +36,22 @@ def test_mixtral_totals_and_hand_derived_shards():
     # dp=8, ep=8: every dim 0 splits evenly and each rank keeps one expert per layer.
     cfg8 = compose(["model=mixtral_8x7b", "parallel.ep=8", "train.micro_batch_size=1"])
     assert local_param_counts(cfg8, validate(cfg8, 8), 32000) == [counts.total // 8] * 8
-    # ep=8 of dp=64: one local expert per layer cannot split over edp=8 on dim 0; FSDP2
-    # leaves it whole on edp rank 0 and pads the other ranks to a whole expert.
+    # ep=8 of dp=64: one local expert per layer cannot split over edp=8 on dim 0, so FSDP
+    # shards it on dim 1 (F of w1/w3, D of w2; both divide by 8): each rank holds 1/8 of
+    # its expert in each of the 32 layers, plus 1/64 of the rest (every dim 0 splits
+    # evenly over dp=64, except the 8-row routers: ranks 0-7 hold one row, the rest none).
+    # Dim 0 put the whole expert on edp rank 0 instead: 32 * EXPERT = 5.64B, 5.66B in all.
     cfg64 = compose(["model=mixtral_8x7b", "parallel.ep=8", "train.micro_batch_size=1",
                      "train.global_batch_size=64"])
     per_rank = local_param_counts(cfg64, validate(cfg64, 64), 32000)
-    # Rank 8 is edp 1 of rank 0's ep rank; it also has no row of the 8-row routers (dp=8).
-    assert per_rank[0] - per_rank[8] == 32 * (EXPERT + 4096)
+    router = 32 * 8 * 4096
+    rest = (counts.total - 32 * 8 * EXPERT - router) // 64
+    assert per_rank[0] == 32 * EXPERT // 8 + rest + 32 * 4096 == 729_845_824  # ~0.73B
+    assert per_rank[8] == per_rank[0] - 32 * 4096  # edp 1 of rank 0's ep rank: no router row
+    assert sum(per_rank) == counts.total
     est = estimate(cfg64, 64, 32000)
     assert est.rank == 0 and est.params == per_rank[0]
-    assert est.parts["params (fp32)"] >= 4 * 32 * EXPERT
+    assert est.parts["params (fp32)"] == 4 * per_rank[0]  # no FSDP padding left
 
 
 def test_deepseekmoe_total():
