@@ -456,8 +456,11 @@ def _param_buffers(params, cfg, layout, held, coords, fsdp, c, pb, n_pad) -> int
                else f"layer{p.layer}" if 0 <= p.layer < cfg.model.n_layers else "root")
         units[key] = units.get(key, 0) + math.prod(_local_shape(p, cfg, layout, coords))
     largest = max(units.values(), default=0)
+    reduce = largest * (pb + (4 if pb != 4 else 0))  # an unsharded gradient, fp32 reduce input
+    if layout.pp > 1:  # stages stay gathered from forward to backward (parallel/pipeline.py)
+        return sum(units.values()) * pb + reduce
     # Gathered (current + prefetched), its unsharded gradient, and the fp32 reduce input.
-    return largest * (3 * pb + (4 if pb != 4 else 0))
+    return 2 * largest * pb + reduce
 
 
 # ----------------------------------------------------------------------------- layouts

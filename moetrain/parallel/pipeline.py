@@ -349,14 +349,14 @@ class Pipeline:
             stages.append(PipelineStage(part, s, n_stages, device, input_args=x,
                                         output_args=y, group=group, **grads))
         name = PipelineSchedule(schedule).value
-        if name == "zero_bubble":
-            # The input half of the split backward collects the stage's parameters before it
-            # runs; FSDP2 would have resharded each block after its forward, so the weight
-            # half would see the sharded DTensors (not in the graph) and compute no
-            # gradient for them. Keep FSDP-sharded stages gathered from forward to backward.
-            for part in parts:
-                if isinstance(part, FSDPModule):
-                    part.set_reshard_after_forward(False)
+        # Keep FSDP-sharded stages gathered from forward to backward (as torchtitan does
+        # under PP). Otherwise every micro-batch re-gathers each block's parameters twice.
+        # Zero bubble needs it for correctness too: the input half of its split backward
+        # collects the stage's parameters before it runs, and blocks resharded after their
+        # forward would hand it sharded DTensors that are not in the graph (no gradient).
+        for part in parts:
+            if isinstance(part, FSDPModule):
+                part.set_reshard_after_forward(False)
         kwargs = {"n_microbatches": self.n_microbatches, "loss_fn": self._loss_fn,
                   "scale_grads": False}
         if name in _SINGLE:
