@@ -1,10 +1,11 @@
-"""Pure-torch references of the MoE kernels: the oracle in tests and the CPU path.
+"""Pure-torch references of the MoE kernels: the oracle in tests and the torch path.
 
 Legend: T tokens, D model dim, E experts, K top-k, N = T*K routed (token, slot) pairs,
 R dispatched rows (R = N when dropless, fewer when capacity drops rows).
 
-The semantics are those of ``moetrain.models.moe.dispatcher.LocalDispatcher`` and
-``moetrain.models.moe.router.TopKRouter`` (tests hold the two to each other):
+``moetrain.models.moe.dispatcher.LocalDispatcher`` runs :func:`routing_metadata_ref` and
+:func:`permute_ref` on its torch path; :func:`topk_router_ref` restates
+``moetrain.models.moe.router.TopKRouter`` (tests hold the two to each other). Semantics:
 - rows are sorted by expert with a stable sort over the flat slot index n = t*K + k, so
   within an expert rows keep token order;
 - with a capacity C, each expert keeps its first C rows in that order (Switch
@@ -40,13 +41,24 @@ class RoutingMeta:
         return self.pos_TK.numel() - self.tokens_per_expert.sum()
 
 
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 (E,) number of entries of ``ids`` equal to each expert id.
+
+    A scatter-add rather than ``torch.bincount``: on CUDA bincount reads the largest id back
+    to the host to size its output (a device sync on every MoE layer's forward).
+    """
+    flat = ids.reshape(-1).long()
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return counts_E.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
+
+
 def routing_metadata_ref(ids_TK: torch.Tensor, num_experts: int,
                          capacity: int | None = None) -> RoutingMeta:
     """Stable sort of the N slots by expert, keeping at most ``capacity`` rows per expert."""
     T, K = ids_TK.shape
     flat = ids_TK.reshape(-1)
     order_N = torch.argsort(flat, stable=True)
-    counts_E = torch.bincount(flat, minlength=num_experts)
+    counts_E = expert_counts(flat, num_experts)
     if capacity is None:
         row_index_R = order_N
         tokens_per_expert = counts_E

@@ -15,6 +15,7 @@ package) on the same documents and saves ``tokenizer.json`` beside the shards.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -90,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.val_fraction < 0.5:
         raise SystemExit(f"error: --val-fraction={args.val_fraction} must be in (0, 0.5)")
     out = Path(args.output).expanduser()
-    if out.exists():
-        if not args.overwrite:
-            raise SystemExit(f"error: --output {out} exists: pass --overwrite to replace it or "
-                             f"choose another directory")
-        shutil.rmtree(out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: --output {out} exists: pass --overwrite to replace it or "
+                         f"choose another directory")
+    # --overwrite builds beside the old directory and swaps at the end, so a failed or
+    # interrupted build leaves the old data in place.
+    build_to = out.with_name(f".{out.name}.overwrite-{os.getpid()}") if out.exists() else out
     files = find_files(args.input, args.glob)
     progress = not args.no_progress
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     num_docs = len(files) if args.docs == "file" else None
     try:
         mdata.write_token_dataset(
-            docs(), out, tokenizer,
+            docs(), build_to, tokenizer,
             val_fraction=args.val_fraction,
             shard_tokens=args.shard_tokens,
             min_val_tokens=args.min_val_tokens,
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except mdata.SplitError as e:
         raise SystemExit(f"error: {e} (see --val-fraction, --min-val-tokens, --docs)") from None
+    if build_to != out:
+        shutil.rmtree(out)
+        os.replace(build_to, out)
     meta = mdata.read_meta(out)
     shards = {s: len(v) for s, v in meta["splits"].items()}
     print(

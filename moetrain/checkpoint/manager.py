@@ -252,8 +252,6 @@ class CheckpointManager:
         """Wait for and commit the last async save. Call on every rank before exiting."""
         self.wait()
 
-    finalize = close
-
     def _commit(self, step: int, tmp: Path, final: Path) -> Path:
         """Rank 0: marker + fsync + atomic rename, then retention. Every rank returns after."""
 
@@ -276,23 +274,41 @@ class CheckpointManager:
                 os.replace(tmp, final)
             _fsync_dir(final.parent)
             log.info("checkpoint step %d committed at %s", step, final)
-            self._apply_retention()
+            self._apply_retention(final)
             return final
 
         return self._on_rank0(commit)
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, just_committed: Path) -> None:
+        """Delete all but the ``checkpoint.keep`` newest steps, never the one just committed
+        (a run resumed from an older step would otherwise delete its own new checkpoint in
+        favour of later steps already in the directory)."""
         if self.cfg.keep <= 0:
             return
         for old in self.committed()[: -self.cfg.keep]:
+            if old == just_committed:
+                continue
             log.info("checkpoint.keep=%d: deleting %s", self.cfg.keep, old)
             shutil.rmtree(old, ignore_errors=True)
 
     def _clean_stale(self) -> None:
+        """Remove interrupted saves; finish a commit that was interrupted after its marker.
+
+        A temporary directory holding ``COMMITTED`` is complete (the marker is written after
+        every rank finished): when its final name is free it is renamed there. That covers a
+        crash between the two renames of a re-saved step, which moves the old copy aside
+        (``.tmp-old-``) first; the new copy is promoted before the old one is considered.
+        """
         if not self.dir.is_dir():
             return
-        for p in sorted(self.dir.iterdir()):
-            if p.is_dir() and _STEP_RE.match(p.name.split(_TMP)[0]) and _TMP in p.name:
+        for p in sorted(self.dir.iterdir(), key=lambda q: (f"{_TMP}old-" in q.name, q.name)):
+            base = p.name.split(_TMP)[0]
+            if p.is_dir() and _TMP in p.name and _STEP_RE.match(base):
+                final = p.with_name(base)
+                if (p / MARKER).is_file() and not final.exists():
+                    log.warning("finishing the interrupted commit of %s as %s", p, final)
+                    os.replace(p, final)
+                    continue
                 log.warning("removing unfinished checkpoint %s (left by an interrupted save)", p)
                 shutil.rmtree(p, ignore_errors=True)
             elif p.is_dir() and _STEP_RE.match(p.name) and not (p / MARKER).is_file():
@@ -312,8 +328,8 @@ class CheckpointManager:
                              f"with a {MARKER} marker); refusing to load it")
         dcp.load(state, checkpoint_id=str(p), process_group=self._pg)
         step = self.step_of(p)
-        saved = json.loads((p / MARKER).read_text())
         if self.rank == 0:
+            saved = json.loads((p / MARKER).read_text())
             log.info("loaded checkpoint %s (step %d, saved by %d ranks; keys: %s)", p, step,
                      saved.get("world_size", -1), ", ".join(sorted(state)))
         return step

@@ -31,6 +31,13 @@ def colorize(v: np.ndarray) -> np.ndarray:
     return np.rint(rgb).astype(np.uint8)
 
 
+def as_float64(load_LE: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A load table (tensor on any device, or array) as a float64 numpy array."""
+    if isinstance(load_LE, torch.Tensor):
+        load_LE = load_LE.detach().float().cpu().numpy()
+    return np.asarray(load_LE, dtype=np.float64)
+
+
 def load_heatmap_CHW(
     load_LE: torch.Tensor | np.ndarray, cell: int = 8, vmax: float | None = None
 ) -> np.ndarray:
@@ -41,9 +48,7 @@ def load_heatmap_CHW(
     balanced layer is the middle colour. Each cell is repeated ``cell`` times (nearest) in both
     directions to be legible in TensorBoard.
     """
-    if isinstance(load_LE, torch.Tensor):
-        load_LE = load_LE.detach().float().cpu().numpy()
-    load_LE = np.asarray(load_LE, dtype=np.float64)
+    load_LE = as_float64(load_LE)
     if load_LE.ndim != 2:
         raise ValueError(f"load_LE must be 2-D (MoE layers, experts), got shape {load_LE.shape}")
     n_experts = load_LE.shape[1]
@@ -58,7 +63,5 @@ def load_imbalance(load_LE: torch.Tensor | np.ndarray) -> float:
 
     A compact scalar for metrics.jsonl in place of the full per-expert table.
     """
-    if isinstance(load_LE, torch.Tensor):
-        load_LE = load_LE.detach().float().cpu().numpy()
-    load_LE = np.asarray(load_LE, dtype=np.float64)
+    load_LE = as_float64(load_LE)
     return float(load_LE.max() * load_LE.shape[1])

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from moetrain.config import LoggingConfig
-from moetrain.metrics.heatmap import load_heatmap_CHW
+from moetrain.metrics.heatmap import as_float64, load_heatmap_CHW
 
 __all__ = ["MetricsLogger", "read_metrics", "tensorboard_tag"]
 
@@ -164,10 +164,11 @@ class MetricsLogger:
         tb = self._tb()
         if tb is None:
             return
-        if isinstance(load_LE, torch.Tensor):
-            load_LE = load_LE.detach().float().cpu().numpy()
-        load_LE = np.asarray(load_LE, dtype=np.float64)
-        tb.add_image("moe/expert_load", load_heatmap_CHW(load_LE), step, dataformats="CHW")
+        load_LE = as_float64(load_LE)
+        # Cells sized so the longer side is ~768 px (8 to 48 px a cell): legible in TensorBoard.
+        cell = max(8, min(48, 768 // max(load_LE.shape)))
+        tb.add_image("moe/expert_load", load_heatmap_CHW(load_LE, cell=cell), step,
+                     dataformats="CHW")
         rel_LE = load_LE * load_LE.shape[1]
         for layer in range(rel_LE.shape[0]):
             tb.add_scalar(f"moe/load_max/layer{layer}", float(rel_LE[layer].max()), step)
@@ -220,5 +221,3 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-    read_metrics = staticmethod(read_metrics)

@@ -42,11 +42,11 @@ def test_grouped_mm_bf16_matches_loop_forward_and_backward():
         assert torch.count_nonzero(getattr(gmm, name).grad[1]) == 0
 
 
-def test_auto_backend_picks_grouped_mm_on_cuda():
-    _, gmm = _pair()
+def test_auto_backend_picks_grouped_mm_on_cuda_when_aligned():
     auto = GroupedExperts(E, D, F, ExpertBackend.auto)
     assert auto.resolve_backend(torch.empty(1, D, device="cuda")) == ExpertBackend.grouped_mm
-    assert gmm.resolve_backend(torch.empty(1, D, device="cuda")) == ExpertBackend.grouped_mm
+    misaligned = GroupedExperts(E, D, F + 1, ExpertBackend.auto)  # bf16 rows need F % 8 == 0
+    assert misaligned.resolve_backend(torch.empty(1, D, device="cuda")) == ExpertBackend.loop
 
 
 def test_moe_layer_grouped_mm_matches_loop_under_autocast():

@@ -24,6 +24,7 @@ from torch.distributed import _functional_collectives as funcol
 
 from moetrain.config.schema import ConfigError, KernelBackend
 from moetrain.kernels import use_triton
+from moetrain.kernels.reference import permute_ref, routing_metadata_ref
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     A tolerance of 1e-9 keeps float noise (1.1 * 10 = 11.000000000000002) from adding a row.
     """
     if capacity_factor <= 0:
-        raise ConfigError(f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0")
+        raise ConfigError(f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0, "
+                          f"or use moe.dispatch=dropless")
     return max(0, math.ceil(capacity_factor * num_tokens * top_k / num_experts - 1e-9))
 
 
@@ -85,8 +87,9 @@ class LocalDispatcher:
     the block's residual connection carries those tokens (Switch Transformer, section 2.2).
 
     ``kernel_backend`` (``moe.kernel_backend``) selects the Triton kernels of
-    ``moetrain.kernels`` (routing metadata, permute, fused unpermute+combine) for the same
-    rows in the same order; the torch code below is their reference.
+    ``moetrain.kernels`` (routing metadata, permute, fused unpermute+combine); otherwise
+    their torch references in ``moetrain.kernels.reference`` run: the same rows in the same
+    order.
     """
 
     def __init__(self, num_experts: int, capacity_factor: float | None = None,
@@ -103,54 +106,19 @@ class LocalDispatcher:
     def dispatch(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     ) -> tuple[torch.Tensor, DispatchMeta]:
-        if use_triton(self.kernel_backend, x_TD):
-            return self._dispatch_triton(x_TD, ids_TK, weights_TK)
-        T, K = ids_TK.shape
-        E = self.num_experts
-        flat_ids = ids_TK.reshape(-1)
-        order_R = torch.argsort(flat_ids, stable=True)
-        counts_E = torch.bincount(flat_ids, minlength=E)
-        if self.capacity_factor is None:
-            row_index_R = order_R
-            tokens_per_expert = counts_E
-            kept_TK = torch.ones(T, K, dtype=torch.bool, device=ids_TK.device)
-            num_dropped = torch.zeros((), dtype=torch.int64, device=ids_TK.device)
-        else:
-            cap = expert_capacity(T, K, E, self.capacity_factor)
-            starts_E = torch.cumsum(counts_E, 0) - counts_E
-            sorted_ids = flat_ids.index_select(0, order_R)
-            rank_in_expert = (
-                torch.arange(order_R.numel(), device=ids_TK.device)
-                - starts_E.index_select(0, sorted_ids)
-            )
-            row_index_R = order_R[rank_in_expert < cap]
-            tokens_per_expert = counts_E.clamp(max=cap)
-            kept = torch.zeros(T * K, dtype=torch.bool, device=ids_TK.device)
-            kept[row_index_R] = True
-            kept_TK = kept.view(T, K)
-            num_dropped = T * K - tokens_per_expert.sum()
-        x_RD = x_TD.index_select(0, torch.div(row_index_R, K, rounding_mode="floor"))
-        meta = DispatchMeta(
-            row_index_R=row_index_R,
-            kept_TK=kept_TK,
-            weights_TK=weights_TK,
-            num_tokens=T,
-            top_k=K,
-            out_dtype=x_TD.dtype,
-            tokens_per_expert=tokens_per_expert,
-            num_dropped=num_dropped,
-        )
-        return x_RD, meta
-
-    def _dispatch_triton(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
-                         weights_TK: torch.Tensor) -> tuple[torch.Tensor, DispatchMeta]:
-        from moetrain.kernels import ops
-
         T, K = ids_TK.shape
         cap = (None if self.capacity_factor is None
                else expert_capacity(T, K, self.num_experts, self.capacity_factor))
-        route = ops.routing_metadata(ids_TK, self.num_experts, cap)
-        x_RD = ops.permute(x_TD, route.row_index_R, route.pos_TK, K)
+        if use_triton(self.kernel_backend, x_TD):
+            from moetrain.kernels import ops
+
+            route = ops.routing_metadata(ids_TK, self.num_experts, cap)
+            x_RD = ops.permute(x_TD, route.row_index_R, route.pos_TK, K)
+            pos_TK = route.pos_TK  # combine then runs the fused unpermute+combine kernel
+        else:
+            route = routing_metadata_ref(ids_TK, self.num_experts, cap)
+            x_RD = permute_ref(x_TD, route.row_index_R, K)
+            pos_TK = None
         meta = DispatchMeta(
             row_index_R=route.row_index_R,
             kept_TK=route.pos_TK >= 0,
@@ -160,7 +128,7 @@ class LocalDispatcher:
             out_dtype=x_TD.dtype,
             tokens_per_expert=route.tokens_per_expert,
             num_dropped=route.num_dropped,
-            pos_TK=route.pos_TK,
+            pos_TK=pos_TK,
         )
         return x_RD, meta
 
@@ -225,7 +193,8 @@ class AllToAllDispatcher:
         self.ep = dist.get_world_size(group)
         if num_experts % self.ep:
             raise ConfigError(
-                f"model.num_experts={num_experts} is not divisible by parallel.ep={self.ep}"
+                f"model.num_experts={num_experts} is not divisible by parallel.ep={self.ep}: "
+                f"set parallel.ep to a divisor of model.num_experts"
             )
         self.local_experts = num_experts // self.ep
         self.capacity_factor = capacity_factor
@@ -245,8 +214,9 @@ class AllToAllDispatcher:
         pad_idx = None
         if self.capacity_factor is None:
             counts_Se = self._exchange_counts(counts_E)
-            in_splits = counts_E.view(ep, e).sum(1).tolist()
-            out_splits = counts_Se.sum(1).tolist()
+            # The splits are host lists: one device-to-host read for both.
+            in_splits, out_splits = torch.stack(
+                [counts_E.view(ep, e).sum(1), counts_Se.sum(1)]).tolist()
             send_RD = x_RD
         else:
             cap = expert_capacity(ids_TK.shape[0], ids_TK.shape[1], self.num_experts,
@@ -254,7 +224,8 @@ class AllToAllDispatcher:
             # Row r of expert g goes to slot g*cap + (r - start of g's rows).
             starts_E = torch.cumsum(counts_E, 0) - counts_E
             expert_of_row = torch.repeat_interleave(
-                torch.arange(self.num_experts, device=x_RD.device), counts_E
+                torch.arange(self.num_experts, device=x_RD.device), counts_E,
+                output_size=x_RD.shape[0],  # known: no device-to-host read of the counts
             )
             rank_in_expert = torch.arange(x_RD.shape[0], device=x_RD.device) - starts_E[expert_of_row]
             pad_idx = expert_of_row * cap + rank_in_expert
@@ -265,7 +236,8 @@ class AllToAllDispatcher:
         recv_RD = _all_to_all(send_RD, out_splits, in_splits, self.group)
         # Received rows are [source][local expert][rows]; regroup to [local expert][source].
         local_id = torch.repeat_interleave(
-            torch.arange(e, device=recv_RD.device).repeat(ep), counts_Se.flatten()
+            torch.arange(e, device=recv_RD.device).repeat(ep), counts_Se.flatten(),
+            output_size=recv_RD.shape[0],
         )
         regroup_idx = torch.argsort(local_id, stable=True)
         self.bytes_sent += sum(in_splits) * send_RD.shape[1] * send_RD.element_size()

@@ -56,7 +56,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def grouped_mm_supported(dim: int, hidden: int, dtype: torch.dtype) -> bool:
     """``torch._grouped_mm`` needs 16-byte aligned row strides: D and F multiples of 16/itemsize."""
-    align = 16 // torch.empty((), dtype=dtype).element_size()
+    align = 16 // dtype.itemsize
     return hasattr(torch, "_grouped_mm") and dim % align == 0 and hidden % align == 0
 
 
@@ -140,7 +140,7 @@ class GroupedExperts(nn.Module):
                             w2_eDF: torch.Tensor) -> torch.Tensor:
         dtype = torch.bfloat16 if x_RD.is_cuda else x_RD.dtype
         if not grouped_mm_supported(self.dim, self.hidden, dtype):
-            align = 16 // torch.empty((), dtype=dtype).element_size()
+            align = 16 // dtype.itemsize
             raise ConfigError(
                 f"moe.expert_backend=grouped_mm needs model.dim={self.dim} and "
                 f"model.expert_hidden={self.hidden} to be multiples of {align} for {dtype} "

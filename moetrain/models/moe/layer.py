@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moetrain.config.schema import DispatchMode, ModelConfig, MoEConfig
+from moetrain.kernels.reference import expert_counts
 from moetrain.models.moe.dispatcher import Dispatcher, LocalDispatcher
 from moetrain.models.moe.experts import FeedForward, GroupedExperts
 from moetrain.models.moe.losses import load_balancing_loss, router_entropy, z_loss
@@ -118,7 +119,7 @@ class MoELayer(nn.Module):
             y_TD = y_TD + self.shared_experts(x_TD)
         out = y_TD.view(shape)
 
-        counts_E = torch.bincount(routed.ids_TK.reshape(-1), minlength=self.num_experts)
+        counts_E = expert_counts(routed.ids_TK, self.num_experts)
         balance, z = self._losses(routed, counts_E)
         self._record_stats(routed, counts_E, balance, z, meta.num_dropped)
         if torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
@@ -131,8 +132,9 @@ class MoELayer(nn.Module):
                 counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num_routed: int | torch.Tensor = routed.ids_TK.numel()
         if self.count_reducer is not None:
-            # One collective for both: E counts then the routed-row count.
-            total = self.count_reducer(torch.cat([counts_E, counts_E.new_tensor([num_routed])]))
+            # One collective for both: E counts then the routed-row count (their sum; a
+            # device-side sum, not a host scalar copied to the device).
+            total = self.count_reducer(torch.cat([counts_E, counts_E.sum().view(1)]))
             counts_E, num_routed = total[: self.num_experts], total[self.num_experts]
         balance = load_balancing_loss(routed.scores_TE, routed.ids_TK, self.num_experts,
                                       counts_E=counts_E, num_routed=num_routed)
@@ -141,12 +143,11 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def _record_stats(self, routed: RouterOutput, counts_E: torch.Tensor, balance: torch.Tensor,
                       z: torch.Tensor, num_dropped: torch.Tensor) -> None:
-        ids = routed.ids_TK
         self.last_stats = MoEStats(
             load_E=counts_E.float(),
             aux_loss=balance.detach(),
             z_loss=z.detach(),
             num_dropped=num_dropped.detach().to(torch.int64),
-            num_routed=torch.tensor(ids.numel(), dtype=torch.int64, device=ids.device),
+            num_routed=counts_E.sum(),  # = T*K, computed on the device (no host copy)
             entropy=router_entropy(routed.scores_TE.detach()),
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from moetrain.kernels.reference import expert_counts
+
 
 def load_balancing_loss(
     scores_TE: torch.Tensor,
@@ -33,7 +35,7 @@ def load_balancing_loss(
     (Megatron-core's "global aux loss").
     """
     if counts_E is None:
-        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=num_experts)
+        counts_E = expert_counts(ids_TK, num_experts)
     if num_routed is None:
         num_routed = ids_TK.numel()
     f_E = counts_E.float() / num_routed

@@ -229,3 +229,35 @@ def test_resave_same_step_replaces(pg, tmp_path):
     m2, opt2 = _fresh()
     mgr.load(tmp_path / "step_0000001", {"model": ModelOptimizerState(m2, opt2)})
     assert torch.equal(m2[0].weight, torch.full((5, 6), 3.0))
+
+
+def test_retention_never_deletes_the_checkpoint_just_written(pg, tmp_path):
+    """A run resumed from an older step saves below a later step already on disk: with
+    keep=1 the old rule (newest steps only) deleted the new checkpoint right after writing."""
+    m, opt = _trained(steps=1)
+    state = {"model": ModelOptimizerState(m, opt)}
+    mgr = CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep=1))
+    mgr.save(5, state)
+    mgr.save(3, state)
+    assert [p.name for p in mgr.committed()] == ["step_0000003", "step_0000005"]
+    mgr.save(7, state)  # the normal case still keeps exactly the newest
+    assert [p.name for p in mgr.committed()] == ["step_0000007"]
+
+
+def test_commit_interrupted_between_renames_is_finished_on_restart(pg, tmp_path):
+    """Re-saving step 1 moves the old copy aside, then renames the new one in. A crash between
+    the two renames leaves both under temporary names; the restart promotes the new one."""
+    m, opt = _trained(steps=1)
+    mgr = CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep=0))
+    mgr.save(1, {"model": ModelOptimizerState(m, opt)})
+    (tmp_path / "step_0000001").rename(tmp_path / "step_0000001.tmp-old-0000aaaa")
+    with torch.no_grad():
+        m[0].weight.fill_(2.0)
+    mgr.save(1, {"model": ModelOptimizerState(m, opt)})
+    (tmp_path / "step_0000001").rename(tmp_path / "step_0000001.tmp-0000bbbb")
+
+    restarted = CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep=0))
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0000001"]
+    m2, opt2 = _fresh()
+    restarted.load(restarted.latest(), {"model": ModelOptimizerState(m2, opt2)})
+    assert torch.equal(m2[0].weight, torch.full((5, 6), 2.0))

@@ -56,7 +56,13 @@ def test_prepare_data_byte(tmp_path, capsys):
     assert len(bundle.val) == (len(val_ref) - 1) // 16
     with pytest.raises(SystemExit, match="--overwrite"):
         _tool().main(args)
+    # A failed --overwrite build leaves the old data untouched.
+    with pytest.raises(SystemExit, match="min-val-tokens"):
+        _tool().main(args[:-3] + ["--min-val-tokens", "100000", "--no-progress", "--overwrite"])
+    assert _stream(out, "train").tolist() == train_ref
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
     assert _tool().main(args + ["--overwrite", "--docs", "paragraph"]) == 0
+    assert read_meta(out)["source"]["docs"] == "paragraph"
 
 
 def test_prepare_data_bpe(tmp_path):

@@ -14,7 +14,7 @@ from moetrain.kernels import moe as K
 from moetrain.kernels import ops
 from moetrain.kernels import reference as ref
 
-from moetrain.models.moe.dispatcher import LocalDispatcher, expert_capacity
+from moetrain.models.moe.dispatcher import expert_capacity
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
@@ -33,7 +33,7 @@ def _ids(T: int, K: int, E: int, empty: int | None, seed: int = 0) -> torch.Tens
 
 @pytest.mark.parametrize("T,K_,E,empty", SHAPES)
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
-def test_routing_metadata_matches_reference_and_dispatcher(T, K_, E, empty, capacity_factor):
+def test_routing_metadata_matches_reference(T, K_, E, empty, capacity_factor):
     ids = _ids(T, K_, E, empty)
     cap = None if capacity_factor is None else expert_capacity(T, K_, E, capacity_factor)
     got = K.routing_metadata(ids, E, cap, block=16)  # several blocks, a partial last one
@@ -42,13 +42,7 @@ def test_routing_metadata_matches_reference_and_dispatcher(T, K_, E, empty, capa
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     if empty is not None:
         assert got.counts_E[empty] == 0
-    # The reference is LocalDispatcher's torch path, row for row.
-    _, meta = LocalDispatcher(E, capacity_factor, "torch").dispatch(
-        torch.zeros(T, 1), ids, torch.ones(T, K_))
-    assert torch.equal(meta.row_index_R, want.row_index_R)
-    assert torch.equal(meta.tokens_per_expert, want.tokens_per_expert)
-    assert torch.equal(meta.kept_TK, want.pos_TK >= 0)
-    assert int(meta.num_dropped) == int(want.num_dropped)
+    # LocalDispatcher's torch path IS the reference; test_dispatcher checks it by hand.
 
 
 def test_routing_metadata_by_hand():

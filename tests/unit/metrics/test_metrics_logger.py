@@ -66,7 +66,7 @@ def test_heatmap_image_and_layer_scalars(tmp_path):
     log.close()
     acc = _events(tmp_path / "tensorboard")
     img = acc.Images("moe/expert_load")[0]
-    assert (img.step, img.height, img.width) == (5, 2 * 8, 4 * 8)
+    assert (img.step, img.height, img.width) == (5, 2 * 48, 4 * 48)  # 48 px cells (capped)
     assert acc.Scalars("moe/load_max/layer1")[0].value == pytest.approx(2.8)
     assert acc.Scalars("moe/load_min/layer1")[0].value == pytest.approx(0.4)
     assert acc.Scalars("moe/load_max/layer0")[0].value == pytest.approx(1.0)
@@ -86,7 +86,7 @@ def test_truncate_after_drops_later_steps(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     resumed.log_step(4, {"loss": 0.5})
     resumed.close()
-    recs = MetricsLogger.read_metrics(tmp_path / "metrics.jsonl")
+    recs = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in recs] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 0.5)]
     assert not (tmp_path / "tensorboard").exists()
 
