@@ -3,7 +3,8 @@
 # node fails, and admits or drops nodes between MIN_NODES and MAX_NODES.
 #
 # Usage (run the same line on every node; MASTER_ADDR is a host that stays up):
-#   MIN_NODES=2 MAX_NODES=4 NPROC=8 MASTER_ADDR=node0 launch/elastic.sh run.dir=runs/elastic
+#   MIN_NODES=2 MAX_NODES=4 NPROC=8 MASTER_ADDR=node0 launch/elastic.sh run.dir=runs/elastic \
+#       train.micro_batch_size=1 train.global_batch_size=96   # divides by dp = 16, 24, 32
 #
 # How training survives a restart: every restart relaunches all workers, and the trainer
 # resumes from the latest complete checkpoint in run.dir (checkpoint.resume=auto, set

@@ -5,11 +5,15 @@
 #   launch/torchrun.sh [OVERRIDE ...]
 #
 #   # one node, one process per visible GPU (or 1 process on a CPU-only machine):
-#   launch/torchrun.sh model=small parallel.ep=4 train.steps=1000
+#   launch/torchrun.sh model=small parallel.ep=4 train.steps=1000 train.global_batch_size=64
 #   # one node, 4 CPU processes (gloo):
-#   NPROC=4 launch/torchrun.sh parallel.ep=2
+#   NPROC=4 launch/torchrun.sh parallel.ep=2 train.micro_batch_size=4
 #   # two nodes: run the same line on both; MASTER_ADDR is a host of the first node.
-#   NNODES=2 NPROC=8 MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh parallel.ep=8
+#   NNODES=2 NPROC=8 MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh parallel.ep=8 \
+#       train.global_batch_size=128
+#
+# train.global_batch_size must be a multiple of train.micro_batch_size * dp (the defaults,
+# 16 and 8, fit at most 2 data-parallel ranks).
 #
 # Environment:
 #   NPROC        processes per node (default: number of visible GPUs, else 1)

@@ -47,7 +47,7 @@ class ExpertBackend(str, Enum):
 
 
 class KernelBackend(str, Enum):
-    auto = "auto"  # triton on CUDA when installed, torch otherwise
+    auto = "auto"  # torch until the kernels have passed tests/gpu on a GPU (kernels/__init__.py)
     torch = "torch"
     triton = "triton"
 
@@ -146,6 +146,8 @@ class ModelConfig:
             self.dim,
             f"must be divisible by model.n_heads={self.n_heads}",
         )
+        _require(self.n_kv_heads is None or self.n_kv_heads >= 1, "model.n_kv_heads",
+                 self.n_kv_heads, "must be >= 1, or null for model.n_heads")
         kv = self.n_kv_heads or self.n_heads
         _require(
             self.n_heads % kv == 0,
@@ -244,6 +246,7 @@ class OptimConfig:
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "must be in [0, 1)")
+        _require(self.eps > 0, "optim.eps", self.eps, "must be > 0 (AdamW divides by it)")
         _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip,
                  "must be >= 0 (0 disables clipping)")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
@@ -287,6 +290,11 @@ class TrainConfig:
     # runs to train.steps; 0 = run to the end. For time-sliced jobs: re-launch to resume.
     stop_at: int = 0
 
+    def uses_bf16(self, device_type: str) -> bool:
+        """bf16 autocast (and bf16 FSDP parameters on CUDA): precision=bf16, or auto on CUDA."""
+        p = Precision(self.precision)
+        return p == Precision.bf16 or (p == Precision.auto and device_type == "cuda")
+
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
             _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
@@ -323,6 +331,12 @@ class LoggingConfig:
     heatmap_every: int = 50  # expert-load heatmap image cadence, in steps; 0 disables
     # Peak device FLOP/s used for MFU. 0 = look up the GPU (H100/A100...) or skip on CPU.
     peak_tflops: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.heatmap_every >= 0, "logging.heatmap_every", self.heatmap_every,
+                 "must be >= 0 (0 disables)")
+        _require(self.peak_tflops >= 0, "logging.peak_tflops", self.peak_tflops,
+                 "must be >= 0 (0 = look up the GPU)")
 
 
 @dataclass

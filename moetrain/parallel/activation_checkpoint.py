@@ -1,5 +1,6 @@
 """Activation checkpointing and per-block ``torch.compile``: steps 3 and 4 of the fixed
-order TP -> EP -> AC -> compile -> FSDP (torchtitan's ``apply_ac`` / ``apply_compile``).
+order TP -> EP -> AC -> compile -> PP split -> FSDP (torchtitan's ``apply_ac`` /
+``apply_compile``).
 
 Activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory
 Cost") keeps a region's inputs in the forward and re-runs the region in the backward, so

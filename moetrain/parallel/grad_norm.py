@@ -28,23 +28,28 @@ def _group_key(g: torch.Tensor):
 def clip_grad_norm_(
     params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
-    """Clip in place to ``max_norm`` (0 = no clipping); return the total L2 norm."""
+    """Clip in place to ``max_norm`` (0 = no clipping); return the total L2 norm.
+
+    No host sync: the clip coefficient stays on the device (``min(1, max_norm / norm)``,
+    as torch's ``clip_grad_norm_``), so the optimizer step is queued behind it.
+    """
     grads = [p.grad for p in params if p.grad is not None]
     groups: dict = {}
     for g in grads:
         groups.setdefault(_group_key(g), []).append(g)
-    sq = torch.zeros((), dtype=torch.float32)
+    sq = None
     for gs in groups.values():
         n = torch.nn.utils.get_total_norm(gs, norm_type=2.0, foreach=None)
         if hasattr(n, "full_tensor"):
             n = n.full_tensor()
-        sq = sq.to(n.device) + n.float() ** 2
+        sq = n.float() ** 2 if sq is None else sq + n.float() ** 2
+    if sq is None:  # no gradients on this rank
+        sq = torch.zeros((), device=params[0].device if params else None)
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(sq, group=pp_group)
     total = sq.sqrt()
     if max_norm > 0:
-        coef = float(max_norm / (total + 1e-6))
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef)
     return total

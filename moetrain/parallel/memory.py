@@ -73,7 +73,6 @@ from moetrain.config.schema import (
     DataParallelMode,
     DispatchMode,
     ExpertTP,
-    Precision,
 )
 from moetrain.config.validate import Layout, validate
 from moetrain.parallel.fsdp import expert_fsdp_shard_dim
@@ -310,11 +309,10 @@ def _dtypes(cfg: Config, layout: Layout, device: str) -> tuple[int, int, int]:
     """(c, r, p): bytes of matmul outputs, of the residual stream, of FSDP's gathered params.
 
     As the trainer and parallelize() do: bf16 autocast for precision=bf16 (or auto on
-    CUDA); FSDP gathers bf16 parameters on CUDA, so then the whole stream is bf16.
+    CUDA); FSDP then gathers bf16 parameters on CUDA, so the whole stream is bf16.
     """
-    prec = Precision(cfg.train.precision)
-    bf16 = prec == Precision.bf16 or (prec == Precision.auto and device == "cuda")
-    p = 2 if (device == "cuda" and _fsdp(cfg, layout)) else 4
+    bf16 = cfg.train.uses_bf16(device)
+    p = 2 if (bf16 and device == "cuda" and _fsdp(cfg, layout)) else 4
     return (2 if bf16 or p == 2 else 4), p, p
 
 

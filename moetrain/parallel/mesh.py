@@ -93,26 +93,6 @@ class ParallelDims:
         axis = MeshAxis(axis)
         return self.world_size if axis is MeshAxis.world else getattr(self, axis.value)
 
-    @property
-    def pp_enabled(self) -> bool:
-        return self.pp > 1
-
-    @property
-    def dp_enabled(self) -> bool:
-        return self.dp > 1
-
-    @property
-    def tp_enabled(self) -> bool:
-        return self.tp > 1
-
-    @property
-    def ep_enabled(self) -> bool:
-        return self.ep > 1
-
-    @property
-    def edp_enabled(self) -> bool:
-        return self.edp > 1
-
     # ------------------------------------------------------------------ layout
     def coords(self, rank: int) -> dict[str, int]:
         """Coordinates of ``rank`` on every axis (see the module docstring for the map)."""

@@ -1,6 +1,13 @@
-"""Placement of a single-device model on the mesh, in a fixed order:
-TP -> EP -> activation checkpointing -> compile -> FSDP (see torchtitan's
-``models/deepseek_v3/parallelize.py``). The model code itself never sees a mesh.
+"""Placement of a single-device model on the mesh, in a fixed order (see torchtitan's
+``models/deepseek_v3/parallelize.py``):
+
+1. TP (``tensor.apply_tp``), 2. EP (``expert.apply_ep``), 3. activation checkpointing,
+4. per-block compile (``activation_checkpoint``), 5. the pipeline split
+(``pipeline.apply_pp``), 6. data parallelism: FSDP2 (``fsdp.apply_fsdp``) or gradient
+all-reduce (``fsdp.GradReplicator``).
+
+Steps 1-4 work per module and keep parameter FQNs; the split keeps this rank's stages,
+which FSDP then wraps as roots. The model code itself never sees a mesh.
 """
 
 from __future__ import annotations
@@ -36,24 +43,39 @@ class ParallelModel:
     model: nn.Module
     mesh: MoEMesh
     layout: Layout
-    moe_layers: list[nn.Module]
-    dp_rank: int
-    dp_group: dist.ProcessGroup | None
+    moe_layers: list[nn.Module]  # this rank's MoE layers
     fsdp: bool
     replicator: GradReplicator | None = None
     params: list[nn.Parameter] = field(default_factory=list)
     # Pipeline parallelism: this rank's stage modules (``[model]`` without PP), the
-    # schedule runner (None without PP), the pp group, and every MoE layer of the model in
-    # layer order with None where another stage holds it (for the router statistics).
+    # schedule runner (None without PP), and every MoE layer of the model in layer order
+    # with None where another stage holds it (for the router statistics).
     parts: list[nn.Module] = field(default_factory=list)
     pipeline: Pipeline | None = None
-    pp_group: dist.ProcessGroup | None = None
     all_moe_layers: list[nn.Module | None] = field(default_factory=list)
-    # Tensor parallelism (None without it), and the ranks over which router statistics are
-    # summed: dp, or dp x tp when tp ranks route different tokens.
-    tp: TPWiring | None = None
-    stats_group: dist.ProcessGroup | None = None
-    stats_size: int = 1
+    tp: TPWiring | None = None  # tensor parallelism (None without it)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.local_rank(MeshAxis.dp)
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.group(MeshAxis.dp) if self.layout.dp > 1 else None
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.group(MeshAxis.pp) if self.layout.pp > 1 else None
+
+    @property
+    def stats_group(self) -> dist.ProcessGroup | None:
+        """The ranks router statistics are summed over: dp, or dp x tp under TP (tp ranks
+        route different tokens, or all of them under etp: the statistics are ratios)."""
+        return self.mesh.group(MeshAxis.dp_tp) if self.tp is not None else self.dp_group
+
+    @property
+    def stats_size(self) -> int:
+        return self.layout.dp * self.layout.tp
 
     def set_aux_loss_scale(self, scale: float) -> None:
         """Aux-loss gradients are scaled like the LM loss (1 / accumulation steps), and by
@@ -83,8 +105,52 @@ class ParallelModel:
         return ep_bytes_sent(self.moe_layers)
 
 
-def _expert_params(moe_layers: list[nn.Module]) -> set[int]:
-    return {id(p) for layer in moe_layers for p in layer.experts.parameters()}
+def _wire_count_reducers(moe_layers: list[nn.Module], mesh: MoEMesh, layout: Layout,
+                         moe_cfg: MoEConfig, tp: TPWiring | None) -> None:
+    """Expert counts of the load-balancing loss are summed over dp for global-batch
+    statistics, and over tp when each tp rank routes a sequence shard."""
+    over_dp = moe_cfg.aux_loss_scope == AuxLossScope.global_batch and layout.dp > 1
+    over_tp = tp is not None and tp.routes_token_shard
+    axis = {(True, False): MeshAxis.dp, (False, True): MeshAxis.tp,
+            (True, True): MeshAxis.dp_tp}.get((over_dp, over_tp))
+    if axis is not None:
+        for layer in moe_layers:
+            layer.count_reducer = count_all_reducer(mesh.group(axis))
+
+
+def _apply_dp(parts: list[nn.Module], mesh: MoEMesh, layout: Layout, fsdp: bool,
+              tp: TPWiring | None, param_dtype: torch.dtype | None) -> GradReplicator | None:
+    """Data parallelism over this rank's model parts: FSDP2 if ``fsdp``, else a
+    GradReplicator when gradients need reducing (dp > 1 or tp > 1).
+
+    Experts are reduced over their expert-data-parallel group when EP shards them or when
+    tp ranks feed them different tokens; TP-replicated modules (routers) over dp x tp.
+    """
+    experts_edp = layout.ep > 1 or (tp is not None and tp.experts_replicated_over_tp)
+    held = {id(m) for part in parts for m in part.modules()}
+    replicated = [m for m in tp.replicated if id(m) in held] if tp is not None else []
+    if fsdp:
+        edp_mesh = mesh.submesh(MeshAxis.edp) if experts_edp else None
+        for part in parts:
+            in_part = {id(m) for m in part.modules()}
+            mine = [m for m in replicated if id(m) in in_part]
+            apply_fsdp(part, part.moe_layers(), mesh.submesh(MeshAxis.dp), edp_mesh,
+                       layout.dp, param_dtype,
+                       replicated=(mine, mesh.submesh(MeshAxis.dp_tp)) if mine else None)
+        return None
+    if layout.dp == 1 and tp is None:
+        return None
+    params = [p for part in parts for p in part.parameters()]
+    expert_ids = ({id(p) for part in parts for layer in part.moe_layers()
+                   for p in layer.experts.parameters()} if experts_edp else set())
+    stage_ids = {id(p) for m in replicated for p in m.parameters()}
+    return GradReplicator(
+        [p for p in params if id(p) not in expert_ids | stage_ids],
+        mesh.group(MeshAxis.dp) if layout.dp > 1 else None,
+        [p for p in params if id(p) in expert_ids],
+        mesh.group(MeshAxis.edp) if experts_edp else None,
+        layout.dp,
+        replicated=([p for p in params if id(p) in stage_ids], mesh.group(MeshAxis.dp_tp)))
 
 
 def parallelize(
@@ -95,86 +161,50 @@ def parallelize(
     device: torch.device,
     train: TrainConfig | None = None,
 ) -> ParallelModel:
-    """``train`` (micro-batch size, sequence length, accumulation) is needed for pp > 1."""
+    """Place ``model`` (built whole on every rank) on the mesh of ``layout``, in the fixed
+    order of the module docstring. ``train`` (micro-batch size, sequence length,
+    accumulation) is needed for pp > 1; its precision picks FSDP's parameter dtype."""
     mesh = build_mesh(layout, device.type)
     model.to(device)
-    moe_layers = model.moe_layers()
+    all_moe_layers = model.moe_layers()
 
+    # 1. Tensor parallelism.
     tp = apply_tp(model, mesh.submesh(MeshAxis.tp), par.expert_tp) if layout.tp > 1 else None
+    # 2. Expert parallelism, and the ranks each layer's expert counts are summed over.
     if layout.ep > 1:
-        apply_ep(moe_layers, mesh.submesh(MeshAxis.ep), moe_cfg)
-    dp_group = mesh.group(MeshAxis.dp) if layout.dp > 1 else None
-    # Expert counts of the load-balancing loss: summed over dp for global-batch statistics,
-    # and over tp when each tp rank routes a sequence shard.
-    over_dp = moe_cfg.aux_loss_scope == AuxLossScope.global_batch and dp_group is not None
-    over_tp = tp is not None and tp.routes_token_shard
-    count_axis = {(True, False): MeshAxis.dp, (False, True): MeshAxis.tp,
-                  (True, True): MeshAxis.dp_tp}.get((over_dp, over_tp))
-    if count_axis is not None:
-        for layer in moe_layers:
-            layer.count_reducer = count_all_reducer(mesh.group(count_axis))
-
-    # Activation checkpointing, then per-block compile: after TP/EP, before FSDP.
+        apply_ep(all_moe_layers, mesh.submesh(MeshAxis.ep), moe_cfg)
+    _wire_count_reducers(all_moe_layers, mesh, layout, moe_cfg, tp)
+    # 3. Activation checkpointing, then 4. per-block compile.
     apply_ac(model, par.ac, attention=par.ac_attention)
     if par.compile:
         apply_compile(model)
-
-    # Pipeline split: after the steps above (per module, FQNs kept), before FSDP, whose
-    # roots are the stage modules. Keeps this rank's stages of the full model.
-    all_moe_layers, parts, plan = moe_layers, [model], None
-    if layout.pp > 1:
-        plan = apply_pp(model, layout, par, mesh, train)
-        parts = plan.parts
-        moe_layers = [layer for part in parts for layer in part.moe_layers()]
-        local = {id(layer) for layer in moe_layers}
-        all_moe_layers = [layer if id(layer) in local else None for layer in all_moe_layers]
-    params = [p for part in parts for p in part.parameters()]
-
-    # Experts are reduced over their expert-data-parallel group when EP shards them or when
-    # tp ranks feed them different tokens; TP-replicated modules (routers) over dp x tp.
-    experts_edp = layout.ep > 1 or (tp is not None and tp.experts_replicated_over_tp)
-    held = {id(m) for part in parts for m in part.modules()}
-    replicated = [m for m in tp.replicated if id(m) in held] if tp is not None else []
+    # 5. Pipeline split: per-module steps above keep FQNs; keeps this rank's stages, which
+    # become the roots of FSDP.
+    plan = apply_pp(model, layout, par, mesh, train) if layout.pp > 1 else None
+    parts = plan.parts if plan is not None else [model]
+    moe_layers = [layer for part in parts for layer in part.moe_layers()]
+    # 6. Data parallelism. FSDP gathers bf16 parameters on CUDA when the run is bf16.
     fsdp = layout.dp > 1 and par.dp_mode == DataParallelMode.fsdp
-    replicator = None
-    param_dtype = torch.bfloat16 if device.type == "cuda" and fsdp else None
-    if fsdp:
-        edp_mesh = mesh.submesh(MeshAxis.edp) if experts_edp else None
-        for part in parts:
-            mine = [m for m in replicated if id(m) in {id(x) for x in part.modules()}]
-            apply_fsdp(part, part.moe_layers(), mesh.submesh(MeshAxis.dp), edp_mesh,
-                       layout.dp, param_dtype,
-                       replicated=(mine, mesh.submesh(MeshAxis.dp_tp)) if mine else None)
-    elif layout.dp > 1 or tp is not None:
-        expert_ids = _expert_params(moe_layers) if experts_edp else set()
-        stage_ids = {id(p) for m in replicated for p in m.parameters()}
-        dense = [p for p in params if id(p) not in expert_ids | stage_ids]
-        experts = [p for p in params if id(p) in expert_ids]
-        edp_group = mesh.group(MeshAxis.edp) if experts_edp else None
-        replicator = GradReplicator(
-            dense, dp_group, experts, edp_group, layout.dp,
-            replicated=([p for p in params if id(p) in stage_ids], mesh.group(MeshAxis.dp_tp)))
+    bf16 = (train or TrainConfig()).uses_bf16(device.type)
+    param_dtype = torch.bfloat16 if fsdp and bf16 and device.type == "cuda" else None
+    replicator = _apply_dp(parts, mesh, layout, fsdp, tp, param_dtype)
 
     pipeline = None
     if plan is not None:
         pipeline = Pipeline(plan, par.pp_schedule, mesh.group(MeshAxis.pp), device, train,
                             layout.dp, hidden_dtype=param_dtype or torch.float32,
                             tp_mesh=mesh.submesh(MeshAxis.tp) if tp is not None else None)
+    local = {id(layer) for layer in moe_layers}
     return ParallelModel(
-        model=model if plan is None else (parts[0] if len(parts) == 1 else nn.ModuleList(parts)),
+        model=parts[0] if len(parts) == 1 else nn.ModuleList(parts),
         mesh=mesh,
         layout=layout,
         moe_layers=moe_layers,
-        dp_rank=mesh.local_rank(MeshAxis.dp),
-        dp_group=dp_group,
         fsdp=fsdp,
         replicator=replicator,
         params=[p for part in parts for p in part.parameters()],  # FSDP swaps parameters
         parts=parts,
         pipeline=pipeline,
-        pp_group=mesh.group(MeshAxis.pp) if plan is not None else None,
-        all_moe_layers=all_moe_layers,
+        all_moe_layers=[layer if id(layer) in local else None for layer in all_moe_layers],
         tp=tp,
-        stats_group=mesh.group(MeshAxis.dp_tp) if tp is not None else dp_group,
-        stats_size=layout.dp * layout.tp,
     )

@@ -427,7 +427,7 @@ class Pipeline:
         """
         n = self.n_microbatches
         runs = -(-max(pad_to, len(batches)) // n)
-        filler = torch.zeros(self.shape, dtype=torch.long)
+        filler = torch.zeros(self.shape, dtype=torch.long, device=self.device)
         padded = list(batches) + [(filler, filler)] * (runs * n - len(batches))
         losses = []
         for r in range(runs):

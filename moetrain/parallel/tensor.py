@@ -1,6 +1,6 @@
 """Tensor parallelism (Megatron-LM; Shoeybi et al., 2019) with sequence parallelism
 (Korthikanti et al., 2022), placed by DTensor's ``parallelize_module`` on the dense mesh's
-``tp`` axis. Step 1 of the fixed order TP -> EP -> AC -> compile -> FSDP.
+``tp`` axis. Step 1 of the fixed order TP -> EP -> AC -> compile -> PP split -> FSDP.
 
 Legend: B batch, S sequence, D model dim, V vocabulary, H heads, T tokens, E experts,
 K top-k, F expert hidden.

@@ -70,20 +70,24 @@ class MoEStatsTracker:
         load_LE, s = packed[:, :e], packed[:, e:]
         n_mb = s[:, 5].clamp_min(1)
         frac_LE = load_LE / load_LE.sum(dim=1, keepdim=True).clamp_min(1)
-        self.last_load_LE = frac_LE.cpu()
         imbalance_L = frac_LE.max(dim=1).values * e  # max load / mean load
-        out = {
-            "aux_loss": (s[:, 0] / n_mb).mean().item(),
-            "z_loss": (s[:, 1] / n_mb).mean().item(),
-            "router_entropy": (s[:, 2] / n_mb).mean().item(),
-            "dropped_frac": (s[:, 3].sum() / s[:, 4].sum().clamp_min(1)).item(),
-            "load_imbalance": imbalance_L.mean().item(),
-        }
+        names = ["aux_loss", "z_loss", "router_entropy", "dropped_frac", "load_imbalance"]
+        values = [
+            (s[:, 0] / n_mb).mean(),
+            (s[:, 1] / n_mb).mean(),
+            (s[:, 2] / n_mb).mean(),
+            s[:, 3].sum() / s[:, 4].sum().clamp_min(1),
+            imbalance_L.mean(),
+        ]
         if self.ep > 1:
             # Load per EP rank (its E/ep experts) and max/mean across the EP ranks.
             rank_load_LR = frac_LE.view(frac_LE.shape[0], self.ep, -1).sum(dim=2)
-            out["ep_load_imbalance"] = (rank_load_LR.max(dim=1).values * self.ep).mean().item()
-            for r in range(self.ep):
-                out[f"ep_load/rank{r}"] = rank_load_LR[:, r].mean().item()
+            names += ["ep_load_imbalance"] + [f"ep_load/rank{r}" for r in range(self.ep)]
+            values += [(rank_load_LR.max(dim=1).values * self.ep).mean()]
+            values += [rank_load_LR[:, r].mean() for r in range(self.ep)]
+        # One device-to-host copy for the scalars and the load table.
+        host = torch.cat([torch.stack(values), frac_LE.flatten()]).cpu()
+        out = dict(zip(names, host[:len(names)].tolist()))
+        self.last_load_LE = host[len(names):].view_as(frac_LE)
         self.reset()
         return out

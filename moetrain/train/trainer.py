@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
-from moetrain.config.schema import Config, Precision
+from moetrain.config.schema import Config
 from moetrain.config.validate import Layout
 from moetrain.data import GlobalBatchSampler, build_data
 from moetrain.metrics import MetricsLogger, mfu, model_flops_per_token, peak_flops_per_s
@@ -120,7 +120,7 @@ class Trainer:
         self.progress = Progress()
         self.ckpt = CheckpointManager(cfg.checkpoint)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, enabled=self.rank == 0)
-        self.autocast_dtype = self._autocast_dtype()
+        self.autocast_dtype = torch.bfloat16 if t.uses_bf16(device.type) else None
         self.peak = peak_flops_per_s(device, cfg.logging.peak_tflops)
         self.moe_stats = MoEStatsTracker(self.pm.all_moe_layers, device, layout.ep,
                                          cfg.model.num_experts)
@@ -129,12 +129,6 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ helpers
-    def _autocast_dtype(self) -> torch.dtype | None:
-        p = self.cfg.train.precision
-        if p == Precision.bf16 or (p == Precision.auto and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
-
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -221,6 +215,8 @@ class Trainer:
             sent = torch.tensor(float(self.pm.ep_bytes_sent()), device=self.device)
             if self.pm.stats_size > 1:  # every dp (x tp) rank of the stage
                 dist.all_reduce(sent, group=self.pm.stats_group)
+            if self.pm.pp_group is not None:  # and every stage
+                dist.all_reduce(sent, group=self.pm.pp_group)
             out["a2a_bytes"] = sent.item()
         return out
 
@@ -255,6 +251,7 @@ class Trainer:
         if self.dp_size > 1:
             dist.all_reduce(sums, group=self.pm.dp_group)
         self.model.train()
+        self.pm.ep_bytes_sent()  # drop validation's all-to-all bytes: a2a_bytes is per step
         return (sums[0] / sums[1]).item()
 
     def fit(self) -> Summary:

@@ -94,3 +94,6 @@ def test_validation_with_uneven_batches_per_rank(tmp_path, cache):
     ref_val = [r["val_loss"] for r in ref if "val_loss" in r]
     got_val = [r["val_loss"] for r in got if "val_loss" in r]
     assert len(ref_val) == 2 and got_val == pytest.approx(ref_val, rel=1e-5)
+    # a2a_bytes counts the training step only (not the validation before step 1): dispatch
+    # and combine of 256 tokens x top-2 x 32 fp32 values in each of the 2 MoE layers.
+    assert [r["a2a_bytes"] for r in step_rows(got)] == [2 * 2 * 256 * 2 * 32 * 4] * 3

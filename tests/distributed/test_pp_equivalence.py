@@ -52,6 +52,9 @@ def test_pp_layout_matches_single_process(reference, tmp_path, data_cache, name,
     got = train(_overrides(tmp_path, data_cache, name, ["parallel.pp=2", *extra]), world=world)
     _assert_same(ref, got)
     assert _vals(got) == pytest.approx(_vals(ref), rel=1e-5)
+    if "parallel.ep=2" in extra:  # summed over both stages: 3 MoE layers, dispatch and
+        # combine of 256 tokens x top-2 x 32 fp32 values each (no validation traffic)
+        assert {r["a2a_bytes"] for r in step_rows(got)} == {2 * 3 * 256 * 2 * 32 * 4}
 
 
 @pytest.mark.parametrize("name,extra,world", [

@@ -106,6 +106,24 @@ def test_activation_estimate_matches_measured_peak(ac):
         assert est.parts["activations"] == pytest.approx(act, rel=0.02)
 
 
+@pytest.mark.parametrize("precision,device,dp_mode,want", [
+    ("auto", "cuda", "fsdp", (2, 2, 2)),  # bf16 autocast, FSDP gathers bf16 parameters
+    ("fp32", "cuda", "fsdp", (4, 4, 4)),  # fp32 asked for: no bf16 anywhere
+    ("auto", "cuda", "replicate", (2, 4, 4)),  # autocast over an fp32 residual stream
+    ("bf16", "cpu", "fsdp", (2, 4, 4)),  # FSDP keeps fp32 parameters off CUDA
+    ("auto", "cpu", "fsdp", (4, 4, 4)),
+])
+def test_dtypes_follow_precision(precision, device, dp_mode, want):
+    """(matmul outputs, residual stream, gathered parameters) bytes, as the trainer's
+    autocast and parallelize()'s FSDP parameter dtype pick them."""
+    from moetrain.parallel.memory import _dtypes
+
+    cfg = compose([f"train.precision={precision}", f"parallel.dp_mode={dp_mode}",
+                   "train.micro_batch_size=2"])
+    assert cfg.train.uses_bf16(device) == (want[0] == 2)
+    assert _dtypes(cfg, validate(cfg, 8), device) == want
+
+
 def test_recompute_orders_activation_memory():
     acts = {name: estimate(compose(MEM + extra), 1, 257, device="cpu").parts["activations"]
             for name, extra in [("none", []), ("sel", ["parallel.ac=selective"]),

@@ -137,11 +137,8 @@ def test_from_layout_and_degrees():
     d = ParallelDims.from_layout(layout)
     assert (d.world_size, d.pp, d.dp, d.tp, d.ep, d.edp, d.dp_tp) == (16, 2, 4, 2, 4, 2, 8)
     assert [d.size(a) for a in MeshAxis] == [2, 4, 2, 4, 2, 8, 16]
-    assert (d.pp_enabled, d.dp_enabled, d.tp_enabled, d.ep_enabled, d.edp_enabled) == (
-        True, True, True, True, True)
     one = ParallelDims(1)
-    assert (one.pp_enabled, one.dp_enabled, one.tp_enabled, one.ep_enabled) == (
-        False, False, False, False)
+    assert [one.size(a) for a in MeshAxis] == [1] * len(MeshAxis)
     assert one.group_ranks("ep") == [[0]]
 
 

@@ -38,6 +38,9 @@ def test_overrides_and_groups():
     ("optim.lr=-1", ["optim.lr"]),
     ("moe.capacity_factor=0", ["moe.capacity_factor"]),
     ("data.val_fraction=0.9", ["data.val_fraction"]),
+    ("model.n_kv_heads=-2", ["model.n_kv_heads", "-2", ">= 1"]),
+    ("optim.eps=0", ["optim.eps", "> 0"]),
+    ("logging.heatmap_every=-1", ["logging.heatmap_every", ">= 0"]),
 ])
 def test_bad_values_name_the_field(override, words):
     with pytest.raises(ConfigError) as e:
