@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 # A model and run small enough for a CPU test to train several steps in seconds.
 TINY = [
@@ -40,16 +38,9 @@ TINY = [
 
 def compose(overrides: list[str] | None = None, *, typed: bool = True):
     """Compose conf/train.yaml with overrides; return the typed Config (or DictConfig)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from moetrain.config import compose_config
 
-    from moetrain.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = hydra_compose("train", overrides=list(overrides or []))
-    return OmegaConf.to_object(dcfg) if typed else dcfg
+    return compose_config(overrides, typed=typed)
 
 
 @pytest.fixture(scope="session")

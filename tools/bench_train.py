@@ -28,19 +28,6 @@ import time
 import torch
 
 
-def compose_config(overrides: list[str]):
-    """The typed Config of conf/train.yaml (shipped as moetrain.conf) with overrides."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    from moetrain.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="moetrain.conf", version_base="1.3"):
-        dcfg = compose("train", overrides=overrides)
-    return OmegaConf.to_object(dcfg)
-
-
 def build_overrides(a: argparse.Namespace, run_dir: str) -> list[str]:
     gbs = a.global_batch or a.micro_batch
     out = [
@@ -68,7 +55,7 @@ def build_overrides(a: argparse.Namespace, run_dir: str) -> list[str]:
 def run(a: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
-    from moetrain.config import validate
+    from moetrain.config import compose_config, validate
     from moetrain.metrics import mfu
     from moetrain.parallel.mesh import destroy_distributed, init_distributed
     from moetrain.train.trainer import Trainer

@@ -24,20 +24,8 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moetrain.config import Config, ConfigError, register_configs
+from moetrain.config import ConfigError, compose_config
 from moetrain.parallel import memory
-
-
-def compose(overrides: list[str]) -> Config:
-    """conf/train.yaml + overrides -> the typed Config (as ``moetrain-train`` builds it)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from omegaconf import OmegaConf
-
-    register_configs()
-    with initialize_config_module(config_module="moetrain.conf", version_base="1.3"):
-        dcfg = hydra_compose("train", overrides=overrides)
-    return OmegaConf.to_object(dcfg)
 
 
 def _gib(n: float) -> str:
@@ -73,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        cfg = compose(args.overrides)
+        cfg = compose_config(args.overrides)
         vocab = memory.resolve_vocab_size(cfg)
         est = memory.estimate(cfg, args.world_size, vocab, imbalance=args.imbalance)
     except ConfigError as e:

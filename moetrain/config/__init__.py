@@ -34,6 +34,18 @@ _GROUPS = {
 }
 
 
+def compose_config(overrides: list[str] | None = None, *, typed: bool = True):
+    """conf/train.yaml (shipped as ``moetrain.conf``) with Hydra overrides, as
+    ``moetrain-train`` composes it: the typed :class:`Config`, or the DictConfig."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_module(config_module="moetrain.conf", version_base="1.3"):
+        dcfg = compose("train", overrides=list(overrides or []))
+    return OmegaConf.to_object(dcfg) if typed else dcfg
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
