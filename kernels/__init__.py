@@ -35,7 +35,7 @@ def interpreting() -> bool:
     """True when triton would run kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     if not triton_available():
         return False
-    from moetrain.kernels.moe import interpreting as _interpreting
+    from moetrain.kernels.jit import interpreting as _interpreting
 
     return _interpreting()
 
@@ -44,9 +44,12 @@ def use_triton(backend: KernelBackend | str, device: torch.device | torch.Tensor
     """Whether ``moe.kernel_backend`` selects the Triton kernels for tensors on ``device``.
 
     - ``torch``: never.
-    - ``auto``: the torch path for now. The kernels pass their tests under Triton's
-      interpreter but have not yet run on a GPU; ``auto`` will select them on CUDA once
-      tests/gpu has passed there. Opt in with ``moe.kernel_backend=triton``.
+    - ``auto``: the kernels on a CUDA device once they have passed
+      :func:`moetrain.kernels.selftest.kernels_verified` there (every op against its
+      torch reference, forward and backward, once per process); the torch path on other
+      devices, without triton, or (with a warning) when the check fails. Inside a
+      ``torch.compile`` region the check is never run, only looked up:
+      :func:`moetrain.parallel.parallelize` runs it before compiling.
     - ``triton``: always; it needs triton and a CUDA device, or the interpreter
       (``TRITON_INTERPRET=1``) for CPU tensors, and fails naming the fix otherwise.
     """
@@ -56,7 +59,15 @@ def use_triton(backend: KernelBackend | str, device: torch.device | torch.Tensor
     if backend == KernelBackend.torch:
         return False
     if backend == KernelBackend.auto:
-        return False
+        if device.type != "cuda" or not triton_available():
+            return False
+        from moetrain.kernels import selftest
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        verdict = selftest.VERDICTS.get((device.type, index))
+        if verdict is None and torch.compiler.is_compiling():
+            return False  # never trace the self-test; parallelize() runs it before compile
+        return verdict if verdict is not None else selftest.kernels_verified(device.type, index)
     if not triton_available():
         raise ConfigError(
             "moe.kernel_backend=triton is invalid: triton is not installed; "

@@ -16,20 +16,14 @@ matches a torch function in :mod:`moetrain.kernels.reference` (the semantics are
   the rows' gradient (w_tk g_t, written once per row) and the weights' (<g_t, y[pos_tk]>).
 - fused router: softmax or sigmoid, expert bias for the selection, iterative top-k
   (ties go to the lower expert id), renormalisation; the backward recomputes the scores.
-
-``triton.jit`` chooses between the compiler and the interpreter (``TRITON_INTERPRET=1``)
-when it decorates. :class:`_LazyJIT` defers that to the first launch, so the interpreter
-tests work even when triton was imported earlier in the same process.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
+from moetrain.kernels.jit import CompileSpec, block_d, lazy_jit, pow2
 
 # Pairs per program in the routing kernels (the in-block rank is a BLOCK x BLOCK compare).
 ROUTE_BLOCK = 128
@@ -37,91 +31,8 @@ ROUTE_BLOCK = 128
 ROUTE_E_BLOCK = 64
 
 
-def interpreting() -> bool:
-    """True when triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-class _LazyJIT:
-    """A ``@triton.jit`` kernel built for the mode (compiler or interpreter) in force at launch."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-        self.__name__ = fn.__name__
-        self._by_mode: dict[bool, object] = {}
-
-    @property
-    def jit(self):
-        mode = interpreting()
-        kernel = self._by_mode.get(mode)
-        if kernel is None:
-            kernel = self._by_mode[mode] = triton.jit(self.fn)
-        return kernel
-
-    def __getitem__(self, grid):
-        launch = self.jit[grid]
-        if not interpreting():
-            return launch
-
-        def interpreted(*args, **kwargs):
-            with _interpreter_device_calls():
-                return launch(*args, **kwargs)
-
-        return interpreted
-
-
-@contextlib.contextmanager
-def _interpreter_device_calls():
-    """Let the interpreter call triton's own ``@jit`` helpers (``tl.sum``, ``tl.argmax``...).
-
-    Triton decorates its standard library when it is imported. Imported without
-    ``TRITON_INTERPRET=1`` (say, by an earlier test), those helpers are compiler-mode
-    ``JITFunction`` objects, which refuse a Python call. For the duration of an interpreted
-    launch, such calls run the helper's Python body the way the interpreter's own
-    ``InterpretedFunction`` does. Nothing changes when triton was imported in interpreter
-    mode, or on a GPU.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    if isinstance(tl.standard.sum, InterpretedFunction):
-        yield
-        return
-    original = JITFunction.__call__
-
-    def call(self, *args, **kwargs):
-        interp = _INTERPRETED.get(id(self))
-        if interp is None or interp[0] is not self:
-            interp = _INTERPRETED[id(self)] = (self, InterpretedFunction(self.fn))
-        return interp[1](*args, **kwargs)
-
-    JITFunction.__call__ = call
-    try:
-        yield
-    finally:
-        JITFunction.__call__ = original
-
-
-_INTERPRETED: dict[int, tuple[object, object]] = {}
-
-
-def _lazy_jit(fn) -> _LazyJIT:
-    return _LazyJIT(fn)
-
-
-def _pow2(n: int, least: int = 2) -> int:
-    return max(least, triton.next_power_of_2(max(1, n)))
-
-
-def _block_d(D: int) -> int:
-    return min(_pow2(D, 16), 1024)
-
-
 # ----------------------------------------------------------------------------- routing
-@_lazy_jit
+@lazy_jit
 def _route_count_kernel(ids_ptr, rank_ptr, table_ptr, N, E,
                         BLOCK: tl.constexpr, E_BLOCK: tl.constexpr):
     """Per block of slots: each slot's rank among earlier same-expert slots of the block,
@@ -140,7 +51,7 @@ def _route_count_kernel(ids_ptr, rank_ptr, table_ptr, N, E,
         tl.store(table_ptr + pid * E + ex, cnt, mask=ex < E)
 
 
-@_lazy_jit
+@lazy_jit
 def _route_scatter_kernel(ids_ptr, rank_ptr, offset_ptr, starts_ptr, pos_ptr, row_index_ptr,
                           N, E, capacity, BLOCK: tl.constexpr):
     """pos_n = start(e_n) + rank_n if rank_n < capacity else -1; row_index[pos_n] = n."""
@@ -174,7 +85,7 @@ def routing_metadata(ids_TK: torch.Tensor, num_experts: int, capacity: int | Non
     table = torch.zeros(max(nb, 1), E, dtype=torch.int32, device=dev)
     if N > 0:
         _route_count_kernel[(nb,)](ids_N, rank_N, table, N, E, BLOCK=block,
-                                   E_BLOCK=min(ROUTE_E_BLOCK, _pow2(E, 16)))
+                                   E_BLOCK=min(ROUTE_E_BLOCK, pow2(E, 16)))
     cum = torch.cumsum(table, 0, dtype=torch.int32)
     offsets = (cum - table).contiguous()  # rows of each expert in earlier blocks
     counts_E = cum[-1].to(torch.int64)
@@ -191,7 +102,7 @@ def routing_metadata(ids_TK: torch.Tensor, num_experts: int, capacity: int | Non
 
 
 # ----------------------------------------------------------------------------- permute
-@_lazy_jit
+@lazy_jit
 def _permute_kernel(x_ptr, row_index_ptr, out_ptr, D, K, BLOCK_D: tl.constexpr):
     """out[r] = x[row_index[r] // K], one program per dispatched row."""
     r = tl.program_id(0).to(tl.int64)
@@ -202,7 +113,7 @@ def _permute_kernel(x_ptr, row_index_ptr, out_ptr, D, K, BLOCK_D: tl.constexpr):
         tl.store(out_ptr + r * D + d, tl.load(x_ptr + src * D + d, mask=m), mask=m)
 
 
-@_lazy_jit
+@lazy_jit
 def _permute_bwd_kernel(grad_rows_ptr, pos_ptr, grad_x_ptr, D, K,
                         BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
     """grad_x[t] = sum over kept slots k of grad_rows[pos[t, k]], in float32."""
@@ -225,7 +136,7 @@ def permute(x_TD: torch.Tensor, row_index_R: torch.Tensor, top_k: int) -> torch.
     R, D = row_index_R.numel(), x_TD.shape[1]
     out = torch.empty(R, D, dtype=x_TD.dtype, device=x_TD.device)
     if R > 0 and D > 0:
-        _permute_kernel[(R,)](x_TD, row_index_R, out, D, top_k, BLOCK_D=_block_d(D))
+        _permute_kernel[(R,)](x_TD, row_index_R, out, D, top_k, BLOCK_D=block_d(D))
     return out
 
 
@@ -237,12 +148,12 @@ def permute_backward(grad_RD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tenso
     out = torch.empty(T, D, dtype=grad_RD.dtype, device=grad_RD.device)
     if T > 0 and D > 0:
         _permute_bwd_kernel[(T,)](grad_RD, pos_TK.contiguous(), out, D, K,
-                                  BLOCK_D=_block_d(D), K_PAD=_pow2(K))
+                                  BLOCK_D=block_d(D), K_PAD=pow2(K))
     return out
 
 
 # ----------------------------------------------------------------------------- combine
-@_lazy_jit
+@lazy_jit
 def _combine_kernel(y_ptr, w_ptr, pos_ptr, out_ptr, D, K,
                     BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
     """out[t] = sum_k w[t, k] * y[pos[t, k]] in float32; dropped slots (pos = -1) add zero."""
@@ -261,7 +172,7 @@ def _combine_kernel(y_ptr, w_ptr, pos_ptr, out_ptr, D, K,
         tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=dm)
 
 
-@_lazy_jit
+@lazy_jit
 def _combine_bwd_kernel(g_ptr, y_ptr, w_ptr, pos_ptr, grad_y_ptr, grad_w_ptr, D, K,
                         BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
     """grad_y[pos[t, k]] = w[t, k] g[t] (each row written once); grad_w[t, k] = <g[t], y[pos]>."""
@@ -294,7 +205,7 @@ def unpermute_combine(y_RD: torch.Tensor, weights_TK: torch.Tensor, pos_TK: torc
     out = torch.empty(T, D, dtype=out_dtype or y_RD.dtype, device=y_RD.device)
     if T > 0 and D > 0:
         _combine_kernel[(T,)](y_RD, weights_TK.contiguous(), pos_TK.contiguous(), out, D, K,
-                              BLOCK_D=_block_d(D), K_PAD=_pow2(K))
+                              BLOCK_D=block_d(D), K_PAD=pow2(K))
     return out
 
 
@@ -309,7 +220,7 @@ def unpermute_combine_backward(grad_TD: torch.Tensor, y_RD: torch.Tensor,
     grad_w = torch.zeros(T, K, dtype=weights_TK.dtype, device=weights_TK.device)
     if T > 0 and D > 0:
         _combine_bwd_kernel[(T,)](grad_TD, y_RD, weights_TK.contiguous(), pos_TK.contiguous(),
-                                  grad_y, grad_w, D, K, BLOCK_D=_block_d(D), K_PAD=_pow2(K))
+                                  grad_y, grad_w, D, K, BLOCK_D=block_d(D), K_PAD=pow2(K))
     return grad_y, grad_w
 
 
@@ -317,7 +228,7 @@ def unpermute_combine_backward(grad_TD: torch.Tensor, y_RD: torch.Tensor,
 ROUTER_BLOCK_T = 16
 
 
-@_lazy_jit
+@lazy_jit
 def _router_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, scores_ptr, T, E, temperature,
                        K: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
@@ -358,7 +269,7 @@ def _router_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, scores_ptr, T, E, t
     tl.store(w_ptr + rows[:, None] * K + kcols[None, :], w, mask=rm[:, None] & (kcols < K)[None, :])
 
 
-@_lazy_jit
+@lazy_jit
 def _router_bwd_kernel(logits_ptr, ids_ptr, gw_ptr, gs_ptr, glogits_ptr, T, E, temperature,
                        K: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr,
                        HAS_GW: tl.constexpr, HAS_GS: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -434,7 +345,7 @@ def topk_router(logits_TE: torch.Tensor, expert_bias_E: torch.Tensor | None, top
         _router_fwd_kernel[(triton.cdiv(T, ROUTER_BLOCK_T),)](
             logits_TE, bias, ids, w, scores, T, E, float(temperature), K=top_k,
             SIGMOID=sigmoid, RENORM=renormalize, HAS_BIAS=has_bias, BLOCK_T=ROUTER_BLOCK_T,
-            E_PAD=_pow2(E), K_PAD=_pow2(top_k))
+            E_PAD=pow2(E), K_PAD=pow2(top_k))
     return ids, w, scores
 
 
@@ -453,5 +364,53 @@ def topk_router_backward(logits_TE: torch.Tensor, ids_TK: torch.Tensor,
         _router_bwd_kernel[(triton.cdiv(T, ROUTER_BLOCK_T),)](
             logits_TE, ids_TK.contiguous(), gw, gs, grad, T, E, float(temperature), K=K,
             SIGMOID=sigmoid, RENORM=renormalize, HAS_GW=grad_weights_TK is not None,
-            HAS_GS=grad_scores_TE is not None, BLOCK_T=ROUTER_BLOCK_T, E_PAD=_pow2(E))
+            HAS_GS=grad_scores_TE is not None, BLOCK_T=ROUTER_BLOCK_T, E_PAD=pow2(E))
     return grad
+
+
+# ----------------------------------------------------------------------------- AOT specs
+def _compile_specs() -> list[CompileSpec]:
+    """The instantiations the launchers above make for bf16 and float32 activations
+    (compiled ahead of time by tools/check_kernels.py)."""
+    n, ix, blk = {"N": "i32", "E": "i32"}, "*i64", {"BLOCK": ROUTE_BLOCK}
+    specs = [
+        CompileSpec(_route_count_kernel, {"ids_ptr": ix, "rank_ptr": "*i32",
+                                          "table_ptr": "*i32", **n},
+                    {**blk, "E_BLOCK": ROUTE_E_BLOCK}),
+        CompileSpec(_route_scatter_kernel, {"ids_ptr": ix, "rank_ptr": "*i32",
+                                            "offset_ptr": "*i32", "starts_ptr": "*i32",
+                                            "pos_ptr": "*i32", "row_index_ptr": ix, **n,
+                                            "capacity": "i32"}, blk),
+    ]
+    rows = {"D": "i32", "K": "i32"}
+    for act in ("*bf16", "*fp32"):
+        tiles = {"BLOCK_D": 1024, "K_PAD": 8}
+        specs += [
+            CompileSpec(_permute_kernel, {"x_ptr": act, "row_index_ptr": ix, "out_ptr": act,
+                                          **rows}, {"BLOCK_D": 1024}),
+            CompileSpec(_permute_bwd_kernel, {"grad_rows_ptr": act, "pos_ptr": "*i32",
+                                              "grad_x_ptr": act, **rows}, tiles),
+            CompileSpec(_combine_kernel, {"y_ptr": act, "w_ptr": "*fp32", "pos_ptr": "*i32",
+                                          "out_ptr": act, **rows}, tiles),
+            CompileSpec(_combine_bwd_kernel, {"g_ptr": act, "y_ptr": act, "w_ptr": "*fp32",
+                                              "pos_ptr": "*i32", "grad_y_ptr": act,
+                                              "grad_w_ptr": "*fp32", **rows}, tiles),
+        ]
+    f32 = "*fp32"
+    for sigmoid in (False, True):
+        common = {"K": 6, "SIGMOID": sigmoid, "RENORM": True, "BLOCK_T": ROUTER_BLOCK_T,
+                  "E_PAD": 64}
+        specs += [
+            CompileSpec(_router_fwd_kernel, {"logits_ptr": f32, "bias_ptr": f32,
+                                             "ids_ptr": ix, "w_ptr": f32, "scores_ptr": f32,
+                                             "T": "i32", "E": "i32", "temperature": "fp32"},
+                        {**common, "HAS_BIAS": sigmoid, "K_PAD": 8}),
+            CompileSpec(_router_bwd_kernel, {"logits_ptr": f32, "ids_ptr": ix, "gw_ptr": f32,
+                                             "gs_ptr": f32, "glogits_ptr": f32, "T": "i32",
+                                             "E": "i32", "temperature": "fp32"},
+                        {**common, "HAS_GW": True, "HAS_GS": True}),
+        ]
+    return specs
+
+
+COMPILE_SPECS = _compile_specs()

@@ -1,20 +1,23 @@
 """Autograd operations over the Triton kernels (the middle of three layers).
 
-Legend: T tokens, D model dim, E experts, K top-k, R dispatched rows.
+Legend: T tokens, D model dim, E experts, K top-k, R dispatched rows, F expert hidden.
 
 Each op is an ``autograd.Function`` whose forward and backward both launch kernels from
-:mod:`moetrain.kernels.moe`; the torch twins in :mod:`moetrain.kernels.reference` give
-the same values (tests hold them together). The ops are opaque to ``torch.compile``
-(``torch.compiler.disable``): the graph breaks around them rather than tracing a launch.
+:mod:`moetrain.kernels.moe` or :mod:`moetrain.kernels.swiglu`; the torch twins in
+:mod:`moetrain.kernels.reference` give the same values (tests hold them together). The ops
+are opaque to ``torch.compile`` (``torch.compiler.disable``): the graph breaks around them
+rather than tracing a launch.
 """
 
 from __future__ import annotations
 
 import torch
 from moetrain.kernels import moe as _k
+from moetrain.kernels import swiglu as _sw
 from moetrain.kernels.reference import RoutingMeta
 
-__all__ = ["RoutingMeta", "permute", "routing_metadata", "topk_router", "unpermute_combine"]
+__all__ = ["RoutingMeta", "permute", "routing_metadata", "swiglu", "topk_router",
+           "unpermute_combine"]
 
 
 @torch.compiler.disable
@@ -95,3 +98,22 @@ def topk_router(logits_TE: torch.Tensor, expert_bias_E: torch.Tensor | None, top
     """
     bias = expert_bias_E.detach() if expert_bias_E is not None else None
     return _TopKRouter.apply(logits_TE, bias, top_k, sigmoid, renormalize, temperature)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a_RF, b_RF):
+        ctx.save_for_backward(a_RF, b_RF)  # not silu(a): the backward recomputes the sigmoid
+        return _sw.swiglu(a_RF, b_RF)
+
+    @staticmethod
+    def backward(ctx, grad_RF):
+        a_RF, b_RF = ctx.saved_tensors
+        return _sw.swiglu_backward(grad_RF, a_RF, b_RF)
+
+
+@torch.compiler.disable
+def swiglu(a_RF: torch.Tensor, b_RF: torch.Tensor) -> torch.Tensor:
+    """h_RF = silu(a_RF) * b_RF in one pass (float32 math, a's dtype); the backward reads
+    only a, b and the incoming gradient (Shazeer, 2020, SwiGLU)."""
+    return _SwiGLU.apply(a_RF, b_RF)

@@ -1,7 +1,7 @@
 """Pure-torch references of the MoE kernels: the oracle in tests and the torch path.
 
 Legend: T tokens, D model dim, E experts, K top-k, N = T*K routed (token, slot) pairs,
-R dispatched rows (R = N when dropless, fewer when capacity drops rows).
+R dispatched rows (R = N when dropless, fewer when capacity drops rows), F expert hidden.
 
 ``moetrain.models.moe.dispatcher.LocalDispatcher`` runs :func:`routing_metadata_ref` and
 :func:`permute_ref` on its torch path; :func:`topk_router_ref` restates
@@ -114,3 +114,13 @@ def topk_router_ref(logits_TE: torch.Tensor, expert_bias_E: torch.Tensor | None,
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     return ids_TK, weights_TK, scores_TE
+
+
+def swiglu_ref(a_RF: torch.Tensor, b_RF: torch.Tensor) -> torch.Tensor:
+    """h_RF = silu(a_RF) * b_RF, the SwiGLU gate of the experts (Shazeer, 2020).
+
+    The math is float32 whatever the inputs' dtype, and the result is cast to a's dtype
+    once, as :func:`moetrain.kernels.swiglu.swiglu` does. Autograd through it differentiates
+    the same float32 expression: the oracle of the fused backward.
+    """
+    return (torch.nn.functional.silu(a_RF.float()) * b_RF.float()).to(a_RF.dtype)

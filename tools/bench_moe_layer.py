@@ -4,7 +4,10 @@ Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R = T*K rout
 
 Implementations, all on the same shapes (inputs (T/S, S, D), S = min(2048, T)):
 - ``moetrain``: :class:`moetrain.models.moe.MoELayer` (softmax top-k, renormalised; aux
-  and z-loss coefficients 0, as the peers compute none);
+  and z-loss coefficients 0, as the peers compute none) with ``--kernel-backend``
+  (default ``auto``: the Triton kernels on CUDA once their start-up self-test passed);
+- ``moetrain_torch`` and ``moetrain_triton``: the same layer with
+  ``moe.kernel_backend=torch`` and ``=triton``, so one run shows what the kernels buy;
 - ``naive_loop``: a Python loop over experts (index, SwiGLU, index_add) with the same
   router and weights: the correctness reference, checked before anything is timed;
 - ``dense_limit``: one SwiGLU GEMM chain over all R routed rows, the roofline a perfectly
@@ -13,6 +16,9 @@ Implementations, all on the same shapes (inputs (T/S, S, D), S = min(2048, T)):
   ``MixtralSparseMoeBlock`` (default, and ``config._experts_implementation="grouped_mm"``);
 - ``torchtitan``: torchtitan's ``MoE`` (softmax top-k, route_norm, no bias).
 Peers that are not importable are reported as skipped with the reason.
+
+Both moetrain variants are checked against the naive loop before anything is timed. For the
+two issue shapes the report marks whether moetrain meets its target (``TARGET_MS``).
 
 Each figure is the mean of ``--iters`` timed iterations after ``--warmup`` warm-ups
 (CUDA events on GPU, perf_counter on CPU). Expert FLOPs of one forward + backward are
@@ -25,15 +31,25 @@ Each figure is the mean of ``--iters`` timed iterations after ``--warmup`` warm-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    import moetrain  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moetrain.config.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,7 @@ class Shape:
     E: int
     K: int
     T: int
+    target_ms: float | None = None  # moetrain's goal on one H100, bf16, forward + backward
 
     @property
     def seq(self) -> int:
@@ -55,11 +72,12 @@ class Shape:
 
 
 SHAPES = {
-    "mixtral_like": Shape("mixtral_like", D=4096, F=14336, E=8, K=2, T=8192),
-    "fine_grained": Shape("fine_grained", D=2048, F=1408, E=64, K=6, T=16384),
+    "mixtral_like": Shape("mixtral_like", D=4096, F=14336, E=8, K=2, T=8192, target_ms=30.0),
+    "fine_grained": Shape("fine_grained", D=2048, F=1408, E=64, K=6, T=16384,
+                          target_ms=14.5),
     "tiny": Shape("tiny", D=64, F=96, E=8, K=2, T=256),  # CPU smoke test
 }
-IMPLS = ("moetrain", "naive_loop", "dense_limit", "hf_mixtral", "hf_mixtral_grouped_mm",
+IMPLS = ("moetrain", "moetrain_torch", "moetrain_triton", "naive_loop", "dense_limit", "hf_mixtral", "hf_mixtral_grouped_mm",
          "torchtitan")
 
 
@@ -265,6 +283,13 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    xi = x.clone().requires_grad_()
+    y = module(xi)
+    y.backward(grad)
+    return y.detach(), xi.grad
+
+
 def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.dtype,
                 warmup: int, iters: int, seed: int, kernel_backend: str = "auto",
                 expert_backend: str = "auto", check_tol: float | None = None) -> dict:
@@ -278,26 +303,30 @@ def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.d
     flops = expert_flops(s)
     tol = check_tol if check_tol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
 
-    # Correctness first: moetrain's layer against the naive loop on the same weights.
+    # Correctness first: every moetrain variant asked for against the naive loop.
+    variants = {"moetrain": kernel_backend, "moetrain_torch": "torch",
+                "moetrain_triton": "triton"}
     with torch.device(device):
-        ref_mod = NaiveLoopMoE(w, s.K)
-        our_mod = build_moetrain(s, w, kernel_backend, expert_backend)
-    outs = []
-    for mod in (ref_mod, our_mod):
-        xi = x.clone().requires_grad_()
-        y = mod(xi)
-        y.backward(grad)
-        outs.append((y.detach(), xi.grad))
-    check = {"output_rel_err": _rel_err(outs[1][0], outs[0][0]),
-             "input_grad_rel_err": _rel_err(outs[1][1], outs[0][1]), "tol": tol}
-    check["ok"] = max(check["output_rel_err"], check["input_grad_rel_err"]) <= tol
-    if not check["ok"]:
-        raise RuntimeError(f"{s.name}: moetrain's MoE layer disagrees with the naive loop: "
-                           f"{check}")
-    del ref_mod, our_mod, outs
+        ref_out = _fwd_bwd(NaiveLoopMoE(w, s.K), x, grad)
+    checks = {}
+    for name in [n for n in impls if n in variants] or ["moetrain"]:
+        try:
+            with torch.device(device):
+                out = _fwd_bwd(build_moetrain(s, w, variants[name], expert_backend), x, grad)
+        except ConfigError as e:  # e.g. triton on a CPU without the interpreter
+            checks[name] = {"ok": None, "note": str(e)}
+            continue
+        c = {"output_rel_err": _rel_err(out[0], ref_out[0]),
+             "input_grad_rel_err": _rel_err(out[1], ref_out[1]), "tol": tol}
+        c["ok"] = max(c["output_rel_err"], c["input_grad_rel_err"]) <= tol
+        if not c["ok"]:
+            raise RuntimeError(f"{s.name}: {name}'s MoE layer disagrees with the naive loop: {c}")
+        checks[name] = c
+    del ref_out
 
     builders: dict[str, Callable[[], nn.Module]] = {
-        "moetrain": lambda: build_moetrain(s, w, kernel_backend, expert_backend),
+        **{n: functools.partial(build_moetrain, s, w, kb, expert_backend)
+           for n, kb in variants.items()},
         "naive_loop": lambda: NaiveLoopMoE(w, s.K),
         "dense_limit": lambda: DenseLimit(w),
         "hf_mixtral": lambda: build_hf(s, w, grouped_mm=False),
@@ -323,6 +352,10 @@ def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.d
         inp = inp.clone().requires_grad_()
         try:
             ms = time_fwd_bwd(module, inp, g_out, warmup, iters)
+        except ConfigError as e:  # a variant this machine cannot run (triton on a CPU)
+            row.update(status="skipped", note=str(e)[:300])
+            rows.append(row)
+            continue
         except Exception as e:  # noqa: BLE001 - report the failure, time the others
             row.update(status="failed", note=f"{type(e).__name__}: {e}"[:300])
             rows.append(row)
@@ -336,8 +369,11 @@ def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.d
     for r in rows:
         if dense and r["ms"]:
             r["pct_of_dense"] = 100.0 * dense / r["ms"]
+    ours = [r["ms"] for r in rows if r["impl"].startswith("moetrain") and r["ms"]]
+    met = None if s.target_ms is None or not ours or device.type != "cuda" else (
+        min(ours) <= s.target_ms)
     return {**asdict(s), "input_shape": list(s.input_shape), "expert_flops": flops,
-            "check": check, "results": rows}
+            "check": checks, "target_met": met, "results": rows}
 
 
 # ----------------------------------------------------------------------------- report
@@ -345,10 +381,14 @@ def format_table(report: dict) -> str:
     lines = [f"device: {report['device']}  dtype: {report['dtype']}  torch {report['torch']}"]
     for sh in report["shapes"]:
         lines.append("")
+        checked = ", ".join(f"{n} {c['output_rel_err']:.1e}" for n, c in sh["check"].items()
+                            if c.get("ok"))
         lines.append(f"{sh['name']}  D={sh['D']} F={sh['F']} E={sh['E']} K={sh['K']} "
                      f"T={sh['T']}  input {tuple(sh['input_shape'])}  expert GFLOP "
-                     f"{sh['expert_flops'] / 1e9:.1f}  check: moetrain vs naive rel err "
-                     f"{sh['check']['output_rel_err']:.1e}")
+                     f"{sh['expert_flops'] / 1e9:.1f}  rel err vs naive loop: {checked}")
+        if sh.get("target_met") is not None:
+            verdict = "met" if sh["target_met"] else "MISSED"
+            lines.append(f"  target <= {sh['target_ms']} ms per MoE layer: {verdict}")
         lines.append(f"  {'impl':<24}{'ms':>10}{'TFLOP/s':>10}{'% dense':>10}{'peak GiB':>10}")
         for r in sh["results"]:
             if r["status"] != "ok":

@@ -36,9 +36,9 @@ Models", with flash attention, i.e. without their 5*a*s/h score terms):
     router      fp32 logits and scores (~12 T E), top-k weights, ids and the dispatch
                 permutation (40 T K)
     experts     input rows c R D, SwiGLU intermediates w1 out, silu, w3 out, product
-                (4 c R F, F/t under etp)
+                (4 c R F, F/t under etp; 3 c R F with the fused Triton SwiGLU)
     combine     expert output rows c R D (twice under EP: the regroup and the scatter)
-                and the fp32 weighted rows 4 T K D
+                and the fp32 weighted rows 4 T K D (not with the fused Triton combine)
     shared/MLP  inputs plus 4 c T Fs / t (4 c T Fd / t for a dense layer)
 
 with R = T K (T/t K when each tp rank routes its sequence shard) times the routing
@@ -72,7 +72,9 @@ from moetrain.config.schema import (
     ConfigError,
     DataParallelMode,
     DispatchMode,
+    ExpertBackend,
     ExpertTP,
+    KernelBackend,
 )
 from moetrain.config.validate import Layout, validate
 from moetrain.parallel.fsdp import expert_fsdp_shard_dim
@@ -346,8 +348,15 @@ def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
     # One cast of the rows for w1 and w3 (grouped_mm, CUDA); the loop backend (CPU) casts
     # each expert's rows once per matmul.
     out["experts_in"] = (2 if casts and device != "cuda" else 1) * c * rows * D
-    out["experts_mid"] = 4 * c * rows * (F / t if etp else F)
-    out["combine"] = c * rows * D * (2 if layout.ep > 1 else 1) + 4 * tokens * K * D
+    # Saved SwiGLU values: w1 and w3 outputs and the product (w2's input), plus silu(w1 out)
+    # for the eager gate; the fused Triton SwiGLU (grouped_mm on CUDA, kernel_backend
+    # auto or triton) recomputes silu in its backward and keeps three.
+    kernels = device == "cuda" and KernelBackend(moe.kernel_backend) != KernelBackend.torch
+    fused = kernels and ExpertBackend(moe.expert_backend) != ExpertBackend.loop
+    out["experts_mid"] = (3 if fused else 4) * c * rows * (F / t if etp else F)
+    # The torch combine keeps the fp32 weighted rows; the fused kernel only the rows.
+    out["combine"] = (c * rows * D * (2 if layout.ep > 1 else 1)
+                      + (0 if kernels else 4 * tokens * K * D))
     if m.n_shared_experts:
         Fs = m.n_shared_experts * F
         # The fp32 norm output is already held by the router when nothing is cast.

@@ -27,6 +27,7 @@ from moetrain.config.schema import (
     TrainConfig,
 )
 from moetrain.config.validate import Layout
+from moetrain.kernels import use_triton
 from moetrain.parallel.activation_checkpoint import apply_ac, apply_compile
 from moetrain.parallel.expert import apply_ep, count_all_reducer, ep_bytes_sent
 from moetrain.parallel.fsdp import GradReplicator, apply_fsdp
@@ -166,6 +167,9 @@ def parallelize(
     accumulation) is needed for pp > 1; its precision picks FSDP's parameter dtype."""
     mesh = build_mesh(layout, device.type)
     model.to(device)
+    # moe.kernel_backend=auto: the kernels' start-up self-test runs here, eagerly, so that
+    # compiled blocks only look its verdict up.
+    use_triton(moe_cfg.kernel_backend, device)
     all_moe_layers = model.moe_layers()
 
     # 1. Tensor parallelism.

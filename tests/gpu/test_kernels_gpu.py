@@ -103,14 +103,15 @@ def test_fused_router(sigmoid):
     torch.testing.assert_close(lk.grad[same], lr.grad[same], rtol=1e-4, atol=1e-5)
 
 
-def test_auto_keeps_the_torch_path_on_cuda_until_the_kernels_are_measured():
-    """``moe.kernel_backend=auto`` selects the kernels only once this file has passed on a
-    GPU and tools/bench_moe_layer.py shows them faster (see ``use_triton``); flip this test
-    together with ``use_triton`` and the README."""
-    from moetrain.kernels import use_triton
+def test_selftest_passes_and_auto_selects_the_kernels_on_cuda():
+    """``moe.kernel_backend=auto`` runs the kernels on a GPU where they agree with their
+    references (``moetrain.kernels.selftest``)."""
+    from moetrain.kernels import selftest, use_triton
 
-    assert not use_triton(KernelBackend.auto, torch.device("cuda"))
-    assert use_triton(KernelBackend.triton, torch.device("cuda"))
+    assert selftest.run_selftest(torch.device("cuda")) == []
+    selftest.VERDICTS.clear()
+    assert use_triton(KernelBackend.auto, torch.device("cuda"))
+    assert not use_triton(KernelBackend.torch, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("dispatch", [DispatchMode.dropless, DispatchMode.capacity])
@@ -126,6 +127,7 @@ def test_moe_layer_triton_matches_torch_under_autocast(dispatch):
     fast = copy.deepcopy(ref)
     fast.router.kernel_backend = KernelBackend.triton
     fast.dispatcher.kernel_backend = KernelBackend.triton
+    fast.experts.kernel_backend = KernelBackend.triton  # fused SwiGLU
     x = torch.randn(4, 512, 256, device="cuda")
     outs = []
     for layer in (ref, fast):
@@ -138,3 +140,21 @@ def test_moe_layer_triton_matches_torch_under_autocast(dispatch):
     assert (ref.last_stats.load_E - fast.last_stats.load_E).abs().sum() <= 4
     for a, b in zip(outs[0], outs[1]):
         assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+def test_fused_swiglu_bf16_forward_backward():
+    """The grouped_mm experts' fused SwiGLU at a fine-grained shape (R rows x F hidden)."""
+    from moetrain.kernels import ops, reference
+
+    R, F = 8192, 1408
+    a, b, g = (3 * torch.randn(R, F, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ar, br = a.float().requires_grad_(), b.float().requires_grad_()
+    ak, bk = a.clone().requires_grad_(), b.clone().requires_grad_()
+    h_ref = reference.swiglu_ref(ar, br)  # float32 math on the same bf16 inputs
+    h = ops.swiglu(ak, bk)
+    assert h.dtype == torch.bfloat16
+    torch.testing.assert_close(h.float(), h_ref, rtol=8e-3, atol=1e-2)
+    h_ref.backward(g.float())
+    h.backward(g)
+    torch.testing.assert_close(ak.grad.float(), ar.grad, rtol=8e-3, atol=1e-2)
+    torch.testing.assert_close(bk.grad.float(), br.grad, rtol=8e-3, atol=1e-2)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moetrain.config.schema import ConfigError, ExpertBackend
+from moetrain.config.schema import ConfigError, ExpertBackend, KernelBackend
+from moetrain.kernels import use_triton
 
 
 class FeedForward(nn.Module):
@@ -69,6 +70,10 @@ class GroupedExperts(nn.Module):
     - ``loop``: one matmul chain per expert (the reference; any device, any dtype).
     - ``grouped_mm``: ``torch._grouped_mm`` over the whole batch with cumulative offsets.
       On CUDA the GEMMs run in bf16 (as torchtitan does); on CPU in the input dtype.
+      With ``kernel_backend`` selecting Triton (``moe.kernel_backend``, set by the MoE
+      layer), ``silu(h1) * h3`` between the GEMMs is one fused kernel that keeps only h1
+      and h3 for its backward (``moetrain.kernels.ops.swiglu``): same values and gradients,
+      up to one bf16 rounding instead of two.
     - ``auto``: grouped_mm on CUDA when the shapes are aligned, else loop.
 
     ``recompute=True`` (``moe.recompute_experts``) keeps only the input rows and re-runs the
@@ -85,6 +90,7 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.backend = ExpertBackend(backend)
         self.recompute = recompute
+        self.kernel_backend = KernelBackend.auto  # fused SwiGLU (grouped_mm) when Triton
         self.w1_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w3_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -150,7 +156,12 @@ class GroupedExperts(nn.Module):
         x = x_RD.to(dtype).contiguous()
         h1_RF = torch._grouped_mm(x, w1_eFD.to(dtype).transpose(-2, -1), offs=offs)
         h3_RF = torch._grouped_mm(x, w3_eFD.to(dtype).transpose(-2, -1), offs=offs)
-        h_RF = F.silu(h1_RF) * h3_RF
+        if use_triton(self.kernel_backend, x):
+            from moetrain.kernels import ops  # imports triton: only on this path
+
+            h_RF = ops.swiglu(h1_RF, h3_RF)
+        else:
+            h_RF = F.silu(h1_RF) * h3_RF
         y_RD = torch._grouped_mm(h_RF, w2_eDF.to(dtype).transpose(-2, -1), offs=offs)
         return _ContiguousGrad.apply(y_RD).to(x_RD.dtype)
 

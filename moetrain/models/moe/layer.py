@@ -87,6 +87,7 @@ class MoELayer(nn.Module):
         self.router.kernel_backend = moe_cfg.kernel_backend  # fused Triton top-k when selected
         self.experts = GroupedExperts(model_cfg.num_experts, dim, model_cfg.expert_hidden,
                                       moe_cfg.expert_backend, moe_cfg.recompute_experts)
+        self.experts.kernel_backend = moe_cfg.kernel_backend  # fused SwiGLU on grouped_mm
         self.shared_experts = (
             FeedForward(dim, model_cfg.n_shared_experts * model_cfg.expert_hidden)
             if model_cfg.n_shared_experts > 0 else None

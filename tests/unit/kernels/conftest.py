@@ -2,7 +2,7 @@
 
 ``TRITON_INTERPRET=1`` is set per test by the ``interpret`` fixture, not for the whole
 session. The kernels choose the interpreter when they launch
-(``moetrain.kernels.moe._LazyJIT``), so this works even when triton was imported earlier
+(``moetrain.kernels.jit.LazyJIT``), so this works even when triton was imported earlier
 in the same process without it (the suite runs in one process).
 """
 

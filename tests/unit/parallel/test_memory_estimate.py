@@ -175,3 +175,25 @@ def test_cli_rejects_invalid_layout(capsys):
     assert "parallel.ep=3" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="parallel.ep"):
         estimate(compose(["parallel.ep=3"]), 4)
+
+
+def test_fused_kernels_save_one_swiglu_tensor_and_the_fp32_combine():
+    """On CUDA the Triton SwiGLU keeps 3 of the eager gate's 4 R x F tensors and the fused
+    combine no fp32 weighted rows: per MoE layer, c R F + 4 T K D bytes fewer."""
+    from moetrain.parallel.memory import _layer_acts
+
+    cfg = compose(["model=small", "train.seq_len=512", "train.micro_batch_size=2"])
+    lay = validate(cfg, 1)
+    m = cfg.model
+    i = next(j for j in range(m.n_layers) if m.is_moe_layer(j))
+    T = 2 * 512
+    fast, rows = _layer_acts(cfg, lay, i, T, "cuda", 1.0)
+    eager, _ = _layer_acts(compose(["model=small", "train.seq_len=512",
+                                    "train.micro_batch_size=2", "moe.kernel_backend=torch"]),
+                           lay, i, T, "cuda", 1.0)
+    assert rows == T * m.top_k
+    c = 2  # bf16 on CUDA
+    assert eager["experts_mid"] - fast["experts_mid"] == c * rows * m.expert_hidden
+    assert eager["combine"] - fast["combine"] == 4 * T * m.top_k * m.dim
+    on_cpu, _ = _layer_acts(cfg, lay, i, T, "cpu", 1.0)  # CPU runs the torch path
+    assert on_cpu["experts_mid"] == 4 * 4 * rows * m.expert_hidden
