@@ -4,13 +4,14 @@ Legend: T tokens, D model dim, E experts, K top-k, R dispatched rows, F expert h
 
 ``moe.kernel_backend=auto`` selects the kernels on CUDA only after this check has passed
 on that device, once per process (:func:`kernels_verified`). It runs every op of
-:mod:`moetrain.kernels.ops` forward and backward on a small float32 problem with awkward
-sizes (D and F not powers of two, an expert with no tokens, a capacity that drops rows)
-and compares with :mod:`moetrain.kernels.reference`: integer outputs exactly, floating
-ones within 1e-4 relative. A kernel that fails to compile, or that computes something else
-on this GPU, triton or driver, then costs speed, not correctness: ``auto`` keeps the torch
-path and warns with the op and the error. The check takes milliseconds after compilation
-and draws no random numbers from torch's global generators.
+:mod:`moetrain.kernels.ops` forward and backward on a small problem (float32, and bfloat16
+for the row kernels) with awkward sizes (D and F not powers of two, an expert with no
+tokens, a capacity that drops rows) and compares with :mod:`moetrain.kernels.reference`:
+integer outputs exactly, floating ones within 1e-4 relative (2e-2 in bfloat16). A kernel
+that fails to compile, or that computes something else on this GPU, triton or driver, then
+costs speed, not correctness: ``auto`` keeps the torch path and warns with the op and the
+error. The check takes milliseconds after compilation and draws no random numbers from
+torch's global generators.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ log = logging.getLogger(__name__)
 __all__ = ["kernels_verified", "run_selftest"]
 
 _T, _K, _E, _D, _F = 96, 3, 8, 80, 56
-_TOL = 1e-4
+# Relative error allowed: float32 differs only in summation order; bfloat16 by a rounding
+# (the kernels round once from float32 where the torch path may round twice).
+_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, failures: list[str]) -> None:
@@ -35,9 +38,10 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, failures: list[str]
                         f"expected {tuple(want.shape)}/{want.dtype}")
         return
     if got.is_floating_point():
-        err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-        if not err <= _TOL:  # also catches NaN
-            failures.append(f"{name}: relative error {err:.2e} > {_TOL:g}")
+        tol = _TOL.get(got.dtype, _TOL[torch.float32])
+        err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+        if not err <= tol:  # also catches NaN
+            failures.append(f"{name}: relative error {err:.2e} > {tol:g}")
     elif not torch.equal(got, want):
         failures.append(f"{name}: {int((got != want).sum())} entries differ")
 
@@ -86,11 +90,13 @@ def _check_router(t: dict, sigmoid: bool, failures: list[str]) -> None:
         _close(f"topk_router[{kind}].{name}", a, b, failures)
 
 
-def _check_dispatch(t: dict, capacity: int | None, failures: list[str]) -> None:
+def _check_dispatch(t: dict, capacity: int | None, dtype: torch.dtype,
+                    failures: list[str]) -> None:
     from moetrain.kernels import ops
     from moetrain.kernels import reference as ref
 
-    tag, device = f"capacity={capacity}", t["x_TD"].device
+    tag, device = f"capacity={capacity},{str(dtype)[6:]}", t["x_TD"].device
+    x_TD, grad_TD = t["x_TD"].to(dtype), t["grad_TD"].to(dtype)
     ids_TK = ref.topk_router_ref(t["logits_TE"], None, _K, False, True)[0]
     meta = ops.routing_metadata(ids_TK, _E, capacity)
     want = ref.routing_metadata_ref(ids_TK, _E, capacity)
@@ -99,28 +105,29 @@ def _check_dispatch(t: dict, capacity: int | None, failures: list[str]) -> None:
                failures)
     index, pos = want.row_index_R, want.pos_TK
     g_rows = torch.sin(torch.arange(index.numel() * _D, device=device, dtype=torch.float32))
-    g_rows = g_rows.view(-1, _D)
-    rows = _grads(lambda x: ops.permute(x, index, pos, _K), [t["x_TD"]], [g_rows])
-    rows_ref = _grads(lambda x: ref.permute_ref(x, index, _K), [t["x_TD"]], [g_rows])
+    g_rows = g_rows.view(-1, _D).to(dtype)
+    rows = _grads(lambda x: ops.permute(x, index, pos, _K), [x_TD], [g_rows])
+    rows_ref = _grads(lambda x: ref.permute_ref(x, index, _K), [x_TD], [g_rows])
     for name, a, b in zip(("rows", "grad_x"), rows, rows_ref):
         _close(f"permute[{tag}].{name}", a, b, failures)
     w_TK = torch.linspace(0.1, 1.0, _T * _K, device=device).view(_T, _K)
     got = _grads(lambda y, w: ops.unpermute_combine(y, w, pos), [rows_ref[0], w_TK],
-                 [t["grad_TD"]])
+                 [grad_TD])
     ref_out = _grads(lambda y, w: ref.unpermute_combine_ref(y, w, pos), [rows_ref[0], w_TK],
-                     [t["grad_TD"]])
+                     [grad_TD])
     for name, a, b in zip(("out", "grad_rows", "grad_weights"), got, ref_out):
         _close(f"unpermute_combine[{tag}].{name}", a, b, failures)
 
 
-def _check_swiglu(t: dict, failures: list[str]) -> None:
+def _check_swiglu(t: dict, dtype: torch.dtype, failures: list[str]) -> None:
     from moetrain.kernels import ops
     from moetrain.kernels import reference as ref
 
-    got = _grads(ops.swiglu, [t["a_RF"], t["b_RF"]], [t["grad_RF"]])
-    want = _grads(ref.swiglu_ref, [t["a_RF"], t["b_RF"]], [t["grad_RF"]])
+    args = [t["a_RF"].to(dtype), t["b_RF"].to(dtype)]
+    got = _grads(ops.swiglu, args, [t["grad_RF"].to(dtype)])
+    want = _grads(ref.swiglu_ref, args, [t["grad_RF"].to(dtype)])
     for name, a, b in zip(("out", "grad_a", "grad_b"), got, want):
-        _close(f"swiglu.{name}", a, b, failures)
+        _close(f"swiglu[{str(dtype)[6:]}].{name}", a, b, failures)
 
 
 def run_selftest(device: torch.device) -> list[str]:
@@ -132,9 +139,12 @@ def run_selftest(device: torch.device) -> list[str]:
     t = _inputs(device)
     checks = [(f"topk_router[{k}]", functools.partial(_check_router, t, k == "sigmoid"))
               for k in ("softmax", "sigmoid")]
-    checks += [(f"dispatch[capacity={c}]", functools.partial(_check_dispatch, t, c))
-               for c in (None, 20)]
-    checks.append(("swiglu", functools.partial(_check_swiglu, t)))
+    f32, bf16 = torch.float32, torch.bfloat16
+    checks += [(f"dispatch[capacity={c},{str(d)[6:]}]",
+                functools.partial(_check_dispatch, t, c, d))
+               for c, d in ((None, f32), (20, f32), (None, bf16))]
+    checks += [(f"swiglu[{str(d)[6:]}]", functools.partial(_check_swiglu, t, d))
+               for d in (f32, bf16)]
     with torch.enable_grad(), torch.autocast(device.type, enabled=False):
         for name, check in checks:
             try:
