@@ -196,46 +196,57 @@ def build_hf(s: Shape, w: Weights, grouped_mm: bool) -> nn.Module:
 class _FirstOutput(nn.Module):
     """Returns only the hidden states of a block that may also return router logits."""
 
-    def __init__(self, block: nn.Module, flat: bool = False) -> None:
+    def __init__(self, block: nn.Module) -> None:
         super().__init__()
-        self.block, self.flat = block, flat
+        self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(x.reshape(-1, x.shape[-1]) if self.flat else x)
+        out = self.block(x)
         out = out[0] if isinstance(out, tuple) else out
         return out.view_as(x)
 
 
+def _copy_weights(module: nn.Module, w: Weights) -> None:
+    """Load the shared weights into a peer's MoE, matching parameters by name suffix
+    (transposed where the peer stores (E, D, F) for (E, F, D)); fails naming what is left."""
+    by_suffix = {"gate.weight": w.gate_ED, "w1_EFD": w.w1_EFD, "w3_EFD": w.w3_EFD,
+                 "w2_EDF": w.w2_EDF, "w1": w.w1_EFD, "w3": w.w3_EFD, "w2": w.w2_EDF}
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            src = next((v for k, v in by_suffix.items() if name.split(".")[-1] == k
+                        or name.endswith("." + k)), None)
+            if src is None or p.numel() != src.numel():
+                raise RuntimeError(f"cannot map {name} {tuple(p.shape)} to moetrain's weights")
+            p.copy_(src if p.shape == src.shape else src.transpose(-2, -1))
+
+
 def build_torchtitan(s: Shape, w: Weights) -> nn.Module:
-    """torchtitan's MoE (softmax top-k, route_norm=True, no load-balancing bias)."""
-    try:  # torchtitan <= 0.2: MoE(MoEArgs, dim, hidden_dim) on (B, S, D) inputs
+    """torchtitan's MoE (softmax top-k, route_norm=True, no load-balancing bias) on (B, S, D)
+    inputs, with the shared weights."""
+    try:  # torchtitan 0.3: nested Config objects
+        from torchtitan.models.common import moe as tt
+        from torchtitan.models.common.linear import Linear
+        from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+        cfg = tt.MoE.Config(
+            num_experts=s.E, load_balance_coeff=None,
+            router=tt.TokenChoiceTopKRouter.Config(
+                num_experts=s.E, top_k=s.K, route_norm=True, score_func="softmax",
+                gate=Linear.Config(in_features=s.D, out_features=s.E)),
+            routed_experts=tt.RoutedExperts.Config(
+                inner_experts=tt.GroupedExperts.Config(dim=s.D, hidden_dim=s.F,
+                                                       num_experts=s.E),
+                token_dispatcher=LocalTokenDispatcher.Config(num_experts=s.E, top_k=s.K)))
+        moe = cfg.build()
+    except ImportError:  # torchtitan <= 0.2: MoE(MoEArgs, dim, hidden_dim)
         from torchtitan.models.moe import MoE, MoEArgs
 
         args = MoEArgs(num_experts=s.E, top_k=s.K, score_func="softmax", route_norm=True,
                        load_balance_coeff=None, num_shared_experts=0)
-        moe, flat = MoE(args, dim=s.D, hidden_dim=s.F), False
-    except ImportError:  # torchtitan >= 0.3: nested Config objects on (T, D) inputs
-        from torchtitan.models.common import moe as tt
-
-        linear = __import__("torchtitan.models.common.linear", fromlist=["GroupedLinear"])
-        act = __import__("torchtitan.models.common.activation", fromlist=["Softmax"])
-        cfg = tt.MoE.Config(
-            num_experts=s.E, load_balance_coeff=None,
-            router=tt.TokenChoiceTopKRouter.Config(
-                num_experts=s.E, top_k=s.K, route_norm=True, score_func=act.Softmax.Config(),
-                gate=linear.RouterGateLinear.Config(in_features=s.D, out_features=s.E)),
-            routed_experts=tt.RoutedExperts.Config(
-                w13=linear.GroupedLinear.Config(group_size=s.E, in_features=s.D,
-                                                out_features=s.F, num_linears=2),
-                w2=linear.GroupedLinear.Config(group_size=s.E, in_features=s.F,
-                                               out_features=s.D, num_linears=1),
-                token_dispatcher=tt.LocalTokenDispatcher.Config(num_experts=s.E, top_k=s.K)))
-        moe, flat = cfg.build(), True
+        moe = MoE(args, dim=s.D, hidden_dim=s.F)
     moe = moe.to(device=w.w1_EFD.device, dtype=w.w1_EFD.dtype)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0.0, 0.02)
-    return _FirstOutput(moe, flat=flat)
+    _copy_weights(moe, w)
+    return _FirstOutput(moe)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -322,6 +333,7 @@ def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.d
         if not c["ok"]:
             raise RuntimeError(f"{s.name}: {name}'s MoE layer disagrees with the naive loop: {c}")
         checks[name] = c
+    ref_y = ref_out[0]
     del ref_out
 
     builders: dict[str, Callable[[], nn.Module]] = {
@@ -336,7 +348,8 @@ def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.d
     rows = []
     for name in impls:
         row: dict = {"impl": name, "status": "ok", "ms": None, "tflops": None,
-                     "pct_of_dense": None, "peak_mem_gib": None, "note": ""}
+                     "pct_of_dense": None, "peak_mem_gib": None, "rel_err_vs_naive": None,
+                     "note": ""}
         try:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -351,6 +364,9 @@ def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.d
         inp, g_out = (x_RD, grad_RD) if name == "dense_limit" else (x, grad)
         inp = inp.clone().requires_grad_()
         try:
+            if name != "dense_limit":  # the same function of the same weights?
+                with torch.no_grad():
+                    row["rel_err_vs_naive"] = _rel_err(module(x), ref_y)
             ms = time_fwd_bwd(module, inp, g_out, warmup, iters)
         except ConfigError as e:  # a variant this machine cannot run (triton on a CPU)
             row.update(status="skipped", note=str(e)[:300])
@@ -389,7 +405,8 @@ def format_table(report: dict) -> str:
         if sh.get("target_met") is not None:
             verdict = "met" if sh["target_met"] else "MISSED"
             lines.append(f"  target <= {sh['target_ms']} ms per MoE layer: {verdict}")
-        lines.append(f"  {'impl':<24}{'ms':>10}{'TFLOP/s':>10}{'% dense':>10}{'peak GiB':>10}")
+        lines.append(f"  {'impl':<24}{'ms':>10}{'TFLOP/s':>10}{'% dense':>10}{'peak GiB':>10}"
+                     f"{'err':>10}")
         for r in sh["results"]:
             if r["status"] != "ok":
                 lines.append(f"  {r['impl']:<24}{r['status']}: {r['note']}")
@@ -399,7 +416,8 @@ def format_table(report: dict) -> str:
                 return format(v, spec) if v is not None else format("-", ">10")
 
             lines.append(f"  {r['impl']:<24}{fmt(r['ms'], '10.2f')}{fmt(r['tflops'], '10.1f')}"
-                         f"{fmt(r['pct_of_dense'], '10.1f')}{fmt(r['peak_mem_gib'], '10.2f')}")
+                         f"{fmt(r['pct_of_dense'], '10.1f')}{fmt(r['peak_mem_gib'], '10.2f')}"
+                         f"{fmt(r['rel_err_vs_naive'], '10.1e')}")
     return "\n".join(lines)
 
 

@@ -51,6 +51,10 @@ def test_bench_moe_layer_tiny_on_cpu(tmp_path):
         assert math.isclose(r["pct_of_dense"], 100 * rows["dense_limit"]["ms"] / r["ms"])
         assert r["peak_mem_gib"] is None  # CUDA only
     assert rows["dense_limit"]["pct_of_dense"] == pytest.approx(100.0)
+    # Each implementation's output is compared with the naive loop's on the same weights.
+    assert rows["naive_loop"]["rel_err_vs_naive"] == 0.0
+    assert rows["moetrain"]["rel_err_vs_naive"] < 1e-5
+    assert rows["dense_limit"]["rel_err_vs_naive"] is None  # another function
     for name in ("hf_mixtral", "hf_mixtral_grouped_mm", "torchtitan"):
         if rows[name]["status"] != "ok":
             assert rows[name]["status"] == "skipped" and rows[name]["note"]
@@ -65,6 +69,31 @@ def test_bench_dense_limit_equals_one_expert_swiglu():
     x = torch.randn(5, s.D)
     h = torch.nn.functional.silu(x @ w.w1_EFD[0].T) * (x @ w.w3_EFD[0].T)
     torch.testing.assert_close(bench.DenseLimit(w)(x), h @ w.w2_EDF[0].T)
+
+
+def test_peer_weights_are_loaded_by_name_and_layout():
+    """Peers get moetrain's weights, transposed where they store (E, D, F) for (E, F, D)."""
+    import torch
+    from torch import nn
+
+    bench = _tool("bench_moe_layer")
+    s = bench.SHAPES["tiny"]
+    w = bench.make_weights(s, torch.device("cpu"), torch.float32, 0)
+    peer = nn.Module()
+    peer.router = nn.Module()
+    peer.router.gate = nn.Linear(s.D, s.E, bias=False)
+    peer.experts = nn.Module()
+    peer.experts.w1 = nn.Parameter(torch.empty(s.E, s.D, s.F))  # transposed layout
+    peer.experts.w3 = nn.Parameter(torch.empty(s.E, s.F, s.D))
+    peer.experts.w2 = nn.Parameter(torch.empty(s.E, s.F, s.D))  # transposed layout
+    bench._copy_weights(peer, w)
+    assert torch.equal(peer.router.gate.weight, w.gate_ED)
+    assert torch.equal(peer.experts.w1, w.w1_EFD.transpose(-2, -1))
+    assert torch.equal(peer.experts.w3, w.w3_EFD)
+    assert torch.equal(peer.experts.w2, w.w2_EDF.transpose(-2, -1))
+    peer.experts.bias = nn.Parameter(torch.zeros(3))
+    with pytest.raises(RuntimeError, match="cannot map experts.bias"):
+        bench._copy_weights(peer, w)
 
 
 def test_bench_train_tiny_on_cpu(tmp_path, data_cache):
