@@ -1,16 +1,19 @@
 """Triton kernels for MoE routing and token movement, shipped as ``moetrain.kernels``.
 
-Three layers, as in OLMo-core: :mod:`.moe` holds the raw ``@triton.jit`` kernels and
-their launchers, :mod:`.ops` the ``autograd.Function`` wrappers, and the model code
-(router, dispatcher) calls the ops. Each kernel has a pure-torch reference in
+Three layers, as in OLMo-core: :mod:`.moe` and :mod:`.swiglu` hold the raw
+``@triton.jit`` kernels and their launchers (on the JIT layer of :mod:`.jit`), :mod:`.ops`
+the ``autograd.Function`` wrappers, and the model code (router, dispatcher, experts) calls
+the ops. :mod:`.selftest` checks them against the references on a device before ``auto``
+uses them. Each kernel has a pure-torch reference in
 :mod:`.reference`; the references are the oracle in tests and the path used on CPU.
 
 ``moe.kernel_backend`` picks the path (see :func:`use_triton`). Importing this package
 does not import triton; :mod:`.moe` and :mod:`.ops` do.
 
-Not here yet: fusing the gather into the first expert GEMM and the combine into the last
-(ScatterMoE; Tan et al., 2024). It pays only if GPU measurements with
-``tools/bench_moe_layer.py`` show the permute/combine traffic matters next to the GEMMs.
+Not here: fusing the gather into the first expert GEMM and the combine into the last
+(ScatterMoE; Tan et al., 2024). By the byte count in the README's performance section it
+could save at most ~2% of the fine_grained target, less than a Triton grouped GEMM would
+likely lose to ``torch._grouped_mm``; ``tools/bench_moe_layer.py`` on a GPU settles it.
 """
 
 from __future__ import annotations
