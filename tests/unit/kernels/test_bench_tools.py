@@ -128,7 +128,7 @@ def test_gpu_report_summarizes_the_benchmarks_and_reports_failed_steps(tmp_path,
         "--warmup", "0", "--iters", "1", "--json", str(tmp_path / "bench_moe_layer.json")])
     train = _tool("bench_train").main([
         "--device", "cpu", "--model", "tiny", "--seq-len", "32", "--micro-batch", "2",
-        "--steps", "1", "--warmup", "0", "--peak-tflops", "2",
+        "--global-batch", "2", "--steps", "1", "--warmup", "0", "--peak-tflops", "2",
         "--run-dir", str(tmp_path / "run"), "--json", str(tmp_path / "train_eager.json"),
         "--", "model.max_seq_len=64", "data.default_corpus_mb=0.25",
         f"data.cache_dir={data_cache}"])
