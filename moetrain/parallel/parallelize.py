@@ -167,10 +167,11 @@ def parallelize(
     accumulation) is needed for pp > 1; its precision picks FSDP's parameter dtype."""
     mesh = build_mesh(layout, device.type)
     model.to(device)
-    # moe.kernel_backend=auto: the kernels' start-up self-test runs here, eagerly, so that
-    # compiled blocks only look its verdict up.
-    use_triton(moe_cfg.kernel_backend, device)
     all_moe_layers = model.moe_layers()
+    if all_moe_layers:
+        # moe.kernel_backend=auto: the kernels' start-up self-test runs here, eagerly, so
+        # that compiled blocks only look its verdict up.
+        use_triton(moe_cfg.kernel_backend, device)
 
     # 1. Tensor parallelism.
     tp = apply_tp(model, mesh.submesh(MeshAxis.tp), par.expert_tp) if layout.tp > 1 else None
