@@ -228,13 +228,12 @@ def unpermute_combine_backward(grad_TD: torch.Tensor, y_RD: torch.Tensor,
 ROUTER_BLOCK_T = 16
 
 
-@lazy_jit
-def _router_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, scores_ptr, T, E, temperature,
-                       K: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
-                       K_PAD: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+@triton.jit
+def _router_tile(logits_ptr, T, E, temperature, SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr,
+                 E_PAD: tl.constexpr):
+    """This program's BLOCK_T rows of the logits and their raw scores f(logits / temperature)
+    (softmax or sigmoid; padded columns hold 0), with the row, column and tile masks."""
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     rm = rows < T
     cols = tl.arange(0, E_PAD)
     cm = cols < E
@@ -243,11 +242,23 @@ def _router_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, scores_ptr, T, E, t
     z = z.to(tl.float32) / temperature
     if SIGMOID:
         raw = tl.where(cm[None, :], 1.0 / (1.0 + tl.exp(-z)), 0.0)
-        scores = raw / tl.sum(raw, axis=1)[:, None]
     else:
         z = tl.where(cm[None, :], z, float("-inf"))
         ex = tl.exp(z - tl.max(z, axis=1)[:, None])
         raw = ex / tl.sum(ex, axis=1)[:, None]
+    return rows, rm, cols, cm, tile, raw
+
+
+@lazy_jit
+def _router_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, scores_ptr, T, E, temperature,
+                       K: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+                       K_PAD: tl.constexpr):
+    rows, rm, cols, cm, tile, raw = _router_tile(logits_ptr, T, E, temperature, SIGMOID,
+                                                 BLOCK_T, E_PAD)
+    if SIGMOID:
+        scores = raw / tl.sum(raw, axis=1)[:, None]
+    else:
         scores = raw
     tl.store(scores_ptr + rows[:, None] * E + cols[None, :], scores, mask=tile)
     if HAS_BIAS:
@@ -281,20 +292,8 @@ def _router_bwd_kernel(logits_ptr, ids_ptr, gw_ptr, gs_ptr, glogits_ptr, T, E, t
     s = raw / Q: d/d raw = (gs - <gs, s>) / Q. Then softmax: dz = raw (graw - <graw, raw>);
     sigmoid: dz = graw raw (1 - raw).
     """
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    rm = rows < T
-    cols = tl.arange(0, E_PAD)
-    cm = cols < E
-    tile = rm[:, None] & cm[None, :]
-    z = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=tile, other=0.0)
-    z = z.to(tl.float32) / temperature
-    if SIGMOID:
-        raw = tl.where(cm[None, :], 1.0 / (1.0 + tl.exp(-z)), 0.0)
-    else:
-        z = tl.where(cm[None, :], z, float("-inf"))
-        ex = tl.exp(z - tl.max(z, axis=1)[:, None])
-        raw = ex / tl.sum(ex, axis=1)[:, None]
+    rows, rm, cols, _cm, tile, raw = _router_tile(logits_ptr, T, E, temperature, SIGMOID,
+                                                 BLOCK_T, E_PAD)
     graw = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
     if HAS_GW:
         picked = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int1)
