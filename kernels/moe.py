@@ -153,16 +153,23 @@ def permute_backward(grad_RD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------- combine
-@lazy_jit
-def _combine_kernel(y_ptr, w_ptr, pos_ptr, out_ptr, D, K,
-                    BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
-    """out[t] = sum_k w[t, k] * y[pos[t, k]] in float32; dropped slots (pos = -1) add zero."""
+@triton.jit
+def _token_slots(pos_ptr, w_ptr, K, K_PAD: tl.constexpr):
+    """This program's token t, its K slots (index, mask), their rows in the dispatched order
+    (int64, -1 where dropped) with a validity mask, and their float32 weights."""
     t = tl.program_id(0).to(tl.int64)
     kk = tl.arange(0, K_PAD)
     km = kk < K
     p = tl.load(pos_ptr + t * K + kk, mask=km, other=-1).to(tl.int64)
-    valid = p >= 0
     w = tl.load(w_ptr + t * K + kk, mask=km, other=0.0).to(tl.float32)
+    return t, kk, km, p, p >= 0, w
+
+
+@lazy_jit
+def _combine_kernel(y_ptr, w_ptr, pos_ptr, out_ptr, D, K,
+                    BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
+    """out[t] = sum_k w[t, k] * y[pos[t, k]] in float32; dropped slots (pos = -1) add zero."""
+    t, _kk, _km, p, valid, w = _token_slots(pos_ptr, w_ptr, K, K_PAD)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d < D
@@ -176,12 +183,7 @@ def _combine_kernel(y_ptr, w_ptr, pos_ptr, out_ptr, D, K,
 def _combine_bwd_kernel(g_ptr, y_ptr, w_ptr, pos_ptr, grad_y_ptr, grad_w_ptr, D, K,
                         BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
     """grad_y[pos[t, k]] = w[t, k] g[t] (each row written once); grad_w[t, k] = <g[t], y[pos]>."""
-    t = tl.program_id(0).to(tl.int64)
-    kk = tl.arange(0, K_PAD)
-    km = kk < K
-    p = tl.load(pos_ptr + t * K + kk, mask=km, other=-1).to(tl.int64)
-    valid = p >= 0
-    w = tl.load(w_ptr + t * K + kk, mask=km, other=0.0).to(tl.float32)
+    t, kk, km, p, valid, w = _token_slots(pos_ptr, w_ptr, K, K_PAD)
     gw = tl.zeros([K_PAD], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
