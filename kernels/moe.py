@@ -10,6 +10,7 @@ matches a torch function in :mod:`moetrain.kernels.reference` (the semantics are
 - routing metadata: per-block histogram and in-block ranks in one sweep of the expert ids,
   a scan over the (NB, E) block counts, then each slot's position (stable sort order,
   capacity drop) and the inverse permutation. No atomics, so the order is deterministic.
+  An id outside [0, E) marks an inactive slot: not counted, not dispatched, position -1.
 - permute: gather token rows into expert-sorted order; its backward sums each token's
   K slot gradients (a gather, not an atomic scatter-add: deterministic).
 - unpermute + combine: out_t = sum_k w_tk y[pos_tk] in float32, fused; the backward gives
@@ -25,6 +26,8 @@ import triton
 import triton.language as tl
 from moetrain.kernels.jit import CompileSpec, block_d, lazy_jit, pow2
 
+from moetrain.config.schema import DropPolicy
+
 # Pairs per program in the routing kernels (the in-block rank is a BLOCK x BLOCK compare).
 ROUTE_BLOCK = 128
 # Experts per step of the block histogram.
@@ -36,7 +39,8 @@ ROUTE_E_BLOCK = 64
 def _route_count_kernel(ids_ptr, rank_ptr, table_ptr, N, E,
                         BLOCK: tl.constexpr, E_BLOCK: tl.constexpr):
     """Per block of slots: each slot's rank among earlier same-expert slots of the block,
-    and the block's histogram (one row of the (NB, E) table)."""
+    and the block's histogram (one row of the (NB, E) table); ids outside [0, E) are not
+    counted (inactive slots)."""
     pid = tl.program_id(0)
     idx = tl.arange(0, BLOCK)
     offs = pid * BLOCK + idx
@@ -54,32 +58,52 @@ def _route_count_kernel(ids_ptr, rank_ptr, table_ptr, N, E,
 @lazy_jit
 def _route_scatter_kernel(ids_ptr, rank_ptr, offset_ptr, starts_ptr, pos_ptr, row_index_ptr,
                           N, E, capacity, BLOCK: tl.constexpr):
-    """pos_n = start(e_n) + rank_n if rank_n < capacity else -1; row_index[pos_n] = n."""
+    """pos_n = start(e_n) + rank_n if rank_n < capacity else -1; row_index[pos_n] = n.
+
+    A slot whose id is outside [0, E) is inactive: pos_n = -1, and it is not dispatched
+    (the count kernel has not counted it either)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
-    e = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
-    rank = (tl.load(rank_ptr + offs, mask=m, other=0)
-            + tl.load(offset_ptr + pid * E + e, mask=m, other=0))
-    kept = rank < capacity
-    pos = tl.load(starts_ptr + e, mask=m, other=0) + rank
+    e = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int32)
+    act = m & (e >= 0) & (e < E)
+    rank = (tl.load(rank_ptr + offs, mask=act, other=0)
+            + tl.load(offset_ptr + pid * E + e, mask=act, other=0))
+    kept = act & (rank < capacity)
+    pos = tl.load(starts_ptr + e, mask=act, other=0) + rank
     pos = tl.where(kept, pos, -1)
     tl.store(pos_ptr + offs, pos, mask=m)
-    tl.store(row_index_ptr + pos, offs.to(tl.int64), mask=m & kept)
+    tl.store(row_index_ptr + pos, offs.to(tl.int64), mask=kept)
 
 
 def routing_metadata(ids_TK: torch.Tensor, num_experts: int, capacity: int | None = None,
-                     block: int = ROUTE_BLOCK):
+                     block: int = ROUTE_BLOCK, *, policy: DropPolicy | str = DropPolicy.position,
+                     weights_TK: torch.Tensor | None = None,
+                     active_TK: torch.Tensor | None = None):
     """Triton twin of :func:`moetrain.kernels.reference.routing_metadata_ref`.
 
-    Dropless needs no host sync; with a capacity the number of kept rows is read back once
-    to size ``row_index_R`` (the torch reference syncs there too).
+    Inactive slots (``active_TK`` False) reach the kernels with id -1. ``position`` drops
+    inside the scatter kernel (rank < capacity); ``slot`` and ``probs`` first choose the
+    kept slots with :func:`~moetrain.kernels.reference.capacity_keep` (one sort), then run
+    dropless over those. Dropless with every slot active needs no host sync; otherwise the
+    number of kept rows is read back once to size ``row_index_R`` (the reference too).
     """
-    from moetrain.kernels.reference import RoutingMeta
+    from moetrain.kernels.reference import RoutingMeta, capacity_keep, expert_counts
 
     T, K = ids_TK.shape
     N, E, dev = T * K, num_experts, ids_TK.device
-    ids_N = ids_TK.reshape(-1).contiguous()
+    policy = DropPolicy(policy)
+    every_slot_routed = capacity is None and active_TK is None  # then R = N, no host sync
+    ids_N = ids_TK.reshape(-1)
+    if active_TK is not None:
+        ids_N = torch.where(active_TK.reshape(-1), ids_N, -1)
+    counts_E = None  # active rows per expert before the drop, when the kernels miss some
+    if capacity is not None and policy != DropPolicy.position:
+        counts_E = expert_counts(torch.where(ids_N < 0, E, ids_N), E + 1)[:E]
+        keep_N = capacity_keep(ids_TK, E, capacity, policy, weights_TK, active_TK)
+        ids_N = torch.where(keep_N.reshape(-1), ids_N, -1)
+        capacity = None  # dropless over the kept slots
+    ids_N = ids_N.contiguous()
     nb = triton.cdiv(N, block)
     rank_N = torch.empty(N, dtype=torch.int32, device=dev)
     table = torch.zeros(max(nb, 1), E, dtype=torch.int32, device=dev)
@@ -88,10 +112,12 @@ def routing_metadata(ids_TK: torch.Tensor, num_experts: int, capacity: int | Non
                                    E_BLOCK=min(ROUTE_E_BLOCK, pow2(E, 16)))
     cum = torch.cumsum(table, 0, dtype=torch.int32)
     offsets = (cum - table).contiguous()  # rows of each expert in earlier blocks
-    counts_E = cum[-1].to(torch.int64)
-    kept_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
+    routed_E = cum[-1].to(torch.int64)
+    kept_E = routed_E if capacity is None else routed_E.clamp(max=capacity)
+    if counts_E is None:
+        counts_E = routed_E
     starts_E = (torch.cumsum(kept_E, 0) - kept_E).to(torch.int32)
-    R = N if capacity is None else int(kept_E.sum())
+    R = N if every_slot_routed else int(kept_E.sum())  # otherwise the one host sync
     pos_N = torch.empty(N, dtype=torch.int32, device=dev)
     row_index_R = torch.empty(R, dtype=torch.int64, device=dev)
     if N > 0:
@@ -156,19 +182,22 @@ def permute_backward(grad_RD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tenso
 @triton.jit
 def _token_slots(pos_ptr, w_ptr, K, K_PAD: tl.constexpr):
     """This program's token t, its K slots (index, mask), their rows in the dispatched order
-    (int64, -1 where dropped) with a validity mask, and their float32 weights."""
+    (int64, -1 where dropped or inactive) with a validity mask, and their float32 weights
+    (0 where not valid: such a slot adds exactly zero, whatever its weight holds)."""
     t = tl.program_id(0).to(tl.int64)
     kk = tl.arange(0, K_PAD)
     km = kk < K
     p = tl.load(pos_ptr + t * K + kk, mask=km, other=-1).to(tl.int64)
-    w = tl.load(w_ptr + t * K + kk, mask=km, other=0.0).to(tl.float32)
-    return t, kk, km, p, p >= 0, w
+    valid = p >= 0
+    w = tl.load(w_ptr + t * K + kk, mask=km & valid, other=0.0).to(tl.float32)
+    return t, kk, km, p, valid, w
 
 
 @lazy_jit
 def _combine_kernel(y_ptr, w_ptr, pos_ptr, out_ptr, D, K,
                     BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
-    """out[t] = sum_k w[t, k] * y[pos[t, k]] in float32; dropped slots (pos = -1) add zero."""
+    """out[t] = sum_k w[t, k] * y[pos[t, k]] in float32; dropped or inactive slots
+    (pos = -1) add zero."""
     t, _kk, _km, p, valid, w = _token_slots(pos_ptr, w_ptr, K, K_PAD)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)

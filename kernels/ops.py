@@ -16,16 +16,22 @@ from moetrain.kernels import moe as _k
 from moetrain.kernels import swiglu as _sw
 from moetrain.kernels.reference import RoutingMeta
 
+from moetrain.config.schema import DropPolicy
+
 __all__ = ["RoutingMeta", "permute", "routing_metadata", "swiglu", "topk_router",
            "unpermute_combine"]
 
 
 @torch.compiler.disable
-def routing_metadata(ids_TK: torch.Tensor, num_experts: int,
-                     capacity: int | None = None) -> RoutingMeta:
-    """Expert-sorted order of the T*K slots (stable, by flat index t*K+k) and per-expert
-    counts; at most ``capacity`` rows per expert when given. Not differentiable."""
-    return _k.routing_metadata(ids_TK, num_experts, capacity)
+def routing_metadata(ids_TK: torch.Tensor, num_experts: int, capacity: int | None = None, *,
+                     policy: DropPolicy | str = DropPolicy.position,
+                     weights_TK: torch.Tensor | None = None,
+                     active_TK: torch.Tensor | None = None) -> RoutingMeta:
+    """Expert-sorted order of the active slots (stable, by flat index t*K+k) and per-expert
+    counts; at most ``capacity`` rows per expert, chosen by ``policy``, when given (see
+    :func:`moetrain.kernels.reference.routing_metadata_ref`). Not differentiable."""
+    return _k.routing_metadata(ids_TK, num_experts, capacity, policy=policy,
+                               weights_TK=weights_TK, active_TK=active_TK)
 
 
 class _Permute(torch.autograd.Function):
@@ -63,7 +69,8 @@ class _UnpermuteCombine(torch.autograd.Function):
 @torch.compiler.disable
 def unpermute_combine(y_RD: torch.Tensor, weights_TK: torch.Tensor, pos_TK: torch.Tensor,
                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """out_TD[t] = sum_k w_tk * y_RD[pos_tk] (float32 sum); gradients for rows and weights."""
+    """out_TD[t] = sum_k w_tk * y_RD[pos_tk] (float32 sum); gradients for rows and weights.
+    Slots with pos = -1 (dropped or inactive) add zero and get a zero weight gradient."""
     return _UnpermuteCombine.apply(y_RD, weights_TK, pos_TK, out_dtype or y_RD.dtype)
 
 

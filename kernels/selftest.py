@@ -6,8 +6,9 @@ Legend: T tokens, D model dim, E experts, K top-k, R dispatched rows, F expert h
 on that device, once per process (:func:`kernels_verified`). It runs every op of
 :mod:`moetrain.kernels.ops` forward and backward on a small problem (float32, and bfloat16
 for the row kernels) with awkward sizes (D and F not powers of two, an expert with no
-tokens, a capacity that drops rows) and compares with :mod:`moetrain.kernels.reference`:
-integer outputs exactly, floating ones within 1e-4 relative (2e-2 in bfloat16). A kernel
+tokens, a capacity that drops rows, inactive slots under the ``probs`` drop policy) and
+compares with :mod:`moetrain.kernels.reference`: integer outputs exactly, floating ones
+within 1e-4 relative (2e-2 in bfloat16). A kernel
 that fails to compile, or that computes something else on this GPU, triton or driver, then
 costs speed, not correctness: ``auto`` keeps the torch path and warns with the op and the
 error. The check takes milliseconds after compilation and draws no random numbers from
@@ -91,15 +92,26 @@ def _check_router(t: dict, sigmoid: bool, failures: list[str]) -> None:
 
 
 def _check_dispatch(t: dict, capacity: int | None, dtype: torch.dtype,
-                    failures: list[str]) -> None:
+                    failures: list[str], variable_k: bool = False) -> None:
+    """Routing, permute and combine; ``variable_k`` adds inactive slots (NaN weights there,
+    which must never be read) and the ``probs`` drop policy."""
     from moetrain.kernels import ops
     from moetrain.kernels import reference as ref
 
+    from moetrain.config.schema import DropPolicy
+
     tag, device = f"capacity={capacity},{str(dtype)[6:]}", t["x_TD"].device
     x_TD, grad_TD = t["x_TD"].to(dtype), t["grad_TD"].to(dtype)
-    ids_TK = ref.topk_router_ref(t["logits_TE"], None, _K, False, True)[0]
-    meta = ops.routing_metadata(ids_TK, _E, capacity)
-    want = ref.routing_metadata_ref(ids_TK, _E, capacity)
+    ids_TK, w_route, _ = ref.topk_router_ref(t["logits_TE"], None, _K, False, True)
+    w_TK = torch.linspace(0.1, 1.0, _T * _K, device=device).view(_T, _K)
+    how = {}
+    if variable_k:
+        tag += ",probs,inactive"
+        active_TK = (torch.arange(_T * _K, device=device) % 5 != 0).view(_T, _K)
+        w_TK = torch.where(active_TK, w_TK, float("nan"))
+        how = {"policy": DropPolicy.probs, "weights_TK": w_route, "active_TK": active_TK}
+    meta = ops.routing_metadata(ids_TK, _E, capacity, **how)
+    want = ref.routing_metadata_ref(ids_TK, _E, capacity, **how)
     for field in ("row_index_R", "pos_TK", "tokens_per_expert", "counts_E"):
         _close(f"routing_metadata[{tag}].{field}", getattr(meta, field), getattr(want, field),
                failures)
@@ -110,7 +122,6 @@ def _check_dispatch(t: dict, capacity: int | None, dtype: torch.dtype,
     rows_ref = _grads(lambda x: ref.permute_ref(x, index, _K), [x_TD], [g_rows])
     for name, a, b in zip(("rows", "grad_x"), rows, rows_ref):
         _close(f"permute[{tag}].{name}", a, b, failures)
-    w_TK = torch.linspace(0.1, 1.0, _T * _K, device=device).view(_T, _K)
     got = _grads(lambda y, w: ops.unpermute_combine(y, w, pos), [rows_ref[0], w_TK],
                  [grad_TD])
     ref_out = _grads(lambda y, w: ref.unpermute_combine_ref(y, w, pos), [rows_ref[0], w_TK],
@@ -143,6 +154,8 @@ def run_selftest(device: torch.device) -> list[str]:
     checks += [(f"dispatch[capacity={c},{str(d)[6:]}]",
                 functools.partial(_check_dispatch, t, c, d))
                for c, d in ((None, f32), (20, f32), (None, bf16))]
+    checks += [("dispatch[capacity=20,float32,probs,inactive]",
+                functools.partial(_check_dispatch, t, 20, f32, variable_k=True))]
     checks += [(f"swiglu[{str(d)[6:]}]", functools.partial(_check_swiglu, t, d))
                for d in (f32, bf16)]
     with torch.enable_grad(), torch.autocast(device.type, enabled=False):

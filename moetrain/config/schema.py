@@ -33,6 +33,43 @@ class ScoreFunc(str, Enum):
 class RouterType(str, Enum):
     topk = "topk"  # softmax/sigmoid top-k (Mixtral, DeepSeek)
     switch = "switch"  # top-1 softmax (Switch Transformer)
+    deepseek_v3 = "deepseek_v3"  # sigmoid, group-limited, route_scale, aux-free bias
+    noisy_topk = "noisy_topk"  # Shazeer et al. 2017: noisy logits, importance + load losses
+    expert_choice = "expert_choice"  # Zhou et al. 2022: each expert picks its tokens
+    sinkhorn = "sinkhorn"  # S-BASE (Clark et al. 2022), as Megatron-core's "sinkhorn"
+    selective_sinkhorn = "selective_sinkhorn"  # SSR (arXiv 2511.08972): OT on a fraction p of steps
+    threshold = "threshold"  # XMoE (Yang et al. 2024): experts until cumulative p >= threshold
+
+
+class GroupScore(str, Enum):
+    """Score of an expert group in group-limited routing (DeepSeek-V2/V3).
+
+    The frameworks differ; reference page section 2 has an example that tells them apart."""
+
+    top2_sum = "top2_sum"  # sum of the group's 2 highest scores (DeepSeek-V3 code, torchtitan)
+    topk_sum = "topk_sum"  # sum of its top (top_k / topk_groups) scores (Megatron-core)
+
+
+class BiasUpdate(str, Enum):
+    """Rule of the auxiliary-loss-free expert-bias update (once per optimizer step)."""
+
+    sign = "sign"  # b += rate * sign(mean(c) - c): Loss-Free Balancing Alg. 1, Megatron-core
+    sign_centered = "sign_centered"  # the same step minus its mean over experts (torchtitan)
+
+
+class DropPolicy(str, Enum):
+    """Which (token, slot) rows an over-full expert keeps (moe.dispatch=capacity)."""
+
+    probs = "probs"  # each expert keeps its highest router weights (Megatron-core default)
+    slot = "slot"  # every first choice before any second choice, then by token (GShard)
+    position = "position"  # by flat position t*K + k (earlier tokens first)
+
+
+class BalanceLoss(str, Enum):
+    """The load-balancing loss weighted by moe.aux_loss_coef."""
+
+    switch = "switch"  # Switch/GShard: E * sum_e f_e P_e over the micro-batch (or global batch)
+    seq = "seq"  # DeepSeek-V3 sequence-wise: the same per sequence, averaged over sequences
 
 
 class DispatchMode(str, Enum):
@@ -193,9 +230,61 @@ class RouterConfig:
     renormalize: bool = True
     # Softmax temperature for the scores (dense-to-sparse schedules anneal it).
     temperature: float = 1.0
+    # Multiplies the combine weights after renormalisation (DeepSeek-V3: 2.5).
+    route_scale: float = 1.0
+    # Group-limited routing (DeepSeek-V2/V3): experts form n_groups groups; each token picks
+    # its topk_groups best groups, then its top_k experts inside them. 1 = off.
+    n_groups: int = 1
+    topk_groups: int = 1
+    group_score: GroupScore = GroupScore.top2_sum
+    # Auxiliary-loss-free balancing (DeepSeek-V3; Wang et al. 2024): the expert bias moves
+    # by this rate once per optimizer step (0 = the bias stays 0). Needs sigmoid scores.
+    bias_update_rate: float = 0.0
+    bias_update: BiasUpdate = BiasUpdate.sign
+    # noisy_topk (Shazeer et al. 2017): weights of CV^2(importance) and CV^2(load), and the
+    # floor added to the learned noise std (tensor2tensor's noise_epsilon).
+    importance_coef: float = 1e-2
+    load_coef: float = 1e-2
+    noise_epsilon: float = 1e-2
+    # expert_choice (Zhou et al. 2022): each expert takes round(c * T / E) tokens, c = the
+    # average number of experts per token.
+    ec_capacity_factor: float = 2.0
+    # sinkhorn / selective_sinkhorn: iteration cap and tolerance on the column scalings.
+    sinkhorn_iters: int = 100
+    sinkhorn_tol: float = 1e-4
+    # selective_sinkhorn: fraction p of training steps routed by optimal transport, and the
+    # entropic regularisation xi of the transport problem (cost = logits / xi).
+    ssr_prob: float = 0.01
+    ssr_epsilon: float = 0.05
+    # threshold (XMoE): each token takes experts, best first, until their cumulative
+    # probability reaches the threshold; at least 1 and at most max_k (null = model.top_k).
+    threshold: float = 0.9
+    max_k: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.temperature > 0, "moe.router.temperature", self.temperature, "must be > 0")
+        _require(self.route_scale > 0, "moe.router.route_scale", self.route_scale, "must be > 0")
+        _require(self.n_groups >= 1, "moe.router.n_groups", self.n_groups,
+                 "must be >= 1 (1 disables group-limited routing)")
+        _require(1 <= self.topk_groups <= self.n_groups, "moe.router.topk_groups",
+                 self.topk_groups, f"must be in [1, moe.router.n_groups={self.n_groups}]")
+        _require(self.bias_update_rate >= 0, "moe.router.bias_update_rate",
+                 self.bias_update_rate, "must be >= 0 (0 disables the bias update)")
+        for name in ("importance_coef", "load_coef", "noise_epsilon"):
+            _require(getattr(self, name) >= 0, f"moe.router.{name}", getattr(self, name),
+                     "must be >= 0")
+        _require(self.ec_capacity_factor > 0, "moe.router.ec_capacity_factor",
+                 self.ec_capacity_factor, "must be > 0 (average experts per token)")
+        _require(self.sinkhorn_iters >= 1, "moe.router.sinkhorn_iters", self.sinkhorn_iters,
+                 "must be >= 1")
+        _require(self.sinkhorn_tol > 0, "moe.router.sinkhorn_tol", self.sinkhorn_tol, "must be > 0")
+        _require(0 <= self.ssr_prob <= 1, "moe.router.ssr_prob", self.ssr_prob,
+                 "must be in [0, 1] (share of steps routed by optimal transport)")
+        _require(self.ssr_epsilon > 0, "moe.router.ssr_epsilon", self.ssr_epsilon, "must be > 0")
+        _require(0 < self.threshold <= 1, "moe.router.threshold", self.threshold,
+                 "must be in (0, 1] (cumulative probability)")
+        _require(self.max_k is None or self.max_k >= 1, "moe.router.max_k", self.max_k,
+                 "must be >= 1, or null for model.top_k")
 
 
 @dataclass
@@ -217,6 +306,9 @@ class MoEConfig:
     # ST-MoE router z-loss coefficient (ST-MoE uses 1e-3).
     z_loss_coef: float = 1e-3
     aux_loss_scope: AuxLossScope = AuxLossScope.micro_batch
+    balance_loss: BalanceLoss = BalanceLoss.switch
+    # Capacity mode: which rows an over-full expert keeps.
+    drop_policy: DropPolicy = DropPolicy.probs
 
     def __post_init__(self) -> None:
         _require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
@@ -331,8 +423,17 @@ class LoggingConfig:
     heatmap_every: int = 50  # expert-load heatmap image cadence, in steps; 0 disables
     # Peak device FLOP/s used for MFU. 0 = look up the GPU (H100/A100...) or skip on CPU.
     peak_tflops: float = 0.0
+    # Expert-collapse warning: an expert whose load stays below collapse_fraction of its
+    # fair share (1/E of the rows) for collapse_steps consecutive steps is reported in the
+    # log and as a metrics.jsonl event. collapse_steps=0 disables it.
+    collapse_fraction: float = 0.1
+    collapse_steps: int = 50
 
     def __post_init__(self) -> None:
+        _require(0 <= self.collapse_fraction < 1, "logging.collapse_fraction",
+                 self.collapse_fraction, "must be in [0, 1)")
+        _require(self.collapse_steps >= 0, "logging.collapse_steps", self.collapse_steps,
+                 "must be >= 0 (0 disables the warning)")
         _require(self.heatmap_every >= 0, "logging.heatmap_every", self.heatmap_every,
                  "must be >= 0 (0 disables)")
         _require(self.peak_tflops >= 0, "logging.peak_tflops", self.peak_tflops,
@@ -402,6 +503,9 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
+    # Extra trainer callbacks by name (moetrain/train/callbacks/). The ones the config
+    # needs (router context, expert bias, balance metrics) are always added.
+    callbacks: list[str] = field(default_factory=list)
 
 
 __all__ = [name for name in dir() if not name.startswith("_")] + ["MISSING"]

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from moetrain.config.schema import (
+    AuxLossScope,
+    BalanceLoss,
     Config,
     ConfigError,
     DispatchMode,
     ExpertTP,
+    GroupScore,
     ParallelConfig,
     PipelineSchedule,
+    RouterType,
 )
+
+log = logging.getLogger(__name__)
+
+# Routers whose decision for a token depends on the other tokens of the micro-batch.
+WHOLE_BATCH_ROUTERS = (RouterType.expert_choice, RouterType.sinkhorn,
+                       RouterType.selective_sinkhorn)
+# Routers that select on scores + expert_bias (auxiliary-loss-free balancing).
+BIAS_ROUTERS = (RouterType.topk, RouterType.switch, RouterType.deepseek_v3,
+                RouterType.selective_sinkhorn)
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,74 @@ def _validate_pp(cfg: Config, layout: Layout) -> None:
             f"{rounds * pp * t.micro_batch_size * layout.dp})")
 
 
+def _validate_routing(cfg: Config, layout: Layout) -> None:
+    """Rules of the routers and balance losses (moetrain/models/moe/router.py)."""
+    r, m, moe = cfg.moe.router, cfg.model, cfg.moe
+    kind = RouterType(r.name)
+    E, K = m.num_experts, m.top_k
+    if K == 1 and r.renormalize and kind not in (RouterType.switch, RouterType.threshold,
+                                                  RouterType.expert_choice):
+        log.warning("model.top_k=1 with moe.router.renormalize=true: a single weight is never "
+                    "renormalised (it would be 1.0 and the router would get no gradient from "
+                    "the LM loss); the raw score is used. Set moe.router.renormalize=false "
+                    "to silence this.")
+    if r.n_groups > 1:
+        if E % r.n_groups:
+            raise ConfigError(
+                f"moe.router.n_groups={r.n_groups} must divide model.num_experts={E}: use a "
+                f"divisor of {E}, or moe.router.n_groups=1 to route without groups")
+        per_group = E // r.n_groups
+        if K > r.topk_groups * per_group:
+            raise ConfigError(
+                f"model.top_k={K} exceeds the {r.topk_groups} groups of {per_group} experts a "
+                f"token may use (moe.router.topk_groups={r.topk_groups}): raise "
+                f"moe.router.topk_groups or lower model.top_k")
+        if GroupScore(r.group_score) == GroupScore.topk_sum and K % r.topk_groups:
+            raise ConfigError(
+                f"moe.router.group_score=topk_sum scores a group by its top "
+                f"model.top_k/moe.router.topk_groups experts, but {K}/{r.topk_groups} is not "
+                f"whole: use a moe.router.topk_groups that divides {K}, or group_score=top2_sum")
+        if GroupScore(r.group_score) == GroupScore.top2_sum and per_group < 2:
+            raise ConfigError(
+                f"moe.router.group_score=top2_sum needs >= 2 experts per group, got "
+                f"model.num_experts/moe.router.n_groups={per_group}: lower moe.router.n_groups")
+        if kind not in (RouterType.topk, RouterType.deepseek_v3, RouterType.selective_sinkhorn):
+            raise ConfigError(
+                f"moe.router.n_groups={r.n_groups} (group-limited routing) is not supported by "
+                f"moe.router.name={kind.value}: use moe/router=deepseek_v3 or topk, or "
+                f"moe.router.n_groups=1")
+    if r.bias_update_rate > 0 and kind not in BIAS_ROUTERS:
+        raise ConfigError(
+            f"moe.router.bias_update_rate={r.bias_update_rate} with moe.router.name={kind.value}:"
+            f" that router does not select on scores + expert bias; use one of "
+            f"{[k.value for k in BIAS_ROUTERS]}, or moe.router.bias_update_rate=0")
+    if kind == RouterType.expert_choice and DispatchMode(moe.dispatch) == DispatchMode.capacity:
+        raise ConfigError(
+            "moe.dispatch=capacity with moe.router.name=expert_choice: expert-choice already "
+            "gives every expert exactly its capacity (moe.router.ec_capacity_factor); set "
+            "moe.dispatch=dropless")
+    if kind == RouterType.noisy_topk and K >= E:
+        raise ConfigError(
+            f"model.top_k={K} with moe.router.name=noisy_topk and model.num_experts={E}: the "
+            f"load loss needs top_k < num_experts; lower model.top_k")
+    if kind == RouterType.threshold and r.max_k is not None and r.max_k > E:
+        raise ConfigError(f"moe.router.max_k={r.max_k} exceeds model.num_experts={E}: lower it")
+    seq = BalanceLoss(moe.balance_loss) == BalanceLoss.seq
+    if seq and AuxLossScope(moe.aux_loss_scope) == AuxLossScope.global_batch:
+        raise ConfigError(
+            "moe.balance_loss=seq with moe.aux_loss_scope=global_batch: the sequence-wise loss "
+            "counts each sequence on its own; set moe.aux_loss_scope=micro_batch, or "
+            "moe.balance_loss=switch")
+    shards = layout.tp > 1 and ExpertTP(cfg.parallel.expert_tp) == ExpertTP.ep
+    if shards and (kind in WHOLE_BATCH_ROUTERS or kind == RouterType.noisy_topk):
+        why = ("routes on the whole micro-batch" if kind in WHOLE_BATCH_ROUTERS else
+               "balances with importance and load sums over the whole micro-batch")
+        raise ConfigError(
+            f"moe.router.name={kind.value} with parallel.tp={layout.tp} and "
+            f"parallel.expert_tp=ep: the router {why}, but each tp rank routes only a "
+            f"sequence shard: set parallel.expert_tp=etp (every tp rank routes all tokens)")
+
+
 def validate(cfg: Config, world_size: int) -> Layout:
     """All cross-field rules. Returns the resolved layout."""
     layout = resolve_layout(cfg.parallel, world_size, cfg.model.num_experts)
@@ -191,4 +273,5 @@ def validate(cfg: Config, world_size: int) -> Layout:
         )
     _validate_tp(cfg, layout)
     _validate_pp(cfg, layout)
+    _validate_routing(cfg, layout)
     return layout

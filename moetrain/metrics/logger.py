@@ -126,6 +126,13 @@ class MetricsLogger:
                 if k != "step" and v is not None:
                     tb.add_scalar(tensorboard_tag(k), float(v), step)
 
+    def log_event(self, step: int, record: Mapping[str, Any]) -> None:
+        """One jsonl line ``{"step": step, **record}`` for an event (e.g. an expert
+        collapse); events carry an ``event`` key and no ``loss``."""
+        if not self.enabled:
+            return
+        self._write_line({"step": int(step), **record})
+
     def log_val(self, step: int, val_loss: float) -> None:
         """``{"step", "val_loss", "val_ppl"}`` line plus ``val/loss`` and ``val/ppl`` scalars."""
         if not self.enabled:

@@ -50,6 +50,7 @@ class TransformerBlock(nn.Module):
         self.moe_enabled = model_cfg.is_moe_layer(layer_idx)
         if self.moe_enabled:
             self.moe = MoELayer(model_cfg.dim, model_cfg, moe_cfg)
+            self.moe.router.layer_idx = layer_idx  # keys the router's random draws
         else:
             self.feed_forward = FeedForward(model_cfg.dim, model_cfg.ffn_hidden)
 

@@ -26,7 +26,7 @@ def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfi
             dt = distribute_tensor(param.data, ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
         layer.set_dispatcher(AllToAllDispatcher(layer.router.num_experts, group, capacity,
-                                                 moe_cfg.kernel_backend))
+                                                 moe_cfg.kernel_backend, moe_cfg.drop_policy))
 
 
 def ep_bytes_sent(moe_layers: list[nn.Module]) -> int:

@@ -27,13 +27,17 @@ class MoEStatsTracker:
         self.ep = ep
         self.device = device
         self.last_load_LE: torch.Tensor | None = None
+        # The step's routed rows per layer and expert, summed over micro-batches, data- and
+        # tensor-parallel ranks and stages (float32, host): the expert-bias update's input.
+        self.last_counts_LE: torch.Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
         n, e = len(self.layers), self.num_experts
         self.load_LE = torch.zeros(n, e, device=self.device)
-        # columns: aux_loss, z_loss, entropy, dropped, routed, micro-batches
-        self.scalars_L6 = torch.zeros(n, 6, device=self.device)
+        # columns: aux_loss, z_loss, entropy, dropped, routed, micro-batches, router_loss,
+        # unrouted tokens, tokens
+        self.scalars_LC = torch.zeros(n, 9, device=self.device)
 
     def accumulate(self, only=None) -> None:
         """Add each layer's last micro-batch statistics (only layer ``only`` if given)."""
@@ -44,11 +48,22 @@ class MoEStatsTracker:
             if s is None:
                 continue
             self.load_LE[i] += s.load_E.float()
-            self.scalars_L6[i] += torch.stack([
+            self.scalars_LC[i] += torch.stack([
                 s.aux_loss.float(), s.z_loss.float(), s.entropy.float(),
                 s.num_dropped.float(), s.num_routed.float(),
-                torch.ones((), device=self.device),
+                torch.ones((), device=self.device), s.router_loss.float(),
+                s.num_unrouted.float(), s.num_tokens.float(),
             ])
+
+    def _bias_spread_L(self) -> torch.Tensor:
+        """max - min of each layer's expert bias (0 off this pipeline stage: the sum over
+        stages then gives each layer's value; biases are identical over dp and tp)."""
+        out = torch.zeros(len(self.layers), device=self.device)
+        for i, layer in enumerate(self.layers):
+            if layer is not None:
+                b = layer.router.expert_bias
+                out[i] = (b.max() - b.min()).float().to(self.device)
+        return out
 
     def reduce(self, group: dist.ProcessGroup | None, world: int,
                pp_group: dist.ProcessGroup | None = None) -> dict[str, float]:
@@ -61,7 +76,10 @@ class MoEStatsTracker:
         """
         if not self.layers:
             return {}
-        packed = torch.cat([self.load_LE, self.scalars_L6], dim=1)
+        # The bias spread is identical on the ranks of a stage: pre-divided so the dp sum
+        # gives it back; other stages' layers hold 0 here and come with the pp sum.
+        spread_L1 = self._bias_spread_L()[:, None] / max(world, 1)
+        packed = torch.cat([self.load_LE, self.scalars_LC, spread_L1], dim=1)
         if world > 1:
             dist.all_reduce(packed, group=group)
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
@@ -70,15 +88,32 @@ class MoEStatsTracker:
         load_LE, s = packed[:, :e], packed[:, e:]
         n_mb = s[:, 5].clamp_min(1)
         frac_LE = load_LE / load_LE.sum(dim=1, keepdim=True).clamp_min(1)
-        imbalance_L = frac_LE.max(dim=1).values * e  # max load / mean load
-        names = ["aux_loss", "z_loss", "router_entropy", "dropped_frac", "load_imbalance"]
+        # Per layer: max load / mean load, the load's coefficient of variation (population
+        # std / mean), mean routing entropy, dropped share of the routed rows, and the
+        # spread (max - min) of the expert bias.
+        per_layer = {
+            "load_imbalance": frac_LE.max(dim=1).values * e,
+            "load_cv": frac_LE.std(dim=1, unbiased=False) * e,
+            "router_entropy": s[:, 2] / n_mb,
+            "dropped_frac": s[:, 3] / s[:, 4].clamp_min(1),
+            "expert_bias_spread": s[:, 9],
+        }
+        names = ["aux_loss", "z_loss", "router_loss", "router_entropy", "dropped_frac",
+                 "unrouted_frac", "load_imbalance", "load_cv", "expert_bias_spread"]
         values = [
             (s[:, 0] / n_mb).mean(),
             (s[:, 1] / n_mb).mean(),
-            (s[:, 2] / n_mb).mean(),
+            (s[:, 6] / n_mb).mean(),
+            per_layer["router_entropy"].mean(),
             s[:, 3].sum() / s[:, 4].sum().clamp_min(1),
-            imbalance_L.mean(),
+            s[:, 7].sum() / s[:, 8].sum().clamp_min(1),
+            per_layer["load_imbalance"].mean(),
+            per_layer["load_cv"].mean(),
+            per_layer["expert_bias_spread"].mean(),
         ]
+        for key, v_L in per_layer.items():
+            names += [f"moe/layer{i}/{key}" for i in range(v_L.shape[0])]
+            values += list(v_L.unbind(0))
         if self.ep > 1:
             # Load per EP rank (its E/ep experts) and max/mean across the EP ranks.
             rank_load_LR = frac_LE.view(frac_LE.shape[0], self.ep, -1).sum(dim=2)
@@ -86,8 +121,10 @@ class MoEStatsTracker:
             values += [(rank_load_LR.max(dim=1).values * self.ep).mean()]
             values += [rank_load_LR[:, r].mean() for r in range(self.ep)]
         # One device-to-host copy for the scalars and the load table.
-        host = torch.cat([torch.stack(values), frac_LE.flatten()]).cpu()
+        host = torch.cat([torch.stack(values), frac_LE.flatten(), load_LE.flatten()]).cpu()
         out = dict(zip(names, host[:len(names)].tolist()))
-        self.last_load_LE = host[len(names):].view_as(frac_LE)
+        n = len(names)
+        self.last_load_LE = host[n:n + frac_LE.numel()].view_as(frac_LE)
+        self.last_counts_LE = host[n + frac_LE.numel():].view_as(load_LE)
         self.reset()
         return out

@@ -28,6 +28,7 @@ from moetrain.models import Transformer, count_params
 from moetrain.parallel.parallelize import ParallelModel, parallelize
 from moetrain.parallel.pipeline import StageOptimizers
 from moetrain.parallel.tensor import local_loss
+from moetrain.train.callbacks import CallbackList, default_callbacks
 from moetrain.train.moe_stats import MoEStatsTracker
 from moetrain.train.optim import build_optimizer, lr_at, set_lr
 from moetrain.train.preemption import StopSignal
@@ -124,6 +125,7 @@ class Trainer:
         self.peak = peak_flops_per_s(device, cfg.logging.peak_tflops)
         self.moe_stats = MoEStatsTracker(self.pm.all_moe_layers, device, layout.ep,
                                          cfg.model.num_experts)
+        self.callbacks = CallbackList(default_callbacks(cfg))
         self.flops_per_token = model_flops_per_token(
             self.params.active - self.params.embedding, cfg.model.n_layers, cfg.model.dim, t.seq_len
         )
@@ -140,6 +142,7 @@ class Trainer:
             "progress": self.progress,
             "sampler": self.sampler,
             "rng": RNGState(),
+            **self.callbacks.states(),
         }
 
     def _batch(self, ds, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +184,7 @@ class Trainer:
         micro = GlobalBatchSampler.micro_batches(
             global_batch, self.dp_rank, self.dp_size, t.micro_batch_size
         )
+        self.callbacks.on_step_start(self, step, micro)
         loss_sum = torch.zeros((), device=self.device)
         if self.pm.pipeline is not None:  # the schedule runs the micro-batches
             batches = [self._batch(self.data.train, indices) for indices in micro]
@@ -196,6 +200,7 @@ class Trainer:
             loss_sum += loss.detach()
             self.moe_stats.accumulate()
 
+        self.callbacks.on_after_backward(self, step)
         grad_norm = self.pm.clip_grad_norm_(cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,6 +275,7 @@ class Trainer:
         self.model.train()
         t_start, last_loss = time.perf_counter(), float("nan")
         tokens_start = self.progress.tokens
+        self.callbacks.on_train_start(self)
         self.stop = StopSignal(self.device).install()
         try:
             end = t.stop_at or t.steps
@@ -284,6 +290,7 @@ class Trainer:
                 util = mfu(tps / self.layout.world_size, self.flops_per_token, self.peak)
                 if util is not None:
                     out["mfu"] = util
+                self.callbacks.on_step_end(self, step, out)
                 load_LE = self.moe_stats.last_load_LE
                 last = step == end
                 if step % t.log_every == 0 or last:
@@ -299,6 +306,7 @@ class Trainer:
                     val = self.validate()
                     val_losses.append((step, val))
                     self.metrics.log_val(step, val)
+                    self.callbacks.on_validation(self, step, val)
                     if bar is not None:
                         bar.write(f"step {step}: val_loss {val:.4f}")
                 stopping = (bool(t.stop_at) and step == t.stop_at) or self.stop.requested()

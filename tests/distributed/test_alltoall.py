@@ -1,26 +1,34 @@
 """The all-to-all dispatcher against the single-device reference, on 2 gloo ranks:
-same outputs and gradients, exactly the routed rows on the wire (no padding), and an EP
-rank whose experts receive zero tokens."""
+same outputs and gradients, exactly the routed rows on the wire (no padding), an EP
+rank whose experts receive zero tokens, every capacity drop policy, and inactive slots
+(variable-k routing)."""
 
 from __future__ import annotations
 
 import torch
 
+from moetrain.config.schema import DropPolicy
 from moetrain.testing import run_distributed
 
 E, D, F, T, K = 4, 8, 12, 6, 2
 
 
-def _problem(rank: int):
+def _problem(rank: int, inactive: bool = False):
     """Per-rank tokens and hand-made routing: every row goes to experts 0 or 1, so the
-    experts of EP rank 1 (2 and 3) receive zero tokens from every rank."""
+    experts of EP rank 1 (2 and 3) receive zero tokens from every rank. With ``inactive``,
+    some slots are switched off (their weights are NaN: they must never be read)."""
     g = torch.Generator().manual_seed(100 + rank)
     x_TD = torch.randn(T, D, generator=g)
     ids_TK = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1], [0, 1]])
     if rank == 1:
         ids_TK = ids_TK.flip(0)
     weights_TK = torch.rand(T, K, generator=g)
-    return x_TD, ids_TK, weights_TK
+    active_TK = None
+    if inactive:
+        active_TK = torch.tensor([[True, False], [True, True], [False, False], [True, True],
+                                  [False, True], [True, True]]).roll(rank, 0)
+        weights_TK[~active_TK] = float("nan")
+    return x_TD, ids_TK, weights_TK, active_TK
 
 
 def _weights():
@@ -28,35 +36,40 @@ def _weights():
     return tuple(0.3 * torch.randn(shape, generator=g) for shape in ((E, F, D), (E, F, D), (E, D, F)))
 
 
-def _ep_rank(rank: int, world: int, capacity):
+def _ep_rank(rank: int, world: int, cases):
+    """Each case (capacity, drop policy, inactive) through the all-to-all dispatcher."""
     import torch.distributed as dist
 
     from moetrain.config.schema import ExpertBackend
     from moetrain.models.moe.dispatcher import AllToAllDispatcher
     from moetrain.models.moe.experts import GroupedExperts
 
-    x_TD, ids_TK, w_TK = _problem(rank)
-    x_TD.requires_grad_(True)
-    w_TK.requires_grad_(True)
-    e = E // world
-    experts = GroupedExperts(e, D, F, ExpertBackend.loop)
-    full = _weights()
-    with torch.no_grad():
-        for p, w in zip((experts.w1_EFD, experts.w3_EFD, experts.w2_EDF), full):
-            p.copy_(w[rank * e:(rank + 1) * e])
-    disp = AllToAllDispatcher(E, dist.group.WORLD, capacity)
-    x_RD, meta = disp.dispatch(x_TD, ids_TK, w_TK)
-    y_TD = disp.combine(experts(x_RD, meta.tokens_per_expert), meta)
-    (y_TD * torch.arange(1.0, D + 1)).sum().backward()
-    return {
-        "y": y_TD.detach(), "dx": x_TD.grad, "dw": w_TK.grad,
-        "dW": [p.grad for p in (experts.w1_EFD, experts.w3_EFD, experts.w2_EDF)],
-        "sent": sum(meta.in_splits), "received": x_RD.shape[0],
-        "tokens_per_expert": meta.tokens_per_expert.tolist(),
-    }
+    out = []
+    for capacity, policy, inactive in cases:
+        x_TD, ids_TK, w_TK, active_TK = _problem(rank, inactive)
+        x_TD.requires_grad_(True)
+        w_TK.requires_grad_(True)
+        e = E // world
+        experts = GroupedExperts(e, D, F, ExpertBackend.loop)
+        full = _weights()
+        with torch.no_grad():
+            for p, w in zip((experts.w1_EFD, experts.w3_EFD, experts.w2_EDF), full):
+                p.copy_(w[rank * e:(rank + 1) * e])
+        disp = AllToAllDispatcher(E, dist.group.WORLD, capacity, drop_policy=policy)
+        x_RD, meta = disp.dispatch(x_TD, ids_TK, w_TK, active_TK)
+        y_TD = disp.combine(experts(x_RD, meta.tokens_per_expert), meta)
+        (y_TD * torch.arange(1.0, D + 1)).sum().backward()
+        out.append({
+            "y": y_TD.detach(), "dx": x_TD.grad, "dw": w_TK.grad,
+            "dW": [p.grad for p in (experts.w1_EFD, experts.w3_EFD, experts.w2_EDF)],
+            "sent": sum(meta.in_splits), "received": x_RD.shape[0],
+            "tokens_per_expert": meta.tokens_per_expert.tolist(),
+            "num_dropped": int(meta.num_dropped),
+        })
+    return out
 
 
-def _reference(world: int, capacity):
+def _reference(world: int, capacity, policy, inactive):
     from moetrain.config.schema import ExpertBackend
     from moetrain.models.moe.dispatcher import LocalDispatcher
     from moetrain.models.moe.experts import GroupedExperts
@@ -67,32 +80,37 @@ def _reference(world: int, capacity):
             p.copy_(w)
     out = []
     for rank in range(world):  # each rank's micro-batch is dispatched on its own
-        x_TD, ids_TK, w_TK = _problem(rank)
+        x_TD, ids_TK, w_TK, active_TK = _problem(rank, inactive)
         x_TD.requires_grad_(True)
         w_TK.requires_grad_(True)
-        disp = LocalDispatcher(E, capacity)
-        x_RD, meta = disp.dispatch(x_TD, ids_TK, w_TK)
+        disp = LocalDispatcher(E, capacity, drop_policy=policy)
+        x_RD, meta = disp.dispatch(x_TD, ids_TK, w_TK, active_TK)
         y_TD = disp.combine(experts(x_RD, meta.tokens_per_expert), meta)
         (y_TD * torch.arange(1.0, D + 1)).sum().backward()
-        out.append({"y": y_TD.detach(), "dx": x_TD.grad, "dw": w_TK.grad})
+        out.append({"y": y_TD.detach(), "dx": x_TD.grad, "dw": w_TK.grad,
+                    "num_dropped": int(meta.num_dropped)})
     return out, [p.grad for p in (experts.w1_EFD, experts.w3_EFD, experts.w2_EDF)]
 
 
-def _check(capacity):
+def _check(cases):
+    """Run every case on 2 ranks (one spawn) and hold each to the LocalDispatcher."""
     world = 2
-    got = run_distributed(_ep_rank, world, capacity)
-    ref, ref_dW = _reference(world, capacity)
+    got_all = run_distributed(_ep_rank, world, cases)
     e = E // world
-    for rank in range(world):
-        for k in ("y", "dx", "dw"):
-            torch.testing.assert_close(got[rank][k], ref[rank][k], rtol=1e-5, atol=1e-5)
-        for g, r in zip(got[rank]["dW"], ref_dW):
-            torch.testing.assert_close(g, r[rank * e:(rank + 1) * e], rtol=1e-5, atol=1e-5)
-    return got
+    for i, case in enumerate(cases):
+        ref, ref_dW = _reference(world, *case)
+        for rank in range(world):
+            got = got_all[rank][i]
+            assert got["num_dropped"] == ref[rank]["num_dropped"], case
+            for k in ("y", "dx", "dw"):
+                torch.testing.assert_close(got[k], ref[rank][k], rtol=1e-5, atol=1e-5)
+            for g, r in zip(got["dW"], ref_dW):
+                torch.testing.assert_close(g, r[rank * e:(rank + 1) * e], rtol=1e-5, atol=1e-5)
+    return [[got_all[rank][i] for rank in range(world)] for i in range(len(cases))]
 
 
 def test_dropless_matches_reference_without_padding_and_empty_rank():
-    got = _check(None)
+    (got,) = _check([(None, DropPolicy.probs, False)])
     # Dropless: each rank sends exactly its T*K routed rows, no padding.
     assert [g["sent"] for g in got] == [T * K, T * K]
     # Rank 0 holds experts 0 and 1 and receives every row; rank 1's experts get none.
@@ -104,5 +122,23 @@ def test_dropless_matches_reference_without_padding_and_empty_rank():
 def test_capacity_matches_reference_with_fixed_size_exchange():
     # capacity 1.0: C = ceil(6*2/4) = 3 rows per expert per source; experts 0 and 1 get 6
     # rows each from every rank, so 3 of 6 are dropped per expert.
-    got = _check(1.0)
+    (got,) = _check([(1.0, DropPolicy.position, False)])
     assert [g["sent"] for g in got] == [E * 3, E * 3]  # fixed size, whatever the routing
+    assert [g["num_dropped"] for g in got] == [6, 6]
+
+
+def test_drop_policies_and_inactive_slots_match_reference():
+    cases = [(1.0, p, False) for p in DropPolicy]
+    cases += [(None, DropPolicy.probs, True)] + [(1.0, p, True) for p in DropPolicy]
+    got = _check(cases)
+    # The policies keep different rows here, so each really reached the dispatcher.
+    ys = [got[i][0]["y"] for i in range(3)]
+    assert not torch.equal(ys[0], ys[1]) and not torch.equal(ys[1], ys[2])
+    assert not torch.equal(ys[0], ys[2])
+    # Inactive slots, dropless: only the 8 active rows are sent, none dropped.
+    assert [g["sent"] for g in got[3]] == [8, 8]
+    assert [g["num_dropped"] for g in got[3]] == [0, 0]
+    assert got[3][0]["received"] == 16
+    for case in got[3:]:
+        for g in case:
+            assert not g["y"].isnan().any() and not g["dw"].isnan().any()

@@ -1,7 +1,8 @@
 """Token dispatchers: move routed rows to their experts and back.
 
-Legend: T tokens, D model dim, E experts, e local experts, K top-k,
-R routed rows (the (token, slot) pairs that reach an expert; R = T*K when dropless).
+Legend: T tokens, D model dim, E experts, e local experts, K top-k (the slot width),
+R routed rows (the (token, slot) pairs that reach an expert; R = T*K when dropless and
+every slot is active).
 
 A dispatcher is not an nn.Module: it owns no parameters, only the data movement.
 ``dispatch`` returns the rows sorted by (local) expert plus a frozen :class:`DispatchMeta`;
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from moetrain.config.schema import ConfigError, KernelBackend
+from moetrain.config.schema import ConfigError, DropPolicy, KernelBackend
 from moetrain.kernels import use_triton
 from moetrain.kernels.reference import permute_ref, routing_metadata_ref
 
@@ -32,13 +33,15 @@ class DispatchMeta:
     """What ``combine`` needs to undo ``dispatch``.
 
     row_index_R: int64 flat slot index t*K+k of each dispatched row, in dispatch order.
-    kept_TK: bool, False where a (token, slot) row was dropped for lack of capacity.
+    kept_TK: bool, True where a (token, slot) row was dispatched: False where it was
+        dropped for lack of capacity or the slot is inactive.
     weights_TK: float32 router weights (differentiable), applied in ``combine``.
     num_tokens, top_k: T and K.
     out_dtype: dtype of ``combine``'s result (the dtype of x_TD).
     tokens_per_expert: int64 (e,) rows per local expert, in dispatch order.
-    num_dropped: int64 0-dim tensor, number of dropped (token, slot) rows.
-    pos_TK: int32 position of each (token, slot) among the dispatched rows, -1 if dropped;
+    num_dropped: int64 0-dim tensor, number of active (token, slot) rows dropped for
+        capacity (inactive slots are not counted: they were never routed).
+    pos_TK: int32 position of each (token, slot) among the dispatched rows, -1 if not kept;
         set by the Triton path (``combine`` then runs the fused unpermute+combine kernel).
     """
 
@@ -55,10 +58,19 @@ class DispatchMeta:
 
 @runtime_checkable
 class Dispatcher(Protocol):
-    """Moves routed rows to experts (``dispatch``) and back (``combine``)."""
+    """Moves routed rows to experts (``dispatch``) and back (``combine``).
+
+    ``ids_TK``/``weights_TK`` have a fixed width of K slots. ``active_TK`` (bool, None = all
+    True) marks the slots that route to ``ids_TK[t, k]``; routers that give a token a
+    variable number of experts (threshold routing, XMoE; expert choice) leave the rest
+    False. An inactive slot is not dispatched, not counted in ``tokens_per_expert`` or
+    ``num_dropped``, and adds exactly zero in ``combine`` (its weight gets a zero gradient);
+    its id may be any expert.
+    """
 
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+        active_TK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DispatchMeta]: ...
 
     def combine(self, y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor: ...
@@ -66,6 +78,8 @@ class Dispatcher(Protocol):
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Rows one expert accepts: ceil(capacity_factor * T * K / E) (Switch, Fedus et al., 2021).
+
+    K is the slot width, also when some slots are inactive (variable-k routing).
 
     A tolerance of 1e-9 keeps float noise (1.1 * 10 = 11.000000000000002) from adding a row.
     """
@@ -81,10 +95,14 @@ class LocalDispatcher:
     Rows are ordered by a stable sort of the expert ids over the flat index t*K+k, so within
     an expert rows keep token order. Each token's x row is replicated once per slot.
 
-    ``capacity_factor=None`` is dropless. Otherwise each expert keeps its first
-    :func:`expert_capacity` rows (priority = flat index t*K+k) and the rest are dropped:
-    they are not sent to any expert (no padding rows) and contribute zero in ``combine``;
-    the block's residual connection carries those tokens (Switch Transformer, section 2.2).
+    ``capacity_factor=None`` is dropless. Otherwise each expert keeps
+    :func:`expert_capacity` of its active rows and the rest are dropped: they are not sent
+    to any expert (no padding rows) and contribute zero in ``combine``; the block's residual
+    connection carries those tokens (Switch Transformer, section 2.2). ``drop_policy``
+    (``moe.drop_policy``) chooses the kept rows: ``probs`` the highest router weights,
+    ``slot`` first choices before second choices (GShard), ``position`` the earliest flat
+    index t*K+k (:func:`moetrain.kernels.reference.capacity_keep`). Whatever the policy,
+    an expert's kept rows go out in flat-index order.
 
     ``kernel_backend`` (``moe.kernel_backend``) selects the Triton kernels of
     ``moetrain.kernels`` (routing metadata, permute, fused unpermute+combine); otherwise
@@ -93,7 +111,8 @@ class LocalDispatcher:
     """
 
     def __init__(self, num_experts: int, capacity_factor: float | None = None,
-                 kernel_backend: KernelBackend = KernelBackend.auto) -> None:
+                 kernel_backend: KernelBackend = KernelBackend.auto,
+                 drop_policy: DropPolicy = DropPolicy.probs) -> None:
         if capacity_factor is not None and capacity_factor <= 0:
             raise ConfigError(
                 f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0, or use "
@@ -102,21 +121,24 @@ class LocalDispatcher:
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.kernel_backend = KernelBackend(kernel_backend)
+        self.drop_policy = DropPolicy(drop_policy)
 
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+        active_TK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DispatchMeta]:
         T, K = ids_TK.shape
         cap = (None if self.capacity_factor is None
                else expert_capacity(T, K, self.num_experts, self.capacity_factor))
+        how = {"policy": self.drop_policy, "weights_TK": weights_TK, "active_TK": active_TK}
         if use_triton(self.kernel_backend, x_TD):
             from moetrain.kernels import ops
 
-            route = ops.routing_metadata(ids_TK, self.num_experts, cap)
+            route = ops.routing_metadata(ids_TK, self.num_experts, cap, **how)
             x_RD = ops.permute(x_TD, route.row_index_R, route.pos_TK, K)
             pos_TK = route.pos_TK  # combine then runs the fused unpermute+combine kernel
         else:
-            route = routing_metadata_ref(ids_TK, self.num_experts, cap)
+            route = routing_metadata_ref(ids_TK, self.num_experts, cap, **how)
             x_RD = permute_ref(x_TD, route.row_index_R, K)
             pos_TK = None
         meta = DispatchMeta(
@@ -143,13 +165,16 @@ class LocalDispatcher:
 def combine_rows(y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
     """Scatter rows back to their (token, slot) positions and sum the slots with the weights.
 
-    out_t = sum_k w_tk * y_(t,k), in float32; dropped slots hold zeros. Each slot is written
-    exactly once (index_copy), so the result is deterministic on every device.
+    out_t = sum_k w_tk * y_(t,k), in float32; dropped and inactive slots hold zeros and
+    their weights are masked to zero (so they add exactly zero and get no weight gradient).
+    Each slot is written exactly once (index_copy), so the result is deterministic on every
+    device.
     """
     T, K = meta.num_tokens, meta.top_k
     D = y_RD.shape[-1]
     y_TKD = y_RD.new_zeros(T * K, D).index_copy(0, meta.row_index_R, y_RD)
-    out_TD = (y_TKD.view(T, K, D).float() * meta.weights_TK.float().unsqueeze(-1)).sum(dim=1)
+    w_TK = torch.where(meta.kept_TK, meta.weights_TK.float(), 0.0)
+    out_TD = (y_TKD.view(T, K, D).float() * w_TK.unsqueeze(-1)).sum(dim=1)
     return out_TD.to(meta.out_dtype)
 
 
@@ -175,8 +200,8 @@ class AllToAllDispatcher:
     """Expert-parallel dispatch: each of the ``ep`` ranks holds E/ep experts.
 
     Tokens are first sorted by global expert on their own rank (and, in capacity mode,
-    the overflow dropped with the same rule as :class:`LocalDispatcher`, per source rank),
-    then exchanged:
+    the overflow dropped with the same ``drop_policy`` as :class:`LocalDispatcher`, per
+    source rank; inactive slots are never sent), then exchanged:
     - dropless: per-expert counts are exchanged first, then exactly the routed rows with
       variable splits (no padding);
     - capacity: a fixed-size exchange of ``C`` slots per expert (zero rows fill unused
@@ -186,8 +211,10 @@ class AllToAllDispatcher:
     through both exchanges.
     """
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor: float | None = None,
-                 kernel_backend: KernelBackend = KernelBackend.auto):
+    def __init__(self, num_experts: int, group: dist.ProcessGroup,
+                 capacity_factor: float | None = None,
+                 kernel_backend: KernelBackend = KernelBackend.auto,
+                 drop_policy: DropPolicy = DropPolicy.probs):
         self.num_experts = num_experts
         self.group = group
         self.ep = dist.get_world_size(group)
@@ -198,7 +225,7 @@ class AllToAllDispatcher:
             )
         self.local_experts = num_experts // self.ep
         self.capacity_factor = capacity_factor
-        self.local = LocalDispatcher(num_experts, capacity_factor, kernel_backend)
+        self.local = LocalDispatcher(num_experts, capacity_factor, kernel_backend, drop_policy)
         self.bytes_sent = 0  # token bytes sent by dispatch + combine since the last reset
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
@@ -207,9 +234,9 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv, counts_E.contiguous(), group=self.group)
         return recv.view(self.ep, self.local_experts)
 
-    def dispatch(self, x_TD, ids_TK, weights_TK):
+    def dispatch(self, x_TD, ids_TK, weights_TK, active_TK=None):
         ep, e = self.ep, self.local_experts
-        x_RD, lmeta = self.local.dispatch(x_TD, ids_TK, weights_TK)
+        x_RD, lmeta = self.local.dispatch(x_TD, ids_TK, weights_TK, active_TK)
         counts_E = lmeta.tokens_per_expert
         pad_idx = None
         if self.capacity_factor is None:

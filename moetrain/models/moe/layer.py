@@ -16,11 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moetrain.config.schema import DispatchMode, ModelConfig, MoEConfig
-from moetrain.kernels.reference import expert_counts
+from moetrain.config.schema import AuxLossScope, BalanceLoss, DispatchMode, ModelConfig, MoEConfig
 from moetrain.models.moe.dispatcher import Dispatcher, LocalDispatcher
 from moetrain.models.moe.experts import FeedForward, GroupedExperts
-from moetrain.models.moe.losses import load_balancing_loss, router_entropy, z_loss
+from moetrain.models.moe.losses import (
+    load_balancing_loss,
+    router_entropy,
+    seq_load_balancing_loss,
+    z_loss,
+)
 from moetrain.models.moe.router import RouterOutput, build_router
 
 
@@ -52,8 +56,11 @@ class MoEStats:
     aux_loss: raw load-balancing loss (no coefficient; global-batch counts if reduced).
     z_loss: raw router z-loss.
     num_dropped: int64, (token, slot) rows dropped for capacity.
-    num_routed: int64, T*K rows routed in this micro-batch.
+    num_routed: int64, rows routed in this micro-batch (T*K, fewer with a variable k).
     entropy: mean per-token routing entropy (nats).
+    router_loss: the router's own weighted loss (noisy top-k), 0 if it has none.
+    num_unrouted: int64, tokens that reach no expert (expert-choice leaves some out).
+    num_tokens: int64, tokens of the micro-batch.
     """
 
     load_E: torch.Tensor
@@ -62,6 +69,9 @@ class MoEStats:
     num_dropped: torch.Tensor
     num_routed: torch.Tensor
     entropy: torch.Tensor
+    router_loss: torch.Tensor
+    num_unrouted: torch.Tensor
+    num_tokens: torch.Tensor
 
 
 class MoELayer(nn.Module):
@@ -72,8 +82,16 @@ class MoELayer(nn.Module):
       expert-parallel dispatcher follows the same protocol.
     - ``aux_loss_scale``: multiplies the injected aux gradient (e.g. 1/accumulation steps).
     - ``count_reducer``: for ``moe.aux_loss_scope=global_batch``, sums the per-expert
-      counts over data-parallel ranks before the load-balancing loss. It receives an int64
-      vector of length E+1: the E counts followed by the routed-row count.
+      counts over data-parallel ranks before the load-balancing loss (and over tp ranks
+      that route sequence shards). It receives an int64 vector: the E counts followed by
+      the routed-row count (``balance_loss=seq``: B*E per-sequence counts).
+
+    Global-batch statistics (``moe.aux_loss_scope=global_batch``, Megatron-core's
+    ``global_aux_loss``; Qiu et al. 2025, arXiv 2501.11873): the counts of f accumulate
+    over the micro-batches of the optimizer step, so micro-batch j of a step uses the
+    counts of micro-batches 1..j of every data-parallel rank. The trainer calls
+    :meth:`reset_step_counts` when a step starts; evaluation forwards use their own
+    counts, and a recompute (activation checkpointing) does not add them twice.
     """
 
     def __init__(self, dim: int, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
@@ -83,6 +101,11 @@ class MoELayer(nn.Module):
         self.top_k = model_cfg.top_k
         self.aux_loss_coef = moe_cfg.aux_loss_coef
         self.z_loss_coef = moe_cfg.z_loss_coef
+        self.balance_loss = BalanceLoss(moe_cfg.balance_loss)
+        self.global_scope = AuxLossScope(moe_cfg.aux_loss_scope) == AuxLossScope.global_batch
+        self.step_counts: torch.Tensor | None = None  # global-batch counts of this step
+        self.seq_shards = 1  # tp ranks that each hold a shard of every sequence
+        self.seq_shard_rank = 0
         self.router = build_router(dim, model_cfg.num_experts, model_cfg.top_k, moe_cfg.router)
         self.router.kernel_backend = moe_cfg.kernel_backend  # fused Triton top-k when selected
         self.experts = GroupedExperts(model_cfg.num_experts, dim, model_cfg.expert_hidden,
@@ -95,7 +118,8 @@ class MoELayer(nn.Module):
         capacity = (moe_cfg.capacity_factor
                     if DispatchMode(moe_cfg.dispatch) == DispatchMode.capacity else None)
         self.dispatcher: Dispatcher = LocalDispatcher(model_cfg.num_experts, capacity,
-                                                      moe_cfg.kernel_backend)
+                                                      moe_cfg.kernel_backend,
+                                                      moe_cfg.drop_policy)
         self.aux_loss_scale: float = 1.0
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.last_stats: MoEStats | None = None
@@ -109,46 +133,103 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.init_weights(init_std, out_std)
 
+    def reset_step_counts(self) -> None:
+        """Start a new optimizer step's global-batch counts."""
+        self.step_counts = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
         routed: RouterOutput = self.router(x_TD)
-        x_RD, meta = self.dispatcher.dispatch(x_TD, routed.ids_TK, routed.weights_TK)
+        extra = () if routed.active_TK is None else (routed.active_TK,)
+        x_RD, meta = self.dispatcher.dispatch(x_TD, routed.ids_TK, routed.weights_TK, *extra)
         y_RD = self.experts(x_RD, meta.tokens_per_expert)
         y_TD = self.dispatcher.combine(y_RD, meta)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         out = y_TD.view(shape)
 
-        counts_E = expert_counts(routed.ids_TK, self.num_experts)
-        balance, z = self._losses(routed, counts_E)
+        counts_E = _active_counts(routed.ids_TK, routed.active_TK, self.num_experts)
+        balance, z = self._losses(routed, counts_E, shape)
         self._record_stats(routed, counts_E, balance, z, meta.num_dropped)
-        if torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
-            aux = self.aux_loss_coef * balance + self.z_loss_coef * z
-            if aux.requires_grad:
+        if torch.is_grad_enabled():
+            terms = []
+            if self.z_loss_coef > 0:
+                terms.append(self.z_loss_coef * z)
+            if self.aux_loss_coef > 0 and getattr(self.router, "uses_balance_loss", True):
+                terms.append(self.aux_loss_coef * balance)
+            if routed.router_loss is not None:
+                terms.append(routed.router_loss)
+            aux = sum(terms[1:], terms[0]) if terms else None
+            if aux is not None and aux.requires_grad:
                 out = AuxLossInjector.apply(out, aux, self.aux_loss_scale)
         return out
 
-    def _losses(self, routed: RouterOutput,
-                counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        num_routed: int | torch.Tensor = routed.ids_TK.numel()
+    def _losses(self, routed: RouterOutput, counts_E: torch.Tensor,
+                shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        z = z_loss(routed.logits_TE)
+        if self.balance_loss == BalanceLoss.seq:
+            return self._seq_loss(routed, shape), z
+        num_routed: int | torch.Tensor = counts_E.sum()
         if self.count_reducer is not None:
             # One collective for both: E counts then the routed-row count (their sum; a
             # device-side sum, not a host scalar copied to the device).
             total = self.count_reducer(torch.cat([counts_E, counts_E.sum().view(1)]))
             counts_E, num_routed = total[: self.num_experts], total[self.num_experts]
+        if self.global_scope and self.training and torch.is_grad_enabled():
+            total = torch.cat([counts_E, torch.as_tensor(num_routed).view(1)])
+            # A recompute (activation checkpointing) runs inside the backward: it reads the
+            # accumulated counts without adding its micro-batch a second time.
+            recompute = torch._C._current_graph_task_id() != -1
+            if self.step_counts is None:
+                self.step_counts = total
+            elif not recompute:
+                self.step_counts = self.step_counts + total
+            counts_E, num_routed = self.step_counts[:-1], self.step_counts[-1]
         balance = load_balancing_loss(routed.scores_TE, routed.ids_TK, self.num_experts,
                                       counts_E=counts_E, num_routed=num_routed)
-        return balance, z_loss(routed.logits_TE)
+        return balance, z
+
+    def _seq_loss(self, routed: RouterOutput, shape: torch.Size) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise loss: f from the unbiased top-k before any drop."""
+        B, S = shape[0], shape[1] if len(shape) == 3 else 1
+        E, K = self.num_experts, self.router.top_k
+        ids_TK = torch.topk(routed.scores_TE.detach(), K, dim=-1).indices
+        ones = torch.ones_like(ids_TK, dtype=torch.int64)
+        counts_BE = torch.zeros(B, E, dtype=torch.int64, device=ids_TK.device)
+        counts_BE = counts_BE.scatter_add_(1, ids_TK.view(B, S * K), ones.view(B, S * K))
+        scores_BSE = routed.scores_TE.view(B, S, E)
+        if self.count_reducer is not None:  # sequence shards: sum each sequence's counts
+            counts_BE = self.count_reducer(counts_BE.flatten()).view(B, E)
+        return seq_load_balancing_loss(scores_BSE, counts_BE, K, seq_len=S * self.seq_shards)
 
     @torch.no_grad()
     def _record_stats(self, routed: RouterOutput, counts_E: torch.Tensor, balance: torch.Tensor,
                       z: torch.Tensor, num_dropped: torch.Tensor) -> None:
+        T = routed.ids_TK.shape[0]
+        if routed.active_TK is None:
+            unrouted = torch.zeros((), dtype=torch.int64, device=counts_E.device)
+        else:
+            unrouted = (~routed.active_TK.any(dim=-1)).sum()
         self.last_stats = MoEStats(
             load_E=counts_E.float(),
             aux_loss=balance.detach(),
             z_loss=z.detach(),
             num_dropped=num_dropped.detach().to(torch.int64),
-            num_routed=counts_E.sum(),  # = T*K, computed on the device (no host copy)
+            num_routed=counts_E.sum(),  # computed on the device (no host copy)
             entropy=router_entropy(routed.scores_TE.detach()),
+            router_loss=(routed.router_loss.detach() if routed.router_loss is not None
+                         else torch.zeros((), device=counts_E.device)),
+            num_unrouted=unrouted,
+            num_tokens=torch.tensor(T, device=counts_E.device),
         )
+
+
+def _active_counts(ids_TK: torch.Tensor, active_TK: torch.Tensor | None,
+                   num_experts: int) -> torch.Tensor:
+    """int64 (E,) routed rows per expert, counting only active slots (no host sync)."""
+    flat = ids_TK.reshape(-1).long()
+    ones = (torch.ones_like(flat) if active_TK is None
+            else active_TK.reshape(-1).to(torch.int64))
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, ones)

@@ -58,3 +58,49 @@ def router_entropy(scores_TE: torch.Tensor) -> torch.Tensor:
     """
     p = scores_TE.float()
     return -torch.special.xlogy(p, p).sum(dim=-1).mean()
+
+
+def seq_load_balancing_loss(scores_BSE: torch.Tensor, counts_BE: torch.Tensor,
+                            top_k: int, seq_len: int | None = None) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss (arXiv 2412.19437, eqs. 17-20), without alpha:
+
+        L = mean_b sum_e f_be P_be
+        f_be = E / (K * S) * (tokens of sequence b whose *unbiased* top-K holds e)
+        P_be = (1/S) sum_s s'_bse          (s' = scores normalised per token)
+
+    ``counts_BE`` must come from the unbiased top-k before any capacity drop (Megatron-LM
+    #1513); under sequence sharding they are summed over the shards, and ``scores_BSE``
+    holds this rank's positions (``seq_len`` = the whole sequence's). Perfect balance
+    gives 1.
+    """
+    _, S, E = scores_BSE.shape
+    f_BE = counts_BE.float() * (E / (top_k * (seq_len or S)))
+    P_BE = scores_BSE.float().mean(dim=1)
+    return (f_BE * P_BE).sum(dim=-1).mean()
+
+
+def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation var(x) / mean(x)^2 with the population variance
+    (divide by n, as tensor2tensor's ``cv_squared``): CV^2([1, 0]) = 1. 0 for n = 1."""
+    x = x_E.float()
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.var(unbiased=False) / (x.mean().square() + 1e-10)
+
+
+def prob_in_topk(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor,
+                 top_k: int) -> torch.Tensor:
+    """Shazeer et al. 2017, App. A: P(x, i) = Phi((clean_i - kth_excluding(noisy, k, i)) /
+    std_i), the probability that expert i stays in the top k under a fresh noise draw.
+
+    kth_excluding: if i is in the noisy top k, the threshold is the (k+1)-th noisy value,
+    otherwise the k-th (tensor2tensor's ``_prob_in_top_k``). Needs k < E.
+    """
+    top_TK1 = noisy_TE.topk(top_k + 1, dim=-1).values
+    in_thr = top_TK1[:, top_k:top_k + 1]
+    out_thr = top_TK1[:, top_k - 1:top_k]
+    is_in = noisy_TE > in_thr
+    normal = torch.distributions.Normal(0.0, 1.0)
+    p_in = normal.cdf((clean_TE - in_thr) / noise_std_TE)
+    p_out = normal.cdf((clean_TE - out_thr) / noise_std_TE)
+    return torch.where(is_in, p_in, p_out)

@@ -1,6 +1,6 @@
 """Routers: which experts each token visits, and with what weight.
 
-Legend: T tokens, D model dim, E experts, K top-k.
+Legend: T tokens, D model dim, E experts, K top-k (slots per token).
 
 A router maps ``x_TD`` to a :class:`RouterOutput`. Scores are always float32: the gate
 matmul runs in float32 with autocast disabled, because routing decisions are sensitive to
@@ -19,24 +19,46 @@ from torch import nn
 
 from moetrain.config.schema import ConfigError, KernelBackend, RouterConfig, RouterType, ScoreFunc
 from moetrain.kernels import use_triton
+from moetrain.models.moe import losses, routing
 
 
 @dataclass(frozen=True)
 class RouterOutput:
     """What the router decided for one batch of tokens.
 
-    ids_TK: int64 expert ids, best first.
+    ids_TK: int64 expert ids, best first (K = the router's ``slots``).
     weights_TK: float32 combine weights (differentiable w.r.t. the gate).
     scores_TE: float32 per-token probabilities over all experts, used by the losses:
         softmax(logits / temperature), or for sigmoid routers sigmoid(logits / temperature)
         normalised to sum to 1 per token.
-    logits_TE: float32 raw gate logits (before temperature), used by the z-loss.
+    logits_TE: float32 logits that enter the score function (after the temperature), used
+        by the z-loss.
+    active_TK: bool, False for unused slots of routers with a variable number of experts
+        per token (threshold, expert-choice); None when every slot is used.
+    router_loss: the router's own balance loss, already weighted (noisy top-k's
+        importance and load losses); None for routers without one.
     """
 
     ids_TK: torch.Tensor
     weights_TK: torch.Tensor
     scores_TE: torch.Tensor
     logits_TE: torch.Tensor
+    active_TK: torch.Tensor | None = None
+    router_loss: torch.Tensor | None = None
+
+
+@dataclass
+class RoutingContext:
+    """Runtime keys of the routers' random draws, set by the trainer (never the config).
+
+    seed: the run's seed. step: the optimizer step being trained (0-based).
+    token_keys: int64 (T,) global position of each routed token (sample index * seq_len +
+        position), in the order of the layer's tokens; None outside training.
+    """
+
+    seed: int = 0
+    step: int = 0
+    token_keys: torch.Tensor | None = None
 
 
 ROUTERS: dict[RouterType, type[nn.Module]] = {}
@@ -52,23 +74,27 @@ def register_router(kind: RouterType) -> Callable[[type[nn.Module]], type[nn.Mod
     return deco
 
 
-@register_router(RouterType.topk)
-class TopKRouter(nn.Module):
-    """Top-k routing over softmax (Mixtral; Jiang et al., 2024) or sigmoid scores
-    (DeepSeek-V3; DeepSeek-AI, 2024).
+class Router(nn.Module):
+    """Base of the routers: a float32 gate ``x_TD -> logits_TE`` plus the runtime hooks.
 
-    - ``expert_bias`` (E,), a persistent buffer of zeros, is added to the scores for the
-      top-k *selection* only; the weights are gathered from the unbiased scores. A callback
-      nudges it towards balanced load (DeepSeek-V3's auxiliary-loss-free balancing,
-      Wang et al., 2024). With the bias at zero, routing is plain top-k.
-    - ``temperature`` divides the logits before the score function (dense-to-sparse
-      schedules anneal it); ``top_k`` and ``temperature`` are plain attributes that
-      callbacks may change between steps.
-    - ``renormalize`` rescales the k weights of each token to sum to 1.
-    - ``kernel_backend`` (set by the MoE layer from ``moe.kernel_backend``): with Triton,
-      scores, biased top-k and weights run in one fused kernel
-      (``moetrain.kernels.ops.topk_router``); same outputs, same gradients.
+    - ``expert_bias`` (E,): a persistent float32 buffer added to the scores for the
+      selection only (DeepSeek-V3's auxiliary-loss-free balancing); the expert-bias
+      callback moves it once per optimizer step. It stays float32 under ``.to(bf16)``
+      (Megatron-LM #1482: a bf16 bias loses the 1e-3 steps).
+    - ``temperature`` divides the logits before the score function; ``top_k`` and
+      ``temperature`` are plain attributes that schedules may change between steps.
+    - ``context`` (:class:`RoutingContext`) keys the random draws; ``layer_idx`` is set by
+      the model.
+    - ``slots``: the width K of ``ids_TK`` (``top_k`` unless the router varies it).
+    - ``uses_balance_loss``: False for routers that balance by construction (Sinkhorn,
+      expert-choice): the MoE layer then logs the balance loss without training on it.
+    - ``whole_batch``: True when a token's routing depends on the other tokens of the
+      micro-batch (not causal; it needs the whole micro-batch on one rank).
     """
+
+    uses_balance_loss = True
+    whole_batch = False
+    needs_token_keys = False
 
     def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
         super().__init__()
@@ -77,56 +103,105 @@ class TopKRouter(nn.Module):
                 f"model.top_k={top_k} is invalid: must be in [1, model.num_experts={num_experts}]"
             )
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        self.cfg = cfg
         self.score_func = ScoreFunc(cfg.score_func)
         self.renormalize = cfg.renormalize
         self.temperature = float(cfg.temperature)
+        self.route_scale = float(cfg.route_scale)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         self.kernel_backend = KernelBackend.auto
+        self.context = RoutingContext()
+        self.layer_idx = 0
+
+    @property
+    def slots(self) -> int:
+        return self.top_k
 
     def init_weights(self, init_std: float) -> None:
         nn.init.normal_(self.gate.weight, mean=0.0, std=init_std)
         with torch.no_grad():
             self.expert_bias.zero_()
 
+    def _apply(self, fn, recurse=True):
+        # Keep the bias float32 through module casts (.to(bf16), .half()); devices follow.
+        bias = self.expert_bias
+        out = super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
+        return out
+
     def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # float32 matmul even under autocast: routing is precision sensitive.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.gate.weight.float())
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        logits_TE = self._logits(x_TD)
-        # The fused kernel implements this class's selection; subclasses that change
-        # _select keep the torch path.
-        if type(self)._select is TopKRouter._select and use_triton(self.kernel_backend, logits_TE):
-            from moetrain.kernels import ops
-
-            ids_TK, weights_TK, scores_TE = ops.topk_router(
-                logits_TE, self.expert_bias, self.top_k, self.score_func == ScoreFunc.sigmoid,
-                self.renormalize, self.temperature)
-            return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE,
-                                logits_TE=logits_TE)
-        z_TE = logits_TE / self.temperature
-        if self.score_func == ScoreFunc.softmax:
-            raw_TE = torch.softmax(z_TE, dim=-1)
-            scores_TE = raw_TE
-        else:
-            raw_TE = torch.sigmoid(z_TE)
-            scores_TE = raw_TE / raw_TE.sum(dim=-1, keepdim=True)
-        ids_TK = self._select(raw_TE)
-        weights_TK = raw_TE.gather(1, ids_TK)
-        if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE,
-                            logits_TE=logits_TE)
-
-    def _select(self, raw_TE: torch.Tensor) -> torch.Tensor:
-        biased_TE = raw_TE.detach() + self.expert_bias.float()
-        return torch.topk(biased_TE, self.top_k, dim=-1, sorted=True).indices
+    def _token_keys(self, T: int, device: torch.device) -> torch.Tensor:
+        keys = self.context.token_keys
+        if keys is None:
+            return torch.arange(T, device=device)
+        if keys.numel() != T:
+            raise RuntimeError(
+                f"router of layer {self.layer_idx}: {keys.numel()} token keys for {T} tokens; "
+                f"the trainer sets one key per token of the micro-batch")
+        return keys.to(device)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"score_func={self.score_func.value}, renormalize={self.renormalize}")
+
+
+@register_router(RouterType.topk)
+class TopKRouter(Router):
+    """Top-k routing over softmax (Mixtral; Jiang et al., 2024) or sigmoid scores
+    (DeepSeek-V3; DeepSeek-AI, 2024).
+
+    The selection is on the scores plus ``expert_bias``, limited to the best
+    ``moe.router.topk_groups`` of ``n_groups`` expert groups when ``n_groups > 1``; the
+    weights are the unbiased scores of the picks, renormalised when ``renormalize`` and
+    k > 1 (a single weight is never renormalised: it would be 1.0 and the gate would get
+    no gradient from the LM loss), then times ``route_scale``.
+    With ``moe.kernel_backend`` selecting Triton and no groups, scores, biased top-k and
+    weights run in one fused kernel (``moetrain.kernels.ops.topk_router``); same outputs.
+    """
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self._logits(x_TD)
+        z_TE = logits_TE / self.temperature
+        renorm = self.renormalize and self.top_k > 1
+        if self.cfg.n_groups == 1 and use_triton(self.kernel_backend, logits_TE):
+            from moetrain.kernels import ops
+
+            ids_TK, weights_TK, scores_TE = ops.topk_router(
+                logits_TE, self.expert_bias, self.top_k, self.score_func == ScoreFunc.sigmoid,
+                renorm, self.temperature)
+            if self.route_scale != 1.0:
+                weights_TK = weights_TK * self.route_scale
+            return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE,
+                                logits_TE=z_TE)
+        raw_TE = routing.score(z_TE, self.score_func)
+        ids_TK = routing.topk_select(raw_TE, self.top_k, self.expert_bias, self.cfg.n_groups,
+                                     self.cfg.topk_groups, self.cfg.group_score)
+        weights_TK = routing.topk_gates(raw_TE, ids_TK, renorm, self.route_scale)
+        scores_TE = raw_TE if self.score_func == ScoreFunc.softmax else routing.normalized(raw_TE)
+        return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE,
+                            logits_TE=z_TE)
+
+
+@register_router(RouterType.deepseek_v3)
+class DeepSeekV3Router(TopKRouter):
+    """DeepSeek-V3 routing (DeepSeek-AI, 2024, arXiv 2412.19437, section 2.1.2): sigmoid
+    scores, node-limited (group-limited) top-k, weights renormalised over the picks and
+    scaled by ``route_scale`` (2.5 in the 671B model), and an expert bias moved by
+    auxiliary-loss-free balancing (``moe.router.bias_update_rate``, Wang et al. 2024)."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
+        if ScoreFunc(cfg.score_func) != ScoreFunc.sigmoid:
+            raise ConfigError(
+                f"moe.router.score_func={ScoreFunc(cfg.score_func).value} is invalid for "
+                f"moe.router.name=deepseek_v3, which scores with a sigmoid: set "
+                f"moe.router.score_func=sigmoid, or use moe/router=topk")
+        super().__init__(dim, num_experts, top_k, cfg)
 
 
 @register_router(RouterType.switch)
@@ -148,7 +223,188 @@ class SwitchRouter(TopKRouter):
         self.renormalize = False
 
 
-def build_router(dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> nn.Module:
+@register_router(RouterType.noisy_topk)
+class NoisyTopKRouter(Router):
+    """Noisily gated top-k (Shazeer et al. 2017, arXiv 1701.06538, section 2.1, App. A).
+
+    H(x)_i = (x W_g)_i + eps_i * (softplus((x W_noise)_i) + noise_epsilon), eps ~ N(0, 1)
+    in training only (evaluation routes on the clean logits). The weights are the softmax
+    over the k kept noisy logits. The router's own loss is
+    importance_coef * CV^2(Importance) + load_coef * CV^2(Load), with Importance_i =
+    sum_x G(x)_i and Load_i = sum_x P(x, i) (:func:`losses.prob_in_topk`), CV^2 with the
+    population variance. The noise is keyed by (seed, step, layer, token position,
+    expert) (:func:`routing.keyed_normal`), so every layout draws the same numbers.
+    W_noise starts at zero, as in the paper.
+    """
+
+    needs_token_keys = True
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
+        super().__init__(dim, num_experts, top_k, cfg)
+        if top_k >= num_experts:
+            raise ConfigError(
+                f"model.top_k={top_k} is invalid for moe.router.name=noisy_topk with "
+                f"model.num_experts={num_experts}: the load loss needs k < E; lower model.top_k")
+        self.w_noise = nn.Linear(dim, num_experts, bias=False)
+
+    def init_weights(self, init_std: float) -> None:
+        super().init_weights(init_std)
+        nn.init.zeros_(self.w_noise.weight)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        clean_TE = self._logits(x_TD) / self.temperature
+        T, E = clean_TE.shape
+        if not self.training:
+            noisy_TE = clean_TE
+        else:
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                std_TE = F.softplus(F.linear(x_TD.float(), self.w_noise.weight.float()))
+            std_TE = std_TE + self.cfg.noise_epsilon
+            keys_TE = (self._token_keys(T, clean_TE.device)[:, None] * E
+                       + torch.arange(E, device=clean_TE.device))
+            eps_TE = routing.keyed_normal(keys_TE, self.context.seed, self.context.step,
+                                          self.layer_idx, 0x5EED)
+            noisy_TE = clean_TE + eps_TE * std_TE
+        top_TK, ids_TK = noisy_TE.topk(self.top_k, dim=-1)
+        weights_TK = torch.softmax(top_TK, dim=-1)
+        scores_TE = torch.softmax(noisy_TE, dim=-1)
+        router_loss = None
+        if self.training and (self.cfg.importance_coef > 0 or self.cfg.load_coef > 0):
+            gates_TE = torch.zeros_like(clean_TE).scatter(1, ids_TK, weights_TK)
+            load_E = losses.prob_in_topk(clean_TE, noisy_TE, std_TE, self.top_k).sum(dim=0)
+            router_loss = (self.cfg.importance_coef * losses.cv_squared(gates_TE.sum(dim=0))
+                           + self.cfg.load_coef * losses.cv_squared(load_E))
+        return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE,
+                            logits_TE=clean_TE, router_loss=router_loss)
+
+
+@register_router(RouterType.expert_choice)
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368): each expert picks the
+    ``round(ec_capacity_factor * T / E)`` tokens of the micro-batch with the highest
+    softmax score and weights them by that raw probability (not renormalised). Every
+    expert processes exactly its capacity; a token may get several experts or none (it
+    then rides the residual, and the layer counts it). The choice looks at the whole
+    micro-batch, so it is not causal: a token's experts depend on later tokens.
+    Balanced by construction: no balance loss is trained on.
+    """
+
+    uses_balance_loss = False
+    whole_batch = True
+
+    @property
+    def slots(self) -> int:
+        return self.num_experts
+
+    def capacity(self, num_tokens: int) -> int:
+        c = round(self.cfg.ec_capacity_factor * num_tokens / self.num_experts)
+        return min(num_tokens, max(1, c))
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        z_TE = self._logits(x_TD) / self.temperature
+        scores_TE = torch.softmax(z_TE, dim=-1)
+        ids_TE, active_TE = routing.expert_choice_select(scores_TE, self.capacity(z_TE.shape[0]))
+        return RouterOutput(ids_TK=ids_TE, weights_TK=scores_TE, scores_TE=scores_TE,
+                            logits_TE=z_TE, active_TK=active_TE)
+
+
+@register_router(RouterType.sinkhorn)
+class SinkhornRouter(Router):
+    """S-BASE routing (Clark et al. 2022, arXiv 2202.01169), as Megatron-core's
+    ``sinkhorn`` load-balancing type: in training the top-k experts of the Sinkhorn-
+    balanced plan of exp(logits) (:func:`routing.sinkhorn_plan`, log domain, capped at
+    ``moe.router.sinkhorn_iters``), chosen without gradient; the weights are the gate
+    activation of the raw logits at the picks: sigmoid for k = 1, else the softmax over
+    all experts (not renormalised). Evaluation takes the plain top-k of that activation.
+    The plan balances the micro-batch by construction: no balance loss is trained on.
+    """
+
+    uses_balance_loss = False
+    whole_batch = True
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        z_TE = self._logits(x_TD) / self.temperature
+        act_TE = torch.sigmoid(z_TE) if self.top_k == 1 else torch.softmax(z_TE, dim=-1)
+        if self.training:
+            plan_TE = routing.sinkhorn_plan(z_TE, self.cfg.sinkhorn_iters, self.cfg.sinkhorn_tol)
+            ids_TK = torch.topk(plan_TE, self.top_k, dim=-1).indices
+        else:
+            ids_TK = torch.topk(act_TE.detach(), self.top_k, dim=-1).indices
+        return RouterOutput(ids_TK=ids_TK, weights_TK=act_TE.gather(1, ids_TK),
+                            scores_TE=torch.softmax(z_TE, dim=-1), logits_TE=z_TE)
+
+
+@register_router(RouterType.selective_sinkhorn)
+class SelectiveSinkhornRouter(TopKRouter):
+    """Selective Sinkhorn Routing (SSR, arXiv 2511.08972): softmax top-k, except on a
+    fraction ``ssr_prob`` of training steps, where tokens are routed by entropic optimal
+    transport: the plan P of cost logits / ``ssr_epsilon`` with rows summing to 1 (one
+    unit of mass per token) and columns to T/E (balanced experts); each token takes the
+    top-k of its row and the weights are P's entries renormalised over them.
+
+    The step's draw is Bernoulli(p) keyed by (seed, step, layer) (:func:`routing.
+    keyed_uniform`), so a resume and every layout make the same draws. The plan's
+    scalings are constants for the gradient (the gate's gradient flows through exp(cost)).
+    At p = 0 the router is bit-identical to ``topk``. The transport step looks at the
+    whole micro-batch, so it is not causal.
+    """
+
+    whole_batch = True
+
+    def ot_step(self) -> bool:
+        if not self.training or self.cfg.ssr_prob <= 0:
+            return False
+        u = routing.keyed_uniform(torch.tensor([self.context.step]), self.context.seed,
+                                  self.layer_idx, 0x55A)
+        return bool(u.item() < self.cfg.ssr_prob)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        if not self.ot_step():
+            return super().forward(x_TD)
+        z_TE = self._logits(x_TD) / self.temperature
+        T, E = z_TE.shape
+        cost_TE = z_TE / self.cfg.ssr_epsilon
+        _, log_d1 = routing.sinkhorn_log(cost_TE, 1.0, T / E, self.cfg.sinkhorn_iters,
+                                         self.cfg.sinkhorn_tol)
+        plan_logits_TE = cost_TE + log_d1  # the row scaling cancels in the renormalisation
+        ids_TK = torch.topk(plan_logits_TE.detach(), self.top_k, dim=-1).indices
+        weights_TK = torch.softmax(plan_logits_TE.gather(1, ids_TK), dim=-1)
+        if self.route_scale != 1.0:
+            weights_TK = weights_TK * self.route_scale
+        return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK,
+                            scores_TE=torch.softmax(z_TE, dim=-1), logits_TE=z_TE)
+
+
+@register_router(RouterType.threshold)
+class ThresholdRouter(Router):
+    """XMoE threshold routing (Yang et al. 2024, arXiv 2403.18926): softmax scores; each
+    token takes experts, best first, until their cumulative probability reaches
+    ``moe.router.threshold`` (at least 1, at most ``moe.router.max_k``, default
+    ``model.top_k``). The weights are the raw probabilities (not renormalised), as in the
+    reference code. The number of experts varies per token: unused slots are inactive.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
+        super().__init__(dim, num_experts, top_k, cfg)
+        self.max_k = cfg.max_k or top_k
+        if self.max_k > num_experts:
+            raise ConfigError(
+                f"moe.router.max_k={self.max_k} is invalid: must be <= model.num_experts="
+                f"{num_experts}")
+
+    @property
+    def slots(self) -> int:
+        return self.max_k
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        z_TE = self._logits(x_TD) / self.temperature
+        probs_TE = torch.softmax(z_TE, dim=-1)
+        ids_TK, active_TK = routing.threshold_select(probs_TE, self.cfg.threshold, self.max_k)
+        return RouterOutput(ids_TK=ids_TK, weights_TK=probs_TE.gather(1, ids_TK),
+                            scores_TE=probs_TE, logits_TE=z_TE, active_TK=active_TK)
+
+
+def build_router(dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> Router:
     """Instantiate the router registered under ``cfg.name``."""
     kind = RouterType(cfg.name)
     if kind not in ROUTERS:

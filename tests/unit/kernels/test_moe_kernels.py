@@ -14,6 +14,7 @@ from moetrain.kernels import moe as K
 from moetrain.kernels import ops
 from moetrain.kernels import reference as ref
 
+from moetrain.config.schema import DropPolicy
 from moetrain.models.moe.dispatcher import expert_capacity
 
 pytestmark = pytest.mark.usefixtures("interpret")
@@ -55,6 +56,128 @@ def test_routing_metadata_by_hand():
     assert capped.row_index_R.tolist() == [0, 2, 1, 4, 3, 8]
     assert capped.pos_TK.tolist() == [[0, 2], [1, 4], [3, -1], [-1, -1], [5, -1], [-1, -1]]
     assert int(capped.num_dropped) == 6
+
+
+# Drop policies by hand: T=4, K=2, E=2, C=2. Slot (t, k) -> expert (weight):
+#   t0: 0 (.6)  1 (.4) | t1: 1 (.7)  0 (.3) | t2: 0 (.9)  1 (.1) | t3: 1 (.2)  0 (.8)
+# Expert 0 gets n = 0, 3, 4, 7 = (0,0) (1,1) (2,0) (3,1); expert 1 gets n = 1, 2, 5, 6.
+HAND_IDS = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]])
+HAND_W = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.9, 0.1], [0.2, 0.8]])
+HAND_KEPT = {
+    # Token 1's second choice (1,1) beats token 2's first choice (2,0) for expert 0.
+    DropPolicy.position: [[1, 1], [1, 1], [0, 0], [0, 0]],
+    # First choices only: (0,0) (2,0) for expert 0, (1,0) (3,0) for expert 1.
+    DropPolicy.slot: [[1, 0], [1, 0], [1, 0], [1, 0]],
+    # Expert 0: .9 (2,0) and .8 (3,1); expert 1: .7 (1,0) and .4 (0,1).
+    DropPolicy.probs: [[0, 1], [1, 0], [1, 0], [0, 1]],
+}
+# Dispatched rows: kept flat indices, by expert, in flat order whatever the policy.
+HAND_ROWS = {DropPolicy.position: [0, 3, 1, 2], DropPolicy.slot: [0, 4, 2, 6],
+             DropPolicy.probs: [4, 7, 1, 2]}
+
+
+@pytest.mark.parametrize("policy", list(DropPolicy))
+def test_drop_policies_by_hand(policy):
+    assert ref.capacity_keep(HAND_IDS, 2, 2, policy, HAND_W).int().tolist() == HAND_KEPT[policy]
+    for fn in (ref.routing_metadata_ref, K.routing_metadata):
+        got = fn(HAND_IDS, 2, 2, policy=policy, weights_TK=HAND_W.requires_grad_())
+        assert got.row_index_R.tolist() == HAND_ROWS[policy]
+        assert (got.pos_TK >= 0).int().tolist() == HAND_KEPT[policy]
+        assert got.tokens_per_expert.tolist() == [2, 2]
+        assert got.counts_E.tolist() == [4, 4]
+        assert int(got.num_dropped) == 4
+
+
+def test_probs_policy_breaks_weight_ties_by_flat_index():
+    # Every slot to expert 0 with weight .5 except n = 5 (.9): keep n = 5, then n = 0.
+    ids = torch.zeros(3, 2, dtype=torch.int64)
+    w = torch.full((3, 2), 0.5)
+    w[2, 1] = 0.9
+    for fn in (ref.routing_metadata_ref, K.routing_metadata):
+        got = fn(ids, 2, 2, policy=DropPolicy.probs, weights_TK=w)
+        assert got.row_index_R.tolist() == [0, 5]
+        assert got.pos_TK.tolist() == [[0, -1], [-1, -1], [-1, 1]]
+
+
+def test_inactive_slots_by_hand():
+    # Inactive slots (x) hold ids that would otherwise claim expert 0's capacity first.
+    ids = torch.tensor([[0, 0], [0, 1], [0, 0], [1, 0]])
+    active = torch.tensor([[False, True], [False, True], [True, False], [True, True]])
+    # Active: (0,1)->0  (1,1)->1  (2,0)->0  (3,0)->1  (3,1)->0; capacity 2, position.
+    for fn in (ref.routing_metadata_ref, K.routing_metadata):
+        got = fn(ids, 2, None, active_TK=active)
+        assert got.row_index_R.tolist() == [1, 4, 7, 3, 6]
+        assert got.pos_TK.tolist() == [[-1, 0], [-1, 3], [1, -1], [4, 2]]
+        assert got.counts_E.tolist() == [3, 2] and int(got.num_dropped) == 0
+        capped = fn(ids, 2, 2, active_TK=active)
+        assert capped.row_index_R.tolist() == [1, 4, 3, 6]  # (3,1) drops, no inactive slot
+        assert capped.tokens_per_expert.tolist() == [2, 2] and capped.counts_E.tolist() == [3, 2]
+        assert int(capped.num_dropped) == 1
+
+
+def _inactive(T: int, K: int, seed: int) -> torch.Tensor:
+    """About a third of the slots inactive, and at least one token with none active."""
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(T, K, generator=g) > 0.35
+    active[0] = False
+    return active
+
+
+@pytest.mark.parametrize("T,K_,E,empty", SHAPES)
+@pytest.mark.parametrize("policy", list(DropPolicy))
+@pytest.mark.parametrize("with_inactive", [False, True])
+def test_routing_metadata_policies_match_reference(T, K_, E, empty, policy, with_inactive):
+    ids = _ids(T, K_, E, empty, seed=4)
+    w = torch.rand(T, K_, generator=torch.Generator().manual_seed(5))
+    w[T // 2] = w[0, 0]  # weight ties across tokens
+    active = _inactive(T, K_, seed=6) if with_inactive else None
+    cap = expert_capacity(T, K_, E, 0.75)
+    for c in (None, cap):
+        got = K.routing_metadata(ids, E, c, block=16, policy=policy, weights_TK=w,
+                                 active_TK=active)
+        want = ref.routing_metadata_ref(ids, E, c, policy=policy, weights_TK=w,
+                                        active_TK=active)
+        for field in ("row_index_R", "pos_TK", "tokens_per_expert", "counts_E", "num_dropped"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (c, field)
+        n_active = T * K_ if active is None else int(active.sum())
+        assert int(want.counts_E.sum()) == n_active
+        if active is not None:
+            assert bool((want.pos_TK[~active] == -1).all())
+        if empty is not None:
+            assert got.tokens_per_expert[empty] == 0
+
+
+@pytest.mark.parametrize("policy", list(DropPolicy))
+def test_dispatch_chain_with_inactive_slots_forward_and_backward(policy):
+    """routing -> permute -> unpermute+combine, kernels against the references, with NaN
+    weights in the inactive slots (they must add exactly zero and get zero gradient)."""
+    T, K_, E, D = 19, 3, 5, 12
+    ids = _ids(T, K_, E, 2, seed=7)
+    active = _inactive(T, K_, seed=8)
+    w = torch.rand(T, K_, generator=torch.Generator().manual_seed(9))
+    w[~active] = float("nan")
+    cap = expert_capacity(T, K_, E, 0.75)
+    x = torch.randn(T, D)
+    outs, grads = [], []
+    for meta_fn, perm, comb in (
+        (K.routing_metadata, lambda x, r: ops.permute(x, r.row_index_R, r.pos_TK, K_),
+         ops.unpermute_combine),
+        (ref.routing_metadata_ref, lambda x, r: ref.permute_ref(x, r.row_index_R, K_),
+         ref.unpermute_combine_ref),
+    ):
+        r = meta_fn(ids, E, cap, policy=policy, weights_TK=torch.nan_to_num(w),
+                    active_TK=active)
+        x_, w_ = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = perm(x_, r) * torch.arange(1.0, r.row_index_R.numel() + 1)[:, None]
+        out = comb(y, w_, r.pos_TK, torch.float32)
+        out.backward(torch.cos(torch.arange(T * D, dtype=torch.float32)).view(T, D))
+        outs.append(out.detach())
+        grads.append((x_.grad, w_.grad))
+    assert not outs[0].isnan().any()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
+    assert bool((grads[0][1][~active] == 0).all()) and bool((outs[0][0] == 0).all())
 
 
 @pytest.mark.parametrize("T,K_,E,empty", SHAPES)

@@ -7,6 +7,7 @@ from torch import nn
 
 from moetrain.config.schema import (
     DispatchMode,
+    DropPolicy,
     ExpertBackend,
     ModelConfig,
     MoEConfig,
@@ -24,13 +25,14 @@ D, F = 8, 12
 
 
 def _layer(E=4, K=2, shared=0, backend=ExpertBackend.loop, dispatch=DispatchMode.dropless,
-           capacity_factor=1.25, aux=0.01, z=0.001, score=ScoreFunc.softmax, seed=0) -> MoELayer:
+           capacity_factor=1.25, aux=0.01, z=0.001, score=ScoreFunc.softmax, seed=0,
+           drop_policy=DropPolicy.probs) -> MoELayer:
     torch.manual_seed(seed)
     mcfg = ModelConfig(dim=D, n_heads=2, num_experts=E, top_k=K, expert_hidden=F,
                        n_shared_experts=shared)
     moe_cfg = MoEConfig(router=RouterConfig(score_func=score), dispatch=dispatch,
                         capacity_factor=capacity_factor, expert_backend=backend,
-                        aux_loss_coef=aux, z_loss_coef=z)
+                        aux_loss_coef=aux, z_loss_coef=z, drop_policy=drop_policy)
     layer = MoELayer(D, mcfg, moe_cfg)
     layer.init_weights(0.5, 0.5)
     return layer
@@ -82,7 +84,8 @@ DROPPED = {(2, 1), (3, 0), (3, 1), (4, 1), (5, 0), (5, 1)}
 
 
 def test_capacity_layer_drops_overflow_and_matches_reference_without_those_rows():
-    layer = _layer(E=3, dispatch=DispatchMode.capacity, capacity_factor=0.5)
+    layer = _layer(E=3, dispatch=DispatchMode.capacity, capacity_factor=0.5,
+                   drop_policy=DropPolicy.position)
     w = torch.rand(6, 2)
     layer.router = _FixedRouter(IDS_TK, w, 3)
     x = torch.randn(6, D)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moetrain.config.schema import ConfigError, RouterConfig, RouterType, ScoreFunc
+from moetrain.models.moe.losses import z_loss
 from moetrain.models.moe.router import SwitchRouter, TopKRouter, build_router
 
 
@@ -53,7 +54,10 @@ def test_temperature_divides_logits():
     out = r(X)
     logits = X @ r.gate.weight.T
     assert torch.allclose(out.scores_TE, torch.softmax(logits / 2.0, -1))
-    assert torch.allclose(out.logits_TE, logits)  # raw logits feed the z-loss
+    # The z-loss is taken on the logits that enter the softmax (after the temperature).
+    assert torch.allclose(out.logits_TE, logits / 2.0)
+    assert torch.allclose(z_loss(out.logits_TE),
+                          torch.logsumexp(logits / 2.0, -1).square().mean())
 
 
 def test_expert_bias_changes_selection_not_weights():
