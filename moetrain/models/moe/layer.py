@@ -104,6 +104,11 @@ class MoELayer(nn.Module):
         self.balance_loss = BalanceLoss(moe_cfg.balance_loss)
         self.global_scope = AuxLossScope(moe_cfg.aux_loss_scope) == AuxLossScope.global_batch
         self.step_counts: torch.Tensor | None = None  # global-batch counts of this step
+        # The accumulated counts each training forward of this step used, so that the
+        # recompute of micro-batch j (pipeline schedules run later forwards first) uses
+        # the same f; ``micro_index`` is set by the routing-context callback.
+        self.step_history: list[torch.Tensor] = []
+        self.micro_index: int | None = None
         self.seq_shards = 1  # tp ranks that each hold a shard of every sequence
         self.seq_shard_rank = 0
         self.router = build_router(dim, model_cfg.num_experts, model_cfg.top_k, moe_cfg.router)
@@ -136,6 +141,7 @@ class MoELayer(nn.Module):
     def reset_step_counts(self) -> None:
         """Start a new optimizer step's global-batch counts."""
         self.step_counts = None
+        self.step_history = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -181,11 +187,16 @@ class MoELayer(nn.Module):
             # A recompute (activation checkpointing) runs inside the backward: it reads the
             # accumulated counts without adding its micro-batch a second time.
             recompute = torch._C._current_graph_task_id() != -1
-            if self.step_counts is None:
-                self.step_counts = total
-            elif not recompute:
-                self.step_counts = self.step_counts + total
-            counts_E, num_routed = self.step_counts[:-1], self.step_counts[-1]
+            j = self.micro_index
+            if recompute and j is not None and j < len(self.step_history):
+                used = self.step_history[j]
+            elif recompute and self.step_counts is not None:
+                used = self.step_counts
+            else:
+                self.step_counts = total if self.step_counts is None else self.step_counts + total
+                self.step_history.append(self.step_counts)
+                used = self.step_counts
+            counts_E, num_routed = used[:-1], used[-1]
         balance = load_balancing_loss(routed.scores_TE, routed.ids_TK, self.num_experts,
                                       counts_E=counts_E, num_routed=num_routed)
         return balance, z

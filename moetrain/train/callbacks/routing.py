@@ -56,10 +56,12 @@ class RoutingContextCallback(Callback):
     def _pre_forward(self, layer, args) -> None:
         if not layer.training or not self.keys:
             layer.router.context.token_keys = None
+            layer.micro_index = None
             return
         slot = (id(layer), _in_backward())
         j = self.count.get(slot, 0)
         self.count[slot] = j + 1
+        layer.micro_index = j  # the micro-batch this forward (or recompute) belongs to
         keys = self.keys[min(j, len(self.keys) - 1)]
         if layer.seq_shards > 1:  # this tp rank routes one shard of every sequence
             keys = keys.view(-1, self.seq_len).chunk(layer.seq_shards, dim=1)[
