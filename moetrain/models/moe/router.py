@@ -340,7 +340,8 @@ class SelectiveSinkhornRouter(TopKRouter):
     fraction ``ssr_prob`` of training steps, where tokens are routed by entropic optimal
     transport: the plan P of cost logits / ``ssr_epsilon`` with rows summing to 1 (one
     unit of mass per token) and columns to T/E (balanced experts); each token takes the
-    top-k of its row and the weights are P's entries renormalised over them.
+    top-k of its row and the weights are P's entries renormalised over them (for k = 1,
+    P's entry itself: its rows sum to 1).
 
     The step's draw is Bernoulli(p) keyed by (seed, step, layer) (:func:`routing.
     keyed_uniform`), so a resume and every layout make the same draws. The plan's
@@ -368,7 +369,10 @@ class SelectiveSinkhornRouter(TopKRouter):
                                          self.cfg.sinkhorn_tol)
         plan_logits_TE = cost_TE + log_d1  # the row scaling cancels in the renormalisation
         ids_TK = torch.topk(plan_logits_TE.detach(), self.top_k, dim=-1).indices
-        weights_TK = torch.softmax(plan_logits_TE.gather(1, ids_TK), dim=-1)
+        if self.top_k == 1:  # one weight is not renormalised (to 1.0): the plan's entry
+            weights_TK = torch.softmax(plan_logits_TE, dim=-1).gather(1, ids_TK)
+        else:
+            weights_TK = torch.softmax(plan_logits_TE.gather(1, ids_TK), dim=-1)
         if self.route_scale != 1.0:
             weights_TK = weights_TK * self.route_scale
         return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK,

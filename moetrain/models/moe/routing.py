@@ -36,11 +36,14 @@ def group_limited_mask(scores_TE: torch.Tensor, n_groups: int, topk_groups: int,
     Group-limited routing (DeepSeek-V2 device-limited, DeepSeek-V3 node-limited): the E
     experts form G consecutive groups of E/G; a group's score is the sum of its 2 best
     scores (``top2_sum``: DeepSeek-V3's code and torchtitan) or of its best
-    ``top_k // topk_groups`` (``topk_sum``: Megatron-core). The two agree when
+    ``max(1, top_k // topk_groups)`` (``topk_sum``: Megatron-core). The two agree when
     top_k / topk_groups = 2 (DeepSeek-V3's 8 / 4).
     """
     T, E = scores_TE.shape
-    per_group = 2 if GroupScore(group_score) == GroupScore.top2_sum else top_k // topk_groups
+    # At least 1: with top_k < topk_groups (a schedule may lower top_k at run time) the
+    # top-0 sum would score every group 0 and pick groups regardless of the scores.
+    per_group = (2 if GroupScore(group_score) == GroupScore.top2_sum
+                 else max(1, top_k // topk_groups))
     s_TGe = scores_TE.view(T, n_groups, E // n_groups)
     group_TG = s_TGe.topk(min(per_group, E // n_groups), dim=-1).values.sum(dim=-1)
     groups_TK = group_TG.topk(topk_groups, dim=-1, sorted=False).indices
@@ -188,7 +191,8 @@ def keyed_uniform(keys: torch.Tensor, *salt: int) -> torch.Tensor:
         h = _fmix32(h ^ (int(s) & _M32)) + 0x9E3779B9
     lo = _fmix32(keys.long() & _M32 ^ h)
     h = _fmix32(lo + ((keys.long() >> 32) & _M32) + 0x7F4A7C15)
-    return ((h.double() + 0.5) / 4294967296.0).float()
+    # (0, 1) in float32 too: the largest hashes would otherwise round up to 1.0.
+    return ((h.double() + 0.5) / 4294967296.0).float().clamp(max=1.0 - 2.0 ** -24)
 
 
 def keyed_normal(keys: torch.Tensor, *salt: int) -> torch.Tensor:
