@@ -26,3 +26,18 @@ def dense_moe_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: to
             acc = acc + weights_TK[t, k] * swiglu(x_TD[t], w1_EFD[e], w3_EFD[e], w2_EDF[e])
         rows.append(acc)
     return torch.stack(rows)
+
+
+def identity_gate_router(cfg, E: int, K: int):
+    """A router whose logits are its input (D = E, W_g = I): tests feed logits directly."""
+    from moetrain.models.moe.router import build_router
+
+    r = build_router(E, E, K, cfg)
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.eye(E))
+    return r
+
+
+def dense_gates(ids_TK: torch.Tensor, w_TK: torch.Tensor, E: int) -> torch.Tensor:
+    """(T, E) gate map: w at the picked experts, 0 elsewhere."""
+    return torch.zeros(ids_TK.shape[0], E, dtype=w_TK.dtype).scatter(1, ids_TK, w_TK)

@@ -33,7 +33,6 @@ from moetrain.config.schema import (
 from moetrain.models.moe import losses, routing
 from moetrain.models.moe.dispatcher import LocalDispatcher, expert_capacity
 from moetrain.models.moe.layer import MoELayer
-from moetrain.models.moe.router import build_router
 
 try:
     with warnings.catch_warnings():
@@ -45,6 +44,8 @@ except Exception as e:  # noqa: BLE001 - any import failure means: no reference 
                 f"tests need megatron.core.transformer.moe.moe_utils", allow_module_level=True)
 
 
+from ._ref import dense_gates, identity_gate_router
+
 SHAPES = [(0, 16, 8), (1, 33, 16), (2, 7, 4)]  # (seed, T, E)
 
 
@@ -52,16 +53,8 @@ def _logits(seed: int, T: int, E: int) -> torch.Tensor:
     return 2.0 * torch.randn(T, E, generator=torch.Generator().manual_seed(seed))
 
 
-def _router(cfg: RouterConfig, E: int, K: int):
-    """A router whose logits are its input (D = E, W_g = I)."""
-    r = build_router(E, E, K, cfg)
-    with torch.no_grad():
-        r.gate.weight.copy_(torch.eye(E))
-    return r
 
 
-def _dense(ids_TK: torch.Tensor, w_TK: torch.Tensor, E: int) -> torch.Tensor:
-    return torch.zeros(ids_TK.shape[0], E).scatter(1, ids_TK, w_TK.float())
 
 
 def _map(ids_TK: torch.Tensor, E: int) -> torch.Tensor:
@@ -70,7 +63,7 @@ def _map(ids_TK: torch.Tensor, E: int) -> torch.Tensor:
 
 def _assert_same_routing(out, probs_TE: torch.Tensor, map_TE: torch.Tensor, E: int) -> None:
     assert torch.equal(_map(out.ids_TK, E), map_TE)  # same experts per token, as sets
-    torch.testing.assert_close(_dense(out.ids_TK, out.weights_TK, E), probs_TE.float(),
+    torch.testing.assert_close(dense_gates(out.ids_TK, out.weights_TK, E), probs_TE.float(),
                                rtol=1e-5, atol=1e-7)
 
 
@@ -85,12 +78,12 @@ def test_softmax_topk_matches_megatron(seed, T, E, K, scale):
     probs, rmap = moe_utils.topk_routing_with_score_function(
         z, K, use_pre_softmax=False, scaling_factor=scale, score_function="softmax")
     if K > 1:
-        out = _router(RouterConfig(renormalize=True, route_scale=route_scale), E, K)(z)
+        out = identity_gate_router(RouterConfig(renormalize=True, route_scale=route_scale), E, K)(z)
         _assert_same_routing(out, probs, rmap, E)
     # renormalize=false <-> use_pre_softmax=True (raw probabilities of the picks).
     probs, rmap = moe_utils.topk_routing_with_score_function(
         z, K, use_pre_softmax=True, scaling_factor=scale, score_function="softmax")
-    out = _router(RouterConfig(renormalize=False, route_scale=route_scale), E, K)(z)
+    out = identity_gate_router(RouterConfig(renormalize=False, route_scale=route_scale), E, K)(z)
     _assert_same_routing(out, probs, rmap, E)
 
 
@@ -99,7 +92,7 @@ def test_top1_renormalize_differs_from_megatron_on_purpose():
     1.0 (no gradient to the gate from the LM loss); moetrain keeps the raw probability
     even with renormalize=true, which is Megatron's use_pre_softmax=True."""
     z = _logits(0, 16, 8)
-    out = _router(RouterConfig(renormalize=True), 8, 1)(z)
+    out = identity_gate_router(RouterConfig(renormalize=True), 8, 1)(z)
     probs, rmap = moe_utils.topk_routing_with_score_function(z, 1, use_pre_softmax=False)
     assert torch.equal(_map(out.ids_TK, 8), rmap)
     assert torch.equal(probs[rmap], torch.ones(16))
@@ -115,7 +108,7 @@ def test_top1_renormalize_differs_from_megatron_on_purpose():
 def test_sigmoid_topk_matches_megatron(seed, T, E, K, with_bias, scale):
     z = _logits(seed, T, E)
     bias = 0.2 * torch.randn(E, generator=torch.Generator().manual_seed(seed + 100))
-    r = _router(RouterConfig(score_func=ScoreFunc.sigmoid, renormalize=True,
+    r = identity_gate_router(RouterConfig(score_func=ScoreFunc.sigmoid, renormalize=True,
                              route_scale=scale or 1.0), E, K)
     if with_bias:
         with torch.no_grad():
@@ -143,7 +136,7 @@ def test_group_limited_topk_sum_matches_megatron(seed, G, topk_groups, K, score,
     cfg = RouterConfig(score_func=ScoreFunc(score), renormalize=score == "sigmoid",
                        n_groups=G, topk_groups=topk_groups, group_score=GroupScore.topk_sum,
                        route_scale=2.5)
-    r = _router(cfg, E, K)
+    r = identity_gate_router(cfg, E, K)
     if with_bias:
         with torch.no_grad():
             r.expert_bias.copy_(bias)
@@ -164,9 +157,9 @@ def test_group_score_top2_sum_differs_from_megatron_topk_sum():
     _, meg = moe_utils.topk_routing_with_score_function(
         z, 2, num_groups=4, group_topk=2, score_function="sigmoid")
     assert meg[0].nonzero().flatten().tolist() == [0, 4]
-    top2 = _router(RouterConfig(score_func=ScoreFunc.sigmoid, n_groups=4, topk_groups=2,
+    top2 = identity_gate_router(RouterConfig(score_func=ScoreFunc.sigmoid, n_groups=4, topk_groups=2,
                                 group_score=GroupScore.top2_sum), 8, 2)(z)
-    topk = _router(RouterConfig(score_func=ScoreFunc.sigmoid, n_groups=4, topk_groups=2,
+    topk = identity_gate_router(RouterConfig(score_func=ScoreFunc.sigmoid, n_groups=4, topk_groups=2,
                                 group_score=GroupScore.topk_sum), 8, 2)(z)
     assert torch.equal(_map(topk.ids_TK, 8), meg)
     assert sorted(top2.ids_TK[0].tolist()) == [2, 4]
@@ -174,7 +167,7 @@ def test_group_score_top2_sum_differs_from_megatron_topk_sum():
     z = _logits(3, 32, 16)
     _, meg = moe_utils.topk_routing_with_score_function(
         z, 4, num_groups=4, group_topk=2, score_function="sigmoid")
-    top2 = _router(RouterConfig(score_func=ScoreFunc.sigmoid, n_groups=4, topk_groups=2,
+    top2 = identity_gate_router(RouterConfig(score_func=ScoreFunc.sigmoid, n_groups=4, topk_groups=2,
                                 group_score=GroupScore.top2_sum), 16, 4)(z)
     assert torch.equal(_map(top2.ids_TK, 16), meg)
 
@@ -189,7 +182,7 @@ def test_softmax_groups_without_pre_softmax_score_logits_in_megatron():
         z, 2, use_pre_softmax=False, num_groups=4, group_topk=1)
     _, meg_probs = moe_utils.topk_routing_with_score_function(
         z, 2, use_pre_softmax=True, num_groups=4, group_topk=1)
-    out = _router(RouterConfig(n_groups=4, topk_groups=1, group_score=GroupScore.topk_sum),
+    out = identity_gate_router(RouterConfig(n_groups=4, topk_groups=1, group_score=GroupScore.topk_sum),
                   8, 2)(z)
     assert meg_logits[0].nonzero().flatten().tolist() == [2, 3]
     assert meg_probs[0].nonzero().flatten().tolist() == [0, 1]
@@ -237,7 +230,7 @@ def _megatron_sinkhorn_load_balancing(logits: torch.Tensor, topk: int, training:
 @pytest.mark.parametrize("training", [True, False])
 def test_sinkhorn_router_matches_megatron_sinkhorn_load_balancing(seed, T, E, K, training):
     z = _logits(seed, T, E)
-    r = _router(RouterConfig(name=RouterType.sinkhorn), E, K).train(training)
+    r = identity_gate_router(RouterConfig(name=RouterType.sinkhorn), E, K).train(training)
     out = r(z)
     scores, rmap = _megatron_sinkhorn_load_balancing(z, K, training)
     _assert_same_routing(out, scores, rmap, E)
@@ -361,7 +354,7 @@ def test_bias_update_sign_centered_differs_from_megatron_on_purpose(single_rank_
 def test_capacity_drop_probs_matches_megatron(seed, T, E, K, cf):
     z = _logits(seed, T, E)
     probs, rmap = moe_utils.topk_routing_with_score_function(z, K, use_pre_softmax=True)
-    out = _router(RouterConfig(renormalize=False), E, K)(z)
+    out = identity_gate_router(RouterConfig(renormalize=False), E, K)(z)
     assert expert_capacity(T, K, E, cf) == moe_utils.get_capacity(T * K, E, cf)
     d = LocalDispatcher(E, cf, drop_policy=DropPolicy.probs)
     _, meta = d.dispatch(torch.randn(T, 4), out.ids_TK, out.weights_TK)

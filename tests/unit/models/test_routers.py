@@ -39,7 +39,7 @@ from moetrain.models.moe.router import (
     build_router,
 )
 
-from ._ref import dense_moe_reference
+from ._ref import dense_gates, dense_moe_reference, identity_gate_router
 
 
 def _router(cfg: RouterConfig, E: int = 8, K: int = 2, D: int = 6, seed: int = 0):
@@ -49,16 +49,8 @@ def _router(cfg: RouterConfig, E: int = 8, K: int = 2, D: int = 6, seed: int = 0
     return r
 
 
-def _identity_gate(cfg: RouterConfig, E: int, K: int):
-    """A router whose logits are its input (D = E, W_g = I): tests feed logits directly."""
-    r = build_router(E, E, K, cfg)
-    with torch.no_grad():
-        r.gate.weight.copy_(torch.eye(E))
-    return r
 
 
-def _dense(ids_TK: torch.Tensor, w_TK: torch.Tensor, E: int) -> torch.Tensor:
-    return torch.zeros(ids_TK.shape[0], E, dtype=w_TK.dtype).scatter(1, ids_TK, w_TK)
 
 
 def _phi(z: float) -> float:
@@ -87,12 +79,12 @@ def test_group_limited_known_answer_top2_sum_and_topk_sum():
 def test_group_limited_known_answer_through_the_router(rule, expected):
     # Sigmoid router with logits = logit(s): its scores are the example's s.
     cfg = RouterConfig(score_func=ScoreFunc.sigmoid, n_groups=4, topk_groups=2, group_score=rule)
-    r = _identity_gate(cfg, 8, 2)
+    r = identity_gate_router(cfg, 8, 2)
     out = r(torch.logit(S_GROUPS.clamp_min(1e-4)))
     assert set(out.ids_TK[0].tolist()) == expected
     s = torch.sigmoid(torch.logit(S_GROUPS.clamp_min(1e-4)))
     w = s[0, sorted(expected)]
-    torch.testing.assert_close(_dense(out.ids_TK, out.weights_TK, 8)[0, sorted(expected)],
+    torch.testing.assert_close(dense_gates(out.ids_TK, out.weights_TK, 8)[0, sorted(expected)],
                                w / w.sum())
 
 
@@ -126,7 +118,7 @@ def test_group_limited_topk_sum_with_top_k_below_topk_groups_scores_groups_by_ma
     assert torch.equal(ids[:, 0], s.argmax(-1))
     cfg = RouterConfig(score_func=ScoreFunc.sigmoid, n_groups=4, topk_groups=2,
                        group_score=GroupScore.topk_sum)
-    r = _identity_gate(cfg, 16, 2)
+    r = identity_gate_router(cfg, 16, 2)
     r.top_k = 1  # a schedule lowers top_k between steps
     out = r(torch.logit(s))
     assert torch.equal(out.ids_TK[:, 0], s.argmax(-1))
@@ -159,7 +151,7 @@ def test_deepseek_v3_bias_changes_selection_not_gates():
     r = _dsv3()
     x = torch.randn(64, 6)
     base = r(x)
-    dense0 = _dense(base.ids_TK, base.weights_TK, 8)
+    dense0 = dense_gates(base.ids_TK, base.weights_TK, 8)
     # A uniform bias changes no ranking: ids and gates bit-identical.
     with torch.no_grad():
         r.expert_bias.fill_(0.37)
@@ -171,7 +163,7 @@ def test_deepseek_v3_bias_changes_selection_not_gates():
     with torch.no_grad():
         r.expert_bias.copy_(torch.tensor([0.0, 0.3, 0.0, -0.2, 0.0, 0.1, 0.0, 0.0]))
     out = r(x)
-    dense1 = _dense(out.ids_TK, out.weights_TK, 8)
+    dense1 = dense_gates(out.ids_TK, out.weights_TK, 8)
     same_set = ((dense0 > 0) == (dense1 > 0)).all(-1)
     assert 0 < int(same_set.sum()) < 64
     assert torch.equal(dense1[same_set], dense0[same_set])
@@ -313,13 +305,13 @@ def test_threshold_router_weights_are_raw_probabilities():
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.95 - 1e-3, 1e-3, 0.0]]).clamp_min(1e-6)
     p = p / p.sum(-1, keepdim=True)
     cfg = RouterConfig(name=RouterType.threshold, threshold=0.9, max_k=4)
-    r = _identity_gate(cfg, 4, 2)
+    r = identity_gate_router(cfg, 4, 2)
     assert isinstance(r, ThresholdRouter) and r.slots == 4
     out = r(p.log())
     assert out.active_TK.sum(-1).tolist() == [3, 1]
     torch.testing.assert_close(out.weights_TK, p.gather(1, out.ids_TK))
     assert set(out.ids_TK[0, :3].tolist()) == {0, 1, 2} and int(out.ids_TK[1, 0]) == 1
-    r_all = _identity_gate(RouterConfig(name=RouterType.threshold, threshold=1.0, max_k=4), 4, 2)
+    r_all = identity_gate_router(RouterConfig(name=RouterType.threshold, threshold=1.0, max_k=4), 4, 2)
     assert r_all(p.log()).active_TK.all()
 
 
@@ -394,7 +386,7 @@ def test_noisy_topk_training_noise_formula_and_gates():
     top = noisy.topk(2, dim=-1)
     assert torch.equal(out.ids_TK, top.indices)
     torch.testing.assert_close(out.weights_TK, torch.softmax(top.values, -1))
-    dense = _dense(out.ids_TK, out.weights_TK, E)
+    dense = dense_gates(out.ids_TK, out.weights_TK, E)
     assert (torch.count_nonzero(dense, dim=-1) == 2).all()
     torch.testing.assert_close(dense.sum(-1), torch.ones(T))
     assert not torch.equal(out.ids_TK, clean.topk(2, dim=-1).indices)  # the noise acts
