@@ -20,9 +20,6 @@ from moetrain.config.schema import (
 
 log = logging.getLogger(__name__)
 
-# Routers whose decision for a token depends on the other tokens of the micro-batch.
-WHOLE_BATCH_ROUTERS = (RouterType.expert_choice, RouterType.sinkhorn,
-                       RouterType.selective_sinkhorn)
 # Routers that select on scores + expert_bias (auxiliary-loss-free balancing).
 BIAS_ROUTERS = (RouterType.topk, RouterType.switch, RouterType.deepseek_v3,
                 RouterType.selective_sinkhorn)
@@ -233,14 +230,6 @@ def _validate_routing(cfg: Config, layout: Layout) -> None:
             "moe.balance_loss=seq with moe.aux_loss_scope=global_batch: the sequence-wise loss "
             "counts each sequence on its own; set moe.aux_loss_scope=micro_batch, or "
             "moe.balance_loss=switch")
-    shards = layout.tp > 1 and ExpertTP(cfg.parallel.expert_tp) == ExpertTP.ep
-    if shards and (kind in WHOLE_BATCH_ROUTERS or kind == RouterType.noisy_topk):
-        why = ("routes on the whole micro-batch" if kind in WHOLE_BATCH_ROUTERS else
-               "balances with importance and load sums over the whole micro-batch")
-        raise ConfigError(
-            f"moe.router.name={kind.value} with parallel.tp={layout.tp} and "
-            f"parallel.expert_tp=ep: the router {why}, but each tp rank routes only a "
-            f"sequence shard: set parallel.expert_tp=etp (every tp rank routes all tokens)")
 
 
 def validate(cfg: Config, world_size: int) -> Layout:

@@ -117,10 +117,12 @@ def _wire_count_reducers(moe_layers: list[nn.Module], mesh: MoEMesh, layout: Lay
     if axis is not None:
         for layer in moe_layers:
             layer.count_reducer = count_all_reducer(mesh.group(axis))
-    if over_tp:  # each tp rank holds one shard of every sequence (seq loss, routing keys)
+    if over_tp:  # each tp rank holds one shard of every sequence (seq loss, routing keys,
+        # routers that route on the whole micro-batch)
         for layer in moe_layers:
-            layer.seq_shards = layout.tp
-            layer.seq_shard_rank = mesh.local_rank(MeshAxis.tp)
+            layer.seq_shards = layer.router.seq_shards = layout.tp
+            layer.seq_shard_rank = layer.router.seq_shard_rank = mesh.local_rank(MeshAxis.tp)
+            layer.router.seq_group = mesh.group(MeshAxis.tp)
 
 
 def _apply_dp(parts: list[nn.Module], mesh: MoEMesh, layout: Layout, fsdp: bool,

@@ -167,14 +167,16 @@ def test_router_pp2_ep2_matches_single_process(runs, router):
         _assert_same_bias(runs.ckpt(f"ppref_{router}", 6), runs.ckpt(name, 6), 3)
 
 
-def test_bias_router_tp2_ep2_matches_single_process(runs):
+@pytest.mark.parametrize("router", BIAS_ROUTERS)
+def test_bias_router_tp2_ep2_matches_single_process(runs, router):
     """tp=2 x dp=2 with experts over ep=2 (expert_tp=ep: each tp rank routes a sequence
-    shard): the bias counts are summed over dp x tp."""
-    ref = _ref(runs, "deepseek_v3")
-    got = runs.get("tp2_ep2_deepseek_v3", BASE + ROUTERS["deepseek_v3"] + [
+    shard): the bias counts are summed over dp x tp; the sequence-wise loss sums each
+    sequence's counts over its tp shards."""
+    ref = _ref(runs, router)
+    got = runs.get(f"tp2_ep2_{router}", BASE + ROUTERS[router] + [
         "parallel.tp=2", "parallel.ep=2"], world=4)
-    assert_same_trajectory(ref, got, keys=_keys("deepseek_v3", 2))
-    _assert_same_bias(runs.ckpt("ref_deepseek_v3", 6), runs.ckpt("tp2_ep2_deepseek_v3", 6), 2)
+    assert_same_trajectory(ref, got, keys=_keys(router, 2))
+    _assert_same_bias(runs.ckpt(f"ref_{router}", 6), runs.ckpt(f"tp2_ep2_{router}", 6), 2)
 
 
 # ----------------------------------------------------------------------------- 4. resume
@@ -210,8 +212,6 @@ def _config_error(overrides: list[str], world: int = 1, build_router: bool = Fal
     (["moe/router=expert_choice", "moe.dispatch=capacity"], 1, "moe.dispatch"),
     (["moe/router=noisy_topk", "moe.router.bias_update_rate=0.001"], 1,
      "moe.router.bias_update_rate"),
-    (["moe/router=sinkhorn", "parallel.tp=2", "parallel.expert_tp=ep"], 2,
-     "parallel.expert_tp"),
     (["moe/router=deepseek_v3", "moe.router.n_groups=3"], 1, "moe.router.n_groups"),
     (["moe.balance_loss=seq", "moe.aux_loss_scope=global_batch"], 1, "moe.aux_loss_scope"),
 ])
@@ -265,11 +265,13 @@ def test_global_batch_invariant_to_tp_and_pp_at_dp1(runs):
     assert_same_trajectory(pp_ref, pp, keys=KEYS)
 
 
+@pytest.mark.parametrize("expert_tp", ["etp", "ep"])
 @pytest.mark.parametrize("router", ["expert_choice", "sinkhorn", "noisy_topk"])
-def test_whole_batch_router_tp2_etp_matches_single_process(runs, router):
-    """Routers that look at the whole micro-batch (or balance over it) under tp=2 with
-    parallel.expert_tp=etp: every tp rank routes all tokens (expert_tp=ep is rejected in
-    validation, see above).
+def test_whole_batch_router_tp2_matches_single_process(runs, router, expert_tp):
+    """Routers that look at the whole micro-batch (or balance over it) under tp=2. With
+    parallel.expert_tp=etp every tp rank routes all tokens; with ep each tp rank holds a
+    sequence shard, and the router routes the all-gathered micro-batch and keeps its own
+    tokens (Router.forward_gathered).
 
     Expert-choice is held to the loss at 1e-5 but to the rest at 1e-4 only: TP's
     row-parallel partial sums move the hidden states by an ulp, and each expert ranks the
@@ -280,8 +282,8 @@ def test_whole_batch_router_tp2_etp_matches_single_process(runs, router):
     ~1e-5 relative. A float tie, not a layout bug; top-k style routers rank 8 experts
     per token and stay within 2e-7 here."""
     ref = _ref(runs, router)
-    got = runs.get(f"tp2_etp_{router}", BASE + ROUTERS[router] + [
-        "parallel.tp=2", "parallel.expert_tp=etp"], world=2)
+    got = runs.get(f"tp2_{expert_tp}_{router}", BASE + ROUTERS[router] + [
+        "parallel.tp=2", f"parallel.expert_tp={expert_tp}"], world=2)
     if router == "expert_choice":
         assert_same_trajectory(ref, got, keys=("loss", "load_imbalance", "unrouted_frac"))
         assert_same_trajectory(ref, got, rtol=1e-4, keys=_keys(router, 2))

@@ -146,7 +146,10 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
-        routed: RouterOutput = self.router(x_TD)
+        if self.router.whole_batch and self.router.seq_group is not None:
+            routed: RouterOutput = self.router.forward_gathered(x_TD, shape[0])
+        else:
+            routed = self.router(x_TD)
         extra = () if routed.active_TK is None else (routed.active_TK,)
         x_RD, meta = self.dispatcher.dispatch(x_TD, routed.ids_TK, routed.weights_TK, *extra)
         y_RD = self.experts(x_RD, meta.tokens_per_expert)

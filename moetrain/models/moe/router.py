@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -89,12 +91,16 @@ class Router(nn.Module):
     - ``uses_balance_loss``: False for routers that balance by construction (Sinkhorn,
       expert-choice): the MoE layer then logs the balance loss without training on it.
     - ``whole_batch``: True when a token's routing depends on the other tokens of the
-      micro-batch (not causal; it needs the whole micro-batch on one rank).
+      micro-batch (not causal), or its own loss sums over them (noisy top-k). When tp
+      ranks each route a sequence shard (``parallel.expert_tp=ep``), such a router runs
+      :meth:`forward_gathered`: it routes the all-gathered micro-batch and keeps this
+      rank's tokens, so every layout routes like one process.
+    - ``seq_group`` / ``seq_shards`` / ``seq_shard_rank``: the tp group whose ranks hold
+      one shard of every sequence (set by the parallel wiring; None without it).
     """
 
     uses_balance_loss = True
     whole_batch = False
-    needs_token_keys = False
 
     def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
         super().__init__()
@@ -113,6 +119,8 @@ class Router(nn.Module):
         self.kernel_backend = KernelBackend.auto
         self.context = RoutingContext()
         self.layer_idx = 0
+        self.seq_group = None
+        self.seq_shards, self.seq_shard_rank = 1, 0
 
     @property
     def slots(self) -> int:
@@ -149,6 +157,46 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"score_func={self.score_func.value}, renormalize={self.renormalize}")
+
+    # ------------------------------------------------------------ sequence shards
+    def _gather_seq(self, t_TX: torch.Tensor, batch: int, grad: bool) -> torch.Tensor:
+        """This rank's (B * S/n) rows -> the micro-batch's (B * S) rows in sequence order."""
+        n = self.seq_shards
+        if grad:
+            parts = list(dist_nn.all_gather(t_TX.contiguous(), group=self.seq_group))
+        else:
+            parts = [torch.empty_like(t_TX) for _ in range(n)]
+            dist.all_gather(parts, t_TX.contiguous(), group=self.seq_group)
+        stacked = torch.stack(parts).view(n, batch, -1, *t_TX.shape[1:])
+        return stacked.transpose(0, 1).reshape(-1, *t_TX.shape[1:])
+
+    def _local_seq(self, t: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The inverse slice: this rank's rows of a (B * S)-row tensor."""
+        if t is None:
+            return None
+        view = t.view(batch, self.seq_shards, -1, *t.shape[1:])
+        return view[:, self.seq_shard_rank].reshape(-1, *t.shape[1:])
+
+    def forward_gathered(self, x_TD: torch.Tensor, batch: int) -> RouterOutput:
+        """Route the all-gathered micro-batch (``batch`` sequences) and keep this rank's
+        tokens. The gather is autograd-aware (its backward sums the ranks' gradients), the
+        router's own loss is the whole micro-batch's on every rank (the tp aux-loss scale
+        1/tp makes its gradient count once), and the other outputs are this rank's."""
+        keys = self.context.token_keys
+        if keys is not None:
+            self.context.token_keys = self._gather_seq(keys.view(-1, 1), batch, False).view(-1)
+        try:
+            full = self(self._gather_seq(x_TD, batch, grad=True))
+        finally:
+            self.context.token_keys = keys
+        return RouterOutput(
+            ids_TK=self._local_seq(full.ids_TK, batch),
+            weights_TK=self._local_seq(full.weights_TK, batch),
+            scores_TE=self._local_seq(full.scores_TE, batch),
+            logits_TE=self._local_seq(full.logits_TE, batch),
+            active_TK=self._local_seq(full.active_TK, batch),
+            router_loss=full.router_loss,
+        )
 
 
 @register_router(RouterType.topk)
@@ -237,7 +285,7 @@ class NoisyTopKRouter(Router):
     W_noise starts at zero, as in the paper.
     """
 
-    needs_token_keys = True
+    whole_batch = True  # the importance and load losses sum over the micro-batch
 
     def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
         super().__init__(dim, num_experts, top_k, cfg)
