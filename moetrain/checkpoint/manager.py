@@ -316,16 +316,27 @@ class CheckpointManager:
                             p, MARKER)
 
     # ------------------------------------------------------------------ load
-    def load(self, path: str | Path, state: dict[str, Stateful]) -> int:
+    def load(self, path: str | Path, state: dict[str, Stateful],
+             optional: tuple[str, ...] = ("callback.",)) -> int:
         """Load committed checkpoint ``path`` into ``state`` in place; returns its step.
 
         DCP reshards on read, so ``path`` may come from another world size or layout.
+        Entries whose key starts with one of ``optional`` (trainer callbacks) may be
+        missing from the checkpoint, e.g. a callback enabled on resume: they keep their
+        current state, with a warning. Every other entry must be there.
         Collective: call on every rank.
         """
         p = Path(path)
         if not is_committed(p):
             raise ValueError(f"{str(p)!r} is not a committed checkpoint (a step_N directory "
                              f"with a {MARKER} marker); refusing to load it")
+        saved_keys = dcp.FileSystemReader(str(p)).read_metadata().state_dict_metadata
+        missing = [k for k in state if k.startswith(optional)
+                   and not any(s == k or s.startswith(k + ".") for s in saved_keys)]
+        if missing:
+            log.warning("checkpoint %s has no state for %s: they start from their initial "
+                        "state", p, ", ".join(missing))
+            state = {k: v for k, v in state.items() if k not in missing}
         dcp.load(state, checkpoint_id=str(p), process_group=self._pg)
         step = self.step_of(p)
         if self.rank == 0:

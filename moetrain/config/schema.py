@@ -241,6 +241,9 @@ class RouterConfig:
     # by this rate once per optimizer step (0 = the bias stays 0). Needs sigmoid scores.
     bias_update_rate: float = 0.0
     bias_update: BiasUpdate = BiasUpdate.sign
+    # Freeze the bias once this many training tokens are consumed (DeepSeek-V3: rate 1e-3
+    # for the first 14.3T tokens, then 0). 0 = update for the whole run.
+    bias_update_tokens: int = 0
     # noisy_topk (Shazeer et al. 2017): weights of CV^2(importance) and CV^2(load), and the
     # floor added to the learned noise std (tensor2tensor's noise_epsilon).
     importance_coef: float = 1e-2
@@ -270,6 +273,8 @@ class RouterConfig:
                  self.topk_groups, f"must be in [1, moe.router.n_groups={self.n_groups}]")
         _require(self.bias_update_rate >= 0, "moe.router.bias_update_rate",
                  self.bias_update_rate, "must be >= 0 (0 disables the bias update)")
+        _require(self.bias_update_tokens >= 0, "moe.router.bias_update_tokens",
+                 self.bias_update_tokens, "must be >= 0 (0 = update for the whole run)")
         for name in ("importance_coef", "load_coef", "noise_epsilon"):
             _require(getattr(self, name) >= 0, f"moe.router.{name}", getattr(self, name),
                      "must be >= 0")

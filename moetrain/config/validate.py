@@ -16,6 +16,7 @@ from moetrain.config.schema import (
     ParallelConfig,
     PipelineSchedule,
     RouterType,
+    ScoreFunc,
 )
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,15 @@ def _validate_routing(cfg: Config, layout: Layout) -> None:
                 f"moe.router.n_groups={r.n_groups} (group-limited routing) is not supported by "
                 f"moe.router.name={kind.value}: use moe/router=deepseek_v3 or topk, or "
                 f"moe.router.n_groups=1")
+    if kind == RouterType.deepseek_v3 and ScoreFunc(r.score_func) != ScoreFunc.sigmoid:
+        raise ConfigError(
+            f"moe.router.score_func={ScoreFunc(r.score_func).value} is invalid for "
+            f"moe.router.name=deepseek_v3, which scores with a sigmoid: set "
+            f"moe.router.score_func=sigmoid, or use moe/router=topk")
+    if kind in (RouterType.expert_choice, RouterType.sinkhorn) and moe.aux_loss_coef > 0:
+        log.warning("moe.aux_loss_coef=%s with moe.router.name=%s: this router balances by "
+                    "construction, so the balance loss is logged (aux_loss) but not trained "
+                    "on; set moe.aux_loss_coef=0 to silence this", moe.aux_loss_coef, kind.value)
     if r.bias_update_rate > 0 and kind not in BIAS_ROUTERS:
         raise ConfigError(
             f"moe.router.bias_update_rate={r.bias_update_rate} with moe.router.name={kind.value}:"

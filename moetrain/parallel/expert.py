@@ -7,6 +7,7 @@ stays (E, F, D): checkpoints are layout-free and reshard when the EP degree chan
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -41,7 +42,7 @@ def ep_bytes_sent(moe_layers: list[nn.Module]) -> int:
 
 
 def count_all_reducer(group: dist.ProcessGroup):
-    """For ``moe.aux_loss_scope=global_batch``: sum expert counts over data parallelism.
+    """Sum expert counts over ``group`` (the tp ranks that each route a sequence shard).
 
     The all-reduce is autograd-free: counts are integers and carry no gradient.
     """
@@ -50,5 +51,27 @@ def count_all_reducer(group: dist.ProcessGroup):
         counts = counts.clone()
         dist.all_reduce(counts, group=group)
         return counts
+
+    return reduce
+
+
+def count_prefix_reducer(group: dist.ProcessGroup, dp_rank: int, shards: int):
+    """For ``moe.aux_loss_scope=global_batch``: one round of micro-batches (one per
+    data-parallel rank) -> (counts of the round's micro-batches up to this rank's,
+    counts of the whole round).
+
+    ``group`` holds dp x ``shards`` ranks, dp-major (the dp or dp_tp axis; ``shards`` tp
+    ranks route shards of the same micro-batch). Rank r's micro-batch j is global
+    micro-batch j * dp + r (``GlobalBatchSampler.micro_batches``), so adding the rows of
+    ranks <= r to the earlier rounds' totals gives exactly the counts of global
+    micro-batches 0..j * dp + r: the running counts one process sees. One all-gather.
+    """
+    n = dist.get_world_size(group)
+
+    def reduce(counts):
+        flat = torch.empty(n * counts.numel(), dtype=counts.dtype, device=counts.device)
+        dist.all_gather_into_tensor(flat, counts.contiguous().view(-1), group=group)
+        rows = flat.view(n, *counts.shape)
+        return rows[: (dp_rank + 1) * shards].sum(0), rows.sum(0)
 
     return reduce

@@ -29,7 +29,12 @@ from moetrain.config.schema import (
 from moetrain.config.validate import Layout
 from moetrain.kernels import use_triton
 from moetrain.parallel.activation_checkpoint import apply_ac, apply_compile
-from moetrain.parallel.expert import apply_ep, count_all_reducer, ep_bytes_sent
+from moetrain.parallel.expert import (
+    apply_ep,
+    count_all_reducer,
+    count_prefix_reducer,
+    ep_bytes_sent,
+)
 from moetrain.parallel.fsdp import GradReplicator, apply_fsdp
 from moetrain.parallel.grad_norm import clip_grad_norm_
 from moetrain.parallel.mesh import MeshAxis, MoEMesh, build_mesh
@@ -108,15 +113,18 @@ class ParallelModel:
 
 def _wire_count_reducers(moe_layers: list[nn.Module], mesh: MoEMesh, layout: Layout,
                          moe_cfg: MoEConfig, tp: TPWiring | None) -> None:
-    """Expert counts of the load-balancing loss are summed over dp for global-batch
-    statistics, and over tp when each tp rank routes a sequence shard."""
+    """Expert counts of the load-balancing loss: summed over tp when each tp rank routes a
+    sequence shard; for global-batch statistics, the running counts over the data-parallel
+    ranks' micro-batches in global order (``count_prefix_reducer``)."""
     over_dp = moe_cfg.aux_loss_scope == AuxLossScope.global_batch and layout.dp > 1
     over_tp = tp is not None and tp.routes_token_shard
-    axis = {(True, False): MeshAxis.dp, (False, True): MeshAxis.tp,
-            (True, True): MeshAxis.dp_tp}.get((over_dp, over_tp))
-    if axis is not None:
-        for layer in moe_layers:
-            layer.count_reducer = count_all_reducer(mesh.group(axis))
+    for layer in moe_layers:
+        if over_tp:
+            layer.count_reducer = count_all_reducer(mesh.group(MeshAxis.tp))
+        if over_dp:
+            axis = MeshAxis.dp_tp if over_tp else MeshAxis.dp
+            layer.count_prefix = count_prefix_reducer(
+                mesh.group(axis), mesh.local_rank(MeshAxis.dp), layout.tp if over_tp else 1)
     if over_tp:  # each tp rank holds one shard of every sequence (seq loss, routing keys,
         # routers that route on the whole micro-batch)
         for layer in moe_layers:

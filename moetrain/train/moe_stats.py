@@ -34,10 +34,11 @@ class MoEStatsTracker:
 
     def reset(self) -> None:
         n, e = len(self.layers), self.num_experts
-        self.load_LE = torch.zeros(n, e, device=self.device)
+        # float64: exact counts past 2^24 rows per step (the bias update compares them).
+        self.load_LE = torch.zeros(n, e, device=self.device, dtype=torch.float64)
         # columns: aux_loss, z_loss, entropy, dropped, routed, micro-batches, router_loss,
         # unrouted tokens, tokens
-        self.scalars_LC = torch.zeros(n, 9, device=self.device)
+        self.scalars_LC = torch.zeros(n, 9, device=self.device, dtype=torch.float64)
 
     def accumulate(self, only=None) -> None:
         """Add each layer's last micro-batch statistics (only layer ``only`` if given)."""
@@ -47,7 +48,7 @@ class MoEStatsTracker:
             s = layer.last_stats
             if s is None:
                 continue
-            self.load_LE[i] += s.load_E.float()
+            self.load_LE[i] += s.load_E.double()
             self.scalars_LC[i] += torch.stack([
                 s.aux_loss.float(), s.z_loss.float(), s.entropy.float(),
                 s.num_dropped.float(), s.num_routed.float(),
@@ -78,7 +79,7 @@ class MoEStatsTracker:
             return {}
         # The bias spread is identical on the ranks of a stage: pre-divided so the dp sum
         # gives it back; other stages' layers hold 0 here and come with the pp sum.
-        spread_L1 = self._bias_spread_L()[:, None] / max(world, 1)
+        spread_L1 = self._bias_spread_L()[:, None].double() / max(world, 1)
         packed = torch.cat([self.load_LE, self.scalars_LC, spread_L1], dim=1)
         if world > 1:
             dist.all_reduce(packed, group=group)

@@ -54,16 +54,15 @@ def test_layout_matches_single_process(reference, tmp_path, cache, name, extra, 
 
 
 def test_global_batch_aux_statistics(tmp_path, cache):
-    """moe.aux_loss_scope=global_batch all-reduces expert counts over data parallelism:
-    2 ranks with one micro-batch of 4 sequences each give the 1-process run whose single
-    micro-batch holds all 8 sequences (there, micro-batch statistics are global)."""
-    extra = ["moe.aux_loss_scope=global_batch", "parallel.ep=2"]
-    ref = train(_overrides(tmp_path, cache, "ref", extra[:1] + ["train.micro_batch_size=8"]))
-    got = train(_overrides(tmp_path, cache, "dp2", extra + ["train.micro_batch_size=4"]),
-                world=2)
+    """moe.aux_loss_scope=global_batch gathers expert counts over data parallelism in
+    global micro-batch order: 2 ranks with one micro-batch of 4 sequences each give the
+    1-process run with two micro-batches of 4 (the second uses the counts of both)."""
+    extra = ["moe.aux_loss_scope=global_batch", "parallel.ep=2", "train.micro_batch_size=4"]
+    ref = train(_overrides(tmp_path, cache, "ref", extra[:1] + extra[2:]))
+    got = train(_overrides(tmp_path, cache, "dp2", extra), world=2)
     assert_same_trajectory(ref, got)
     # And it differs from micro-batch statistics, so the test can fail.
-    local = train(_overrides(tmp_path, cache, "local", ["train.micro_batch_size=4"]))
+    local = train(_overrides(tmp_path, cache, "local", extra[2:]))
     assert abs(step_rows(local)[0]["aux_loss"] - step_rows(got)[0]["aux_loss"]) > 1e-6
 
 

@@ -227,28 +227,29 @@ def test_deepseek_v3_rejects_softmax_when_building_the_router():
 
 
 # ----------------------------------------------------------------------------- 6. global batch
-# moe.aux_loss_scope=global_batch: micro-batch j's f counts micro-batches 1..j of every
-# data-parallel rank. So it is invariant to ep, tp, pp and dp_mode at a fixed dp, not to
-# dp itself, except for the pairing below: with G=16, GlobalBatchSampler gives rank r of
-# dp=2 (micro 4) the samples [8j + 4r, 8j + 4r + 4) as its micro-batch j, and the union of
-# round j over both ranks is exactly micro-batch j of 1 process with micro 8: same f at
-# every micro-batch, and P (a per-token mean) averages over equal-sized ranks to the same
-# gradient.
+# moe.aux_loss_scope=global_batch: global micro-batch g of a step (rank r's j-th is
+# g = j * dp + r, see GlobalBatchSampler.micro_batches) uses the counts of micro-batches
+# 0..g of the step, gathered over the data-parallel ranks in that order. One process with
+# the same micro_batch_size sees the same running counts, so every layout matches it.
 GLOBAL = ["moe.aux_loss_scope=global_batch", "train.global_batch_size=16"]
 
 
 def test_global_batch_accumulation_dp2_matches_one_process(runs):
-    """2 micro-batches per step on both sides: 1 process with micro 8 == dp=2 with micro
-    4, under ep=2 (FSDP) and under plain replication (dp_mode at fixed dp)."""
-    ref = runs.get("global_1p_m8", BASE + GLOBAL + ["train.micro_batch_size=8"])
+    """4 micro-batches of 4 per step: 1 process == dp=2 (2 per rank) under ep=2 (FSDP),
+    under plain replication, and dp=2 x tp=2 (counts summed over each micro-batch's
+    sequence shards, running over dp)."""
+    ref = runs.get("global_1p_m4", BASE + GLOBAL + ["train.micro_batch_size=4"])
     ep2 = runs.get("global_dp2_ep2_m4", BASE + GLOBAL + [
         "train.micro_batch_size=4", "parallel.ep=2"], world=2)
     rep = runs.get("global_dp2_rep_m4", BASE + GLOBAL + [
         "train.micro_batch_size=4", "parallel.dp_mode=replicate"], world=2)
+    tp2 = runs.get("global_dp2_tp2_m4", BASE + GLOBAL + [
+        "train.micro_batch_size=4", "parallel.tp=2", "parallel.ep=2"], world=4)
     assert_same_trajectory(ref, ep2, keys=KEYS)
     assert_same_trajectory(ref, rep, keys=KEYS)
+    assert_same_trajectory(ref, tp2, keys=KEYS)
     # Accumulation matters: micro-batch statistics give another aux loss.
-    local = runs.get("local_1p_m8", BASE + GLOBAL[1:] + ["train.micro_batch_size=8"])
+    local = runs.get("local_1p_m4", BASE + GLOBAL[1:] + ["train.micro_batch_size=4"])
     assert abs(step_rows(local)[0]["aux_loss"] - step_rows(ref)[0]["aux_loss"]) > 1e-6
 
 

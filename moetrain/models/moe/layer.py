@@ -81,17 +81,21 @@ class MoELayer(nn.Module):
     - ``dispatcher`` (via :meth:`set_dispatcher`): LocalDispatcher by default; an
       expert-parallel dispatcher follows the same protocol.
     - ``aux_loss_scale``: multiplies the injected aux gradient (e.g. 1/accumulation steps).
-    - ``count_reducer``: for ``moe.aux_loss_scope=global_batch``, sums the per-expert
-      counts over data-parallel ranks before the load-balancing loss (and over tp ranks
-      that route sequence shards). It receives an int64 vector: the E counts followed by
-      the routed-row count (``balance_loss=seq``: B*E per-sequence counts).
+    - ``count_reducer``: sums the per-expert counts over the tp ranks that route
+      sequence shards of the same micro-batch. It receives an int64 vector: the E counts
+      followed by the routed-row count (``balance_loss=seq``: B*E per-sequence counts).
+    - ``count_prefix``: for ``moe.aux_loss_scope=global_batch`` with dp > 1, maps this
+      rank's counts to (counts of this round's micro-batches of dp ranks <= this one,
+      counts of the whole round) (``parallel.expert.count_prefix_reducer``).
 
     Global-batch statistics (``moe.aux_loss_scope=global_batch``, Megatron-core's
     ``global_aux_loss``; Qiu et al. 2025, arXiv 2501.11873): the counts of f accumulate
-    over the micro-batches of the optimizer step, so micro-batch j of a step uses the
-    counts of micro-batches 1..j of every data-parallel rank. The trainer calls
-    :meth:`reset_step_counts` when a step starts; evaluation forwards use their own
-    counts, and a recompute (activation checkpointing) does not add them twice.
+    over the micro-batches of the optimizer step in global order, so global micro-batch g
+    of a step (rank r's j-th is g = j * dp + r) uses the counts of micro-batches 0..g of
+    the step. That is what one process running the same micro-batches sees, so the
+    losses are the same under every layout. The routing-context callback calls
+    :meth:`reset_step_counts` when a step starts; evaluation forwards use the counts of
+    their own round, and a recompute (activation checkpointing) reuses its forward's.
     """
 
     def __init__(self, dim: int, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
@@ -127,6 +131,7 @@ class MoELayer(nn.Module):
                                                       moe_cfg.drop_policy)
         self.aux_loss_scale: float = 1.0
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.count_prefix: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.last_stats: MoEStats | None = None
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
@@ -146,7 +151,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
-        if self.router.whole_batch and self.router.seq_group is not None:
+        if getattr(self.router, "seq_group", None) is not None and self.router.whole_batch:
             routed: RouterOutput = self.router.forward_gathered(x_TD, shape[0])
         else:
             routed = self.router(x_TD)
@@ -179,30 +184,35 @@ class MoELayer(nn.Module):
         z = z_loss(routed.logits_TE)
         if self.balance_loss == BalanceLoss.seq:
             return self._seq_loss(routed, shape), z
-        num_routed: int | torch.Tensor = counts_E.sum()
-        if self.count_reducer is not None:
-            # One collective for both: E counts then the routed-row count (their sum; a
-            # device-side sum, not a host scalar copied to the device).
-            total = self.count_reducer(torch.cat([counts_E, counts_E.sum().view(1)]))
-            counts_E, num_routed = total[: self.num_experts], total[self.num_experts]
-        if self.global_scope and self.training and torch.is_grad_enabled():
-            total = torch.cat([counts_E, torch.as_tensor(num_routed).view(1)])
-            # A recompute (activation checkpointing) runs inside the backward: it reads the
-            # accumulated counts without adding its micro-batch a second time.
-            recompute = torch._C._current_graph_task_id() != -1
-            j = self.micro_index
-            if recompute and j is not None and j < len(self.step_history):
-                used = self.step_history[j]
-            elif recompute and self.step_counts is not None:
-                used = self.step_counts
-            else:
-                self.step_counts = total if self.step_counts is None else self.step_counts + total
-                self.step_history.append(self.step_counts)
-                used = self.step_counts
-            counts_E, num_routed = used[:-1], used[-1]
+        total = torch.cat([counts_E, counts_E.sum().view(1)])
+        if self.count_reducer is not None:  # tp sequence shards: the whole micro-batch's
+            total = self.count_reducer(total)
+        if self.global_scope:
+            total = self._global_counts(total)
         balance = load_balancing_loss(routed.scores_TE, routed.ids_TK, self.num_experts,
-                                      counts_E=counts_E, num_routed=num_routed)
+                                      counts_E=total[:-1], num_routed=total[-1])
         return balance, z
+
+    @torch.compiler.disable  # Python state per micro-batch: run eagerly, never recompile
+    def _global_counts(self, total: torch.Tensor) -> torch.Tensor:
+        """The running counts this micro-batch's f uses (see the class docstring)."""
+        training = self.training and torch.is_grad_enabled()
+        # A recompute (activation checkpointing) runs inside the backward: it reuses the
+        # counts its forward used and runs no collective (every rank recomputes alike).
+        if training and torch._C._current_graph_task_id() != -1:
+            j = self.micro_index
+            if j is not None and j < len(self.step_history):
+                return self.step_history[j]
+            if self.step_counts is not None:
+                return self.step_counts
+        prefix, round_total = (self.count_prefix(total) if self.count_prefix is not None
+                               else (total, total))
+        if not training:
+            return prefix
+        used = prefix if self.step_counts is None else self.step_counts + prefix
+        self.step_counts = round_total if self.step_counts is None else self.step_counts + round_total
+        self.step_history.append(used)
+        return used
 
     def _seq_loss(self, routed: RouterOutput, shape: torch.Size) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise loss: f from the unbiased top-k before any drop."""
@@ -235,7 +245,7 @@ class MoELayer(nn.Module):
             router_loss=(routed.router_loss.detach() if routed.router_loss is not None
                          else torch.zeros((), device=counts_E.device)),
             num_unrouted=unrouted,
-            num_tokens=torch.tensor(T, device=counts_E.device),
+            num_tokens=counts_E.new_full((), T),  # a fill on the device, no host copy
         )
 
 

@@ -11,7 +11,7 @@ rounding (ST-MoE, Zoph et al., 2022, section 3). Routers form a registry keyed b
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,15 @@ class RoutingContext:
     seed: int = 0
     step: int = 0
     token_keys: torch.Tensor | None = None
+    # The same step and seed as int64 0-dim tensors, updated in place: keyed draws read
+    # these, so a compiled router does not specialise (and recompile) on the step.
+    step_t: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    seed_t: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def set_step(self, seed: int, step: int) -> None:
+        self.seed, self.step = seed, step
+        self.seed_t.fill_(seed)
+        self.step_t.fill_(step)
 
 
 ROUTERS: dict[RouterType, type[nn.Module]] = {}
@@ -101,6 +110,7 @@ class Router(nn.Module):
 
     uses_balance_loss = True
     whole_batch = False
+    needs_token_keys = False  # its training forward draws per-token noise
 
     def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
         super().__init__()
@@ -231,7 +241,8 @@ class TopKRouter(Router):
         ids_TK = routing.topk_select(raw_TE, self.top_k, self.expert_bias, self.cfg.n_groups,
                                      self.cfg.topk_groups, self.cfg.group_score)
         weights_TK = routing.topk_gates(raw_TE, ids_TK, renorm, self.route_scale)
-        scores_TE = raw_TE if self.score_func == ScoreFunc.softmax else routing.normalized(raw_TE)
+        scores_TE = (raw_TE if self.score_func == ScoreFunc.softmax
+                     else routing.sigmoid_probs(z_TE))
         return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE,
                             logits_TE=z_TE)
 
@@ -286,6 +297,7 @@ class NoisyTopKRouter(Router):
     """
 
     whole_batch = True  # the importance and load losses sum over the micro-batch
+    needs_token_keys = True
 
     def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
         super().__init__(dim, num_experts, top_k, cfg)
@@ -310,7 +322,7 @@ class NoisyTopKRouter(Router):
             std_TE = std_TE + self.cfg.noise_epsilon
             keys_TE = (self._token_keys(T, clean_TE.device)[:, None] * E
                        + torch.arange(E, device=clean_TE.device))
-            eps_TE = routing.keyed_normal(keys_TE, self.context.seed, self.context.step,
+            eps_TE = routing.keyed_normal(keys_TE, self.context.seed_t, self.context.step_t,
                                           self.layer_idx, 0x5EED)
             noisy_TE = clean_TE + eps_TE * std_TE
         top_TK, ids_TK = noisy_TE.topk(self.top_k, dim=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from moetrain.config.schema import BiasUpdate, GroupScore, ScoreFunc
 
@@ -26,6 +27,14 @@ def normalized(raw_TE: torch.Tensor) -> torch.Tensor:
     """Per-token probabilities for the losses: sigmoid scores divided by their sum
     (DeepSeek-V3 eq. 19's s'); softmax scores already sum to 1 and pass through."""
     return raw_TE / raw_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+def sigmoid_probs(z_TE: torch.Tensor) -> torch.Tensor:
+    """sigmoid(z) / sum_e sigmoid(z_e), computed as softmax(logsigmoid(z)): the same
+    values, but they sum to 1 even when every sigmoid underflows. A division by the sum
+    with an epsilon lets a router push all its scores below the epsilon and drive the
+    balance loss under its minimum (Megatron-LM #1545)."""
+    return torch.softmax(F.logsigmoid(z_TE.float()), dim=-1)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -181,21 +190,22 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def keyed_uniform(keys: torch.Tensor, *salt: int) -> torch.Tensor:
+def keyed_uniform(keys: torch.Tensor, *salt: int | torch.Tensor) -> torch.Tensor:
     """float32 uniforms in (0, 1), one per entry of the int64 ``keys``, that depend only on
     (key, salt...): a counter-based draw. Routers key their noise by (seed, step, layer,
     global token position, expert), so every layout, rank count and resume draws the same
     numbers for the same token, which a stateful generator on each rank cannot do."""
     h = torch.zeros((), dtype=torch.int64, device=keys.device)
-    for s in salt:
-        h = _fmix32(h ^ (int(s) & _M32)) + 0x9E3779B9
+    for s in salt:  # python ints, or int64 0-dim tensors (no recompile when they change)
+        s = s.to(h.device) if isinstance(s, torch.Tensor) else int(s)
+        h = _fmix32(h ^ (s & _M32)) + 0x9E3779B9
     lo = _fmix32(keys.long() & _M32 ^ h)
     h = _fmix32(lo + ((keys.long() >> 32) & _M32) + 0x7F4A7C15)
     # (0, 1) in float32 too: the largest hashes would otherwise round up to 1.0.
     return ((h.double() + 0.5) / 4294967296.0).float().clamp(max=1.0 - 2.0 ** -24)
 
 
-def keyed_normal(keys: torch.Tensor, *salt: int) -> torch.Tensor:
+def keyed_normal(keys: torch.Tensor, *salt: int | torch.Tensor) -> torch.Tensor:
     """Standard normals keyed like :func:`keyed_uniform` (Box-Muller on two draws)."""
     u1 = keyed_uniform(keys, *salt, 1)
     u2 = keyed_uniform(keys, *salt, 2)

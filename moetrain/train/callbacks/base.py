@@ -3,7 +3,9 @@ expert-bias update, routing keys, balance monitoring, dense-to-sparse schedules)
 callbacks, so the loop in ``trainer.py`` still reads top to bottom.
 
 Every callback is Stateful: its ``state_dict()`` goes into every checkpoint under
-``callback.<name>`` and comes back through ``load_state_dict`` on resume.
+``callback.<name>`` and comes back through ``load_state_dict`` on resume. A checkpoint
+without a callback's entry (saved before the callback was enabled) leaves that callback
+at its initial state, with a warning.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Callback:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1}
+        return {}  # stateless; a callback with state returns it here
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         pass
@@ -67,8 +69,9 @@ class CallbackList:
         return iter(self.callbacks)
 
     def states(self) -> dict[str, Callback]:
-        """Checkpoint entries: ``callback.<name>`` -> the callback (Stateful)."""
-        return {f"callback.{cb.name}": cb for cb in self.callbacks}
+        """Checkpoint entries: ``callback.<name>`` -> the callback (Stateful), for the
+        callbacks that have state."""
+        return {f"callback.{cb.name}": cb for cb in self.callbacks if cb.state_dict()}
 
     def on_train_start(self, trainer) -> None:
         for cb in self.callbacks:

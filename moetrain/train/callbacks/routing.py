@@ -35,7 +35,7 @@ class RoutingContextCallback(Callback):
 
     def __init__(self, seed: int, seq_len: int) -> None:
         self.seed, self.seq_len = seed, seq_len
-        self.keys: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []  # per micro-batch, on the device
         self.count: dict[tuple[int, bool], int] = {}
         self.hooked: set[int] = set()
 
@@ -44,17 +44,23 @@ class RoutingContextCallback(Callback):
             if id(layer) not in self.hooked:
                 layer.register_forward_pre_hook(self._pre_forward)
                 self.hooked.add(id(layer))
-        pos = torch.arange(self.seq_len)
-        self.keys = [(torch.tensor(idx)[:, None] * self.seq_len + pos).flatten()
-                     for idx in micro_batches]
+        layers = trainer.pm.moe_layers
         self.count = {}
-        for layer in trainer.pm.moe_layers:
-            layer.router.context.seed = self.seed
-            layer.router.context.step = step
+        self.keys = []
+        if any(layer.router.needs_token_keys for layer in layers):
+            # One host-to-device copy per micro-batch and step, not per layer and forward.
+            pos = torch.arange(self.seq_len)
+            for idx in micro_batches:
+                keys = (torch.tensor(idx)[:, None] * self.seq_len + pos).flatten()
+                if trainer.device.type == "cuda":
+                    keys = keys.pin_memory()
+                self.keys.append(keys.to(trainer.device, non_blocking=True))
+        for layer in layers:
+            layer.router.context.set_step(self.seed, step)
             layer.reset_step_counts()
 
     def _pre_forward(self, layer, args) -> None:
-        if not layer.training or not self.keys:
+        if not layer.training:
             layer.router.context.token_keys = None
             layer.micro_index = None
             return
@@ -62,11 +68,14 @@ class RoutingContextCallback(Callback):
         j = self.count.get(slot, 0)
         self.count[slot] = j + 1
         layer.micro_index = j  # the micro-batch this forward (or recompute) belongs to
+        if not self.keys:
+            layer.router.context.token_keys = None
+            return
         keys = self.keys[min(j, len(self.keys) - 1)]
         if layer.seq_shards > 1:  # this tp rank routes one shard of every sequence
             keys = keys.view(-1, self.seq_len).chunk(layer.seq_shards, dim=1)[
                 layer.seq_shard_rank].flatten()
-        layer.router.context.token_keys = keys.to(args[0].device)
+        layer.router.context.token_keys = keys
 
 
 class ExpertBiasCallback(Callback):
@@ -77,19 +86,25 @@ class ExpertBiasCallback(Callback):
     The counts are the step's routed rows per expert and layer: every micro-batch, summed
     over the data-parallel and tensor-parallel ranks and pipeline stages by the trainer's
     router statistics (training forwards only: not validation, not a recompute). So the
-    update is identical on every rank. The bias is a float32 buffer of the router and is
-    saved with the model; this callback's own state is the number of updates.
+    update is identical on every rank. With ``moe.router.bias_update_tokens`` the bias
+    freezes once that many training tokens are consumed (DeepSeek-V3's schedule). The
+    bias is a float32 buffer of the router and is saved with the model; this callback's
+    own state is the number of updates.
     """
 
     name = "expert_bias"
 
-    def __init__(self, rate: float, rule: BiasUpdate) -> None:
+    def __init__(self, rate: float, rule: BiasUpdate, until_tokens: int = 0) -> None:
         self.rate, self.rule = rate, BiasUpdate(rule)
+        self.until_tokens = until_tokens  # 0 = no limit
         self.updates = 0
 
     def on_step_end(self, trainer, step, metrics) -> None:
         counts_LE = trainer.moe_stats.last_counts_LE
-        if counts_LE is None:
+        # The step's tokens are already counted: the bias moves while the tokens
+        # consumed *before* this step are under the budget, then stays frozen exactly.
+        before = trainer.progress.tokens - trainer.cfg.train.global_batch_size * trainer.cfg.train.seq_len
+        if counts_LE is None or (self.until_tokens and before >= self.until_tokens):
             return
         delta_LE = bias_delta(counts_LE, self.rate, self.rule)
         for i, layer in enumerate(trainer.moe_stats.layers):
@@ -149,8 +164,12 @@ class BalanceMonitorCallback(Callback):
 
 register_callback("routing_context")(
     lambda cfg: RoutingContextCallback(cfg.seed, cfg.train.seq_len))
-register_callback("expert_bias")(
-    lambda cfg: ExpertBiasCallback(cfg.moe.router.bias_update_rate, cfg.moe.router.bias_update))
+def _expert_bias(cfg: Config) -> ExpertBiasCallback:
+    r = cfg.moe.router
+    return ExpertBiasCallback(r.bias_update_rate, r.bias_update, r.bias_update_tokens)
+
+
+register_callback("expert_bias")(_expert_bias)
 def _balance_monitor(cfg: Config) -> BalanceMonitorCallback:
     m = cfg.model
     n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
@@ -168,8 +187,7 @@ def default_callbacks(cfg: Config) -> list[Callback]:
 
     out: list[Callback] = [RoutingContextCallback(cfg.seed, cfg.train.seq_len)]
     if cfg.moe.router.bias_update_rate > 0:
-        out.append(ExpertBiasCallback(cfg.moe.router.bias_update_rate,
-                                      cfg.moe.router.bias_update))
+        out.append(_expert_bias(cfg))
     out.append(_balance_monitor(cfg))
     have = {cb.name for cb in out}
     for name in cfg.callbacks:

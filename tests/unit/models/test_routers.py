@@ -375,7 +375,8 @@ def test_noisy_topk_training_noise_formula_and_gates():
     x = torch.randn(T, 6)
     with torch.no_grad():
         r.w_noise.weight.normal_(0, 0.3)
-    r.context.seed, r.context.step, r.layer_idx = 11, 4, 1
+    r.context.set_step(11, 4)
+    r.layer_idx = 1
     r.context.token_keys = torch.arange(100, 100 + T)
     out = r(x)
     # H = clean + eps * (softplus(x W_noise) + noise_epsilon), eps keyed per (token, expert).
@@ -401,7 +402,8 @@ def test_noisy_topk_noise_is_keyed():
     keys = torch.arange(16) * 3 + 5
 
     def run(seed, step, layer, perm=None):
-        r.context.seed, r.context.step, r.layer_idx = seed, step, layer
+        r.context.set_step(seed, step)
+        r.layer_idx = layer
         xs, ks = (x, keys) if perm is None else (x[perm], keys[perm])
         r.context.token_keys = ks
         return r(xs).scores_TE
@@ -449,7 +451,7 @@ def test_ssr_prob_zero_is_bit_identical_to_topk():
     topk.load_state_dict(ssr.state_dict())
     x = torch.randn(32, 6)
     for step in range(20):
-        ssr.context.step = step
+        ssr.context.set_step(ssr.context.seed, step)
         a, b = ssr(x), topk(x)
         for f in ("ids_TK", "weights_TK", "scores_TE", "logits_TE"):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
@@ -483,10 +485,11 @@ def test_ssr_draw_is_keyed_and_binomial():
     r = _ssr(0.1).train()
 
     def draws(seed, layer):
-        r.context.seed, r.layer_idx = seed, layer
+        r.context.set_step(seed, 0)
+        r.layer_idx = layer
         out = []
         for step in range(2000):
-            r.context.step = step
+            r.context.set_step(seed, step)
             out.append(r.ot_step())
         return out
 
@@ -632,3 +635,34 @@ def test_global_batch_counts_accumulate_over_micro_batches():
     layer.reset_step_counts()
     layer(x4)
     assert layer.step_counts.tolist() == local.tolist() + [T * K]
+
+
+def test_sigmoid_loss_probabilities_cannot_be_pushed_below_balance():
+    """Megatron-LM #1545: with scores divided by (sum + eps), very negative logits make the
+    per-token probabilities sum to ~0 and the balance loss falls under its minimum. The
+    sigmoid router's loss probabilities are softmax(logsigmoid(z)): they sum to 1 for any
+    logits, equal sigmoid / sum where that is representable, and a uniform router keeps
+    the Switch loss at exactly 1."""
+    from moetrain.models.moe.losses import load_balancing_loss
+    from moetrain.models.moe.routing import normalized, sigmoid_probs
+
+    z = torch.randn(64, 8)
+    torch.testing.assert_close(sigmoid_probs(z), normalized(torch.sigmoid(z)))
+    for c in (-50.0, -120.0):
+        p = sigmoid_probs(torch.full((64, 8), c))
+        torch.testing.assert_close(p.sum(-1), torch.ones(64))
+        ids = torch.arange(64 * 2).view(64, 2) % 8  # balanced counts
+        assert load_balancing_loss(p, ids, 8).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_keyed_draws_accept_tensor_salts():
+    """The noisy router keys its noise with 0-dim int64 tensors (no recompile per step):
+    the same values as python-int salts."""
+    from moetrain.models.moe.routing import keyed_normal, keyed_uniform
+
+    keys = torch.arange(100)
+    assert torch.equal(keyed_uniform(keys, 3, 7, 1), keyed_uniform(keys, torch.tensor(3),
+                                                                    torch.tensor(7), 1))
+    assert torch.equal(keyed_normal(keys, 5, torch.tensor(9)), keyed_normal(keys, 5, 9))
+    u = keyed_uniform(torch.arange(200000), 1, 2)
+    assert 0.0 < u.min().item() and u.max().item() < 1.0

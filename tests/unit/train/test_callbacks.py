@@ -244,3 +244,48 @@ def test_default_callbacks_unknown_name_raises_config_error(tiny_overrides):
     cfg = compose(tiny_overrides + ["callbacks=[balance_monitor,no_such_callback]"])
     with pytest.raises(ConfigError, match=r"callbacks=.*'no_such_callback'.*registered"):
         default_callbacks(cfg)
+
+
+def test_bias_enabled_on_resume_starts_from_the_saved_model(tiny_overrides, tmp_path,
+                                                             monkeypatch, caplog):
+    """A checkpoint saved without the expert-bias callback (rate 0) resumes with the
+    update switched on: the callback starts at 0 updates, the bias at the saved (zero)
+    bias, and the run continues on the saved model (step 4's loss equals a run that never
+    stopped, since the bias only moves after step 4's forward)."""
+    trainers = _capture_trainers(monkeypatch)
+    base = [o for o in tiny_overrides if not o.startswith("run.dir")]
+    plain = base + ["moe/router=aux_free", "moe.aux_loss_coef=0",
+                    "moe.router.bias_update_rate=0", "checkpoint.every=3", "train.steps=6"]
+    run(compose(plain + ["train.stop_at=3", f"run.dir={tmp_path / 'a'}"]))
+    assert "callback.expert_bias" not in trainers[-1]._state()
+    ref = _steps(tmp_path / "a")
+    caplog.set_level("WARNING")
+    on = [o for o in plain if "bias_update_rate" not in o]
+    run(compose(on + [f"run.dir={tmp_path / 'a'}"]))
+    res = trainers[-1]
+    assert "has no state for callback.expert_bias" in caplog.text
+    assert _callback(res, ExpertBiasCallback).updates == 3  # steps 4, 5, 6
+    steps = _steps(tmp_path / "a")
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in steps[:3]] == [m["loss"] for m in ref]
+    assert _biases(res).abs().max() > 0
+
+
+def test_bias_freezes_after_the_token_budget(tiny_overrides, monkeypatch):
+    """bias_update_tokens=512 with 256 tokens per step (TINY: 8 x 32): steps 1 and 2
+    move the bias, later steps leave it exactly where step 2 put it."""
+    trainers = _capture_trainers(monkeypatch)
+    snapshots: list[torch.Tensor] = []
+    on_step_end = ExpertBiasCallback.on_step_end
+
+    def recording(self, trainer, step, metrics):
+        on_step_end(self, trainer, step, metrics)
+        snapshots.append(_biases(trainer))
+
+    monkeypatch.setattr(ExpertBiasCallback, "on_step_end", recording)
+    run(compose(tiny_overrides + AUX_FREE + ["moe.router.bias_update_tokens=512",
+                                             "train.steps=5", "eval.every=0"]))
+    assert _callback(trainers[-1], ExpertBiasCallback).updates == 2
+    assert not torch.equal(snapshots[0], snapshots[1])
+    for later in snapshots[2:]:
+        assert torch.equal(later, snapshots[1])
