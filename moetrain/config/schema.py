@@ -91,7 +91,7 @@ class KernelBackend(str, Enum):
 
 class AuxLossScope(str, Enum):
     micro_batch = "micro_batch"  # statistics of the local micro-batch (default)
-    global_batch = "global_batch"  # expert counts all-reduced across data parallelism
+    global_batch = "global_batch"  # running counts over the step's micro-batches of all dp ranks
 
 
 class LRSchedule(str, Enum):
