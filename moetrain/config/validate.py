@@ -214,6 +214,13 @@ def _validate_routing(cfg: Config, layout: Layout) -> None:
             f"moe.router.score_func={ScoreFunc(r.score_func).value} is invalid for "
             f"moe.router.name=deepseek_v3, which scores with a sigmoid: set "
             f"moe.router.score_func=sigmoid, or use moe/router=topk")
+    softmax_only = (RouterType.noisy_topk, RouterType.expert_choice, RouterType.sinkhorn,
+                    RouterType.selective_sinkhorn, RouterType.threshold, RouterType.switch)
+    if kind in softmax_only and ScoreFunc(r.score_func) != ScoreFunc.softmax:
+        raise ConfigError(
+            f"moe.router.score_func={ScoreFunc(r.score_func).value} is invalid for "
+            f"moe.router.name={kind.value}, which scores with a softmax: set "
+            f"moe.router.score_func=softmax, or use moe/router=sigmoid_topk or deepseek_v3")
     if kind in (RouterType.expert_choice, RouterType.sinkhorn) and moe.aux_loss_coef > 0:
         log.warning("moe.aux_loss_coef=%s with moe.router.name=%s: this router balances by "
                     "construction, so the balance loss is logged (aux_loss) but not trained "

@@ -329,7 +329,9 @@ class NoisyTopKRouter(Router):
         weights_TK = torch.softmax(top_TK, dim=-1)
         scores_TE = torch.softmax(noisy_TE, dim=-1)
         router_loss = None
-        if self.training and (self.cfg.importance_coef > 0 or self.cfg.load_coef > 0):
+        # The load loss needs k < E; a schedule may raise k at run time (then: no loss).
+        if (self.training and self.top_k < E
+                and (self.cfg.importance_coef > 0 or self.cfg.load_coef > 0)):
             gates_TE = torch.zeros_like(clean_TE).scatter(1, ids_TK, weights_TK)
             load_E = losses.prob_in_topk(clean_TE, noisy_TE, std_TE, self.top_k).sum(dim=0)
             router_loss = (self.cfg.importance_coef * losses.cv_squared(gates_TE.sum(dim=0))
