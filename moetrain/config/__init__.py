@@ -14,6 +14,7 @@ from moetrain.config.schema import (
     OptimConfig,
     ParallelConfig,
     RouterConfig,
+    ScheduleConfig,
     TrainConfig,
 )
 from moetrain.config.validate import Layout, resolve_layout, validate
@@ -31,6 +32,7 @@ _GROUPS = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "parallel": ParallelConfig,
+    "schedule": ScheduleConfig,
 }
 
 

@@ -489,6 +489,24 @@ class ParallelConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """Dense-to-sparse and annealing schedules, chosen with ``schedule=<name>``
+    (conf/schedule/). A callback computes the values from the global step, so a resume
+    lands mid-phase with the exact values. ``none`` keeps the router as configured."""
+
+    name: str = "none"
+
+
+@dataclass
+class InitConfig:
+    """Where the weights start: a fresh initialisation, or upcycled from a dense model."""
+
+    # A dense moetrain checkpoint (step_N directory) or a Hugging Face Llama/Qwen2/Mistral
+    # directory to upcycle into this config's MoE; "" = fresh initialisation.
+    from_dense: str = ""
+
+
+@dataclass
 class RunConfig:
     dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
 
@@ -507,6 +525,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     seed: int = 0
     # Extra trainer callbacks by name (moetrain/train/callbacks/). The ones the config
     # needs (router context, expert bias, balance metrics) are always added.
