@@ -2,7 +2,7 @@
 
 Layout under ``checkpoint.dir``::
 
-    step_0000100/              committed: DCP shards + .metadata + COMMITTED (json)
+    step_0000100/              committed: DCP shards + .metadata + config.yaml + COMMITTED
     step_0000200.tmp-3f9a1c2e/ being written (or left by a crash); never loaded
 
 A save writes into ``step_N.tmp-<token>/``. When every rank has finished writing, rank 0
@@ -100,7 +100,7 @@ class CheckpointManager:
     process groups and runs the stale-directory cleanup collectively.
     """
 
-    def __init__(self, cfg: CheckpointConfig) -> None:
+    def __init__(self, cfg: CheckpointConfig, files: dict[str, str] | None = None) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "CheckpointManager needs an initialised torch.distributed process group "
@@ -108,6 +108,9 @@ class CheckpointManager:
             )
         self.cfg = cfg
         self.dir = Path(cfg.dir)
+        # Small text files rank 0 writes into every checkpoint before its marker, e.g. the
+        # run's config.yaml, so that a checkpoint describes itself (moetrain.load).
+        self.files = dict(files or {})
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         # Coordination (object collectives, barriers) on gloo: CPU-only and independent of
@@ -259,6 +262,8 @@ class CheckpointManager:
             meta = {"step": step, "time": time.time(),
                     "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "world_size": self.world_size}
+            for name, text in self.files.items():
+                (tmp / name).write_text(text)
             with open(tmp / MARKER, "w") as f:
                 json.dump(meta, f)
                 f.flush()

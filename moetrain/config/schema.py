@@ -39,6 +39,43 @@ class RouterType(str, Enum):
     sinkhorn = "sinkhorn"  # S-BASE (Clark et al. 2022), as Megatron-core's "sinkhorn"
     selective_sinkhorn = "selective_sinkhorn"  # SSR (arXiv 2511.08972): OT on a fraction p of steps
     threshold = "threshold"  # XMoE (Yang et al. 2024): experts until cumulative p >= threshold
+    dts = "dts"  # EvoMoE's DTS gate (Nie et al. 2021): Gumbel-softmax threshold; schedule=evomoe
+
+
+class ScheduleName(str, Enum):
+    """Dense-to-sparse and annealing schedules (``schedule=<name>``, docs/schedules.md)."""
+
+    none = "none"  # the router runs as configured
+    temperature = "temperature"  # router softmax temperature annealed
+    topk = "topk"  # experts per token annealed from k_start to k_end
+    capacity = "capacity"  # the dispatcher's capacity factor annealed
+    dts_gate = "dts_gate"  # softmax(act(logits) / tau), tau annealed (arXiv 2401.13875)
+    evomoe = "evomoe"  # EvoMoE (arXiv 2112.14397): one expert, spawn, DTS gate, top-k
+
+
+class Anneal(str, Enum):
+    """Shape of an annealed value v(t) from ``start`` to ``end`` over N steps."""
+
+    linear = "linear"  # start + (end - start) t / N
+    exp = "exp"  # start (end / start)^(t / N)  (EvoMoE's exponential decay)
+    cosine = "cosine"  # end + (start - end) (1 + cos(pi t / N)) / 2
+
+
+class GateActivation(str, Enum):
+    """Non-linearity on the router logits before the temperature softmax (the "activation
+    dense-to-sparse gate" of Nguyen et al. 2024, arXiv 2401.13875)."""
+
+    none = "none"  # softmax(logits / tau): the plain temperature gate
+    tanh = "tanh"
+    sigmoid = "sigmoid"
+    gelu = "gelu"
+
+
+class SpawnOptimizer(str, Enum):
+    """EvoMoE spawn: what the spawned experts' optimizer state (AdamW moments) becomes."""
+
+    copy = "copy"  # expert 0's moments (exp_avg masked like the weights, exp_avg_sq whole)
+    reset = "reset"  # zeros, as for a fresh parameter (Adam's step count is per tensor)
 
 
 class GroupScore(str, Enum):
@@ -123,6 +160,13 @@ class ExpertTP(str, Enum):
     # dim F sharded over tp (needs parallel.ep=1 and model.expert_hidden % tp == 0)
 
 
+class DropMode(str, Enum):
+    """Which intermediate channels Drop-Upcycling re-initialises (Nakamura et al. 2025)."""
+
+    per_expert = "per_expert"  # one channel set per expert, shared by w1, w3 and w2 (paper)
+    per_matrix = "per_matrix"  # an independent set per matrix (the released code)
+
+
 # Pipeline schedules of torch.distributed.pipelining. Functional API: OmegaConf matches a
 # config string to a member *name*, and "1f1b" is not a Python identifier.
 PipelineSchedule = Enum(
@@ -166,6 +210,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
+    # Biases on the query/key/value projections (Qwen2 has them; Llama, Mistral do not).
+    qkv_bias: bool = False
     # --- MoE placement and shape
     num_experts: int = 8
     top_k: int = 2
@@ -491,10 +537,56 @@ class ParallelConfig:
 @dataclass
 class ScheduleConfig:
     """Dense-to-sparse and annealing schedules, chosen with ``schedule=<name>``
-    (conf/schedule/). A callback computes the values from the global step, so a resume
-    lands mid-phase with the exact values. ``none`` keeps the router as configured."""
+    (conf/schedule/, docs/schedules.md). A callback computes the values from the global
+    step, so a resume lands mid-phase with the exact values. ``none`` keeps the router as
+    configured. Fields that a schedule does not read are ignored."""
 
-    name: str = "none"
+    name: ScheduleName = ScheduleName.none
+    anneal: Anneal = Anneal.linear
+    # Steps N from the start value to the end value (EvoMoE: from the spawn on); null = the
+    # rest of the run (train.steps, minus diversify_steps for evomoe).
+    steps: int | None = None
+    # temperature, dts_gate, evomoe (the Gumbel-softmax tau): router temperature.
+    temperature_start: float = 2.0
+    temperature_end: float = 0.5
+    # topk: experts per token, rounded toward k_start (docs/schedules.md).
+    k_start: int | None = None  # null = model.num_experts (dense)
+    k_end: int | None = None  # null = model.top_k
+    # capacity (moe.dispatch=capacity): the dispatcher's capacity factor.
+    capacity_start: float = 2.0
+    capacity_end: float | None = None  # null = moe.capacity_factor
+    # dts_gate: sigma in softmax(sigma(logits) / tau).
+    activation: GateActivation = GateActivation.none
+    # evomoe: steps training expert 0 alone before it is spawned into E experts, each a
+    # copy masked with a keyed Bernoulli(mask_ratio) mask (mask_seed null = seed).
+    diversify_steps: int = 0
+    mask_ratio: float = 0.5
+    mask_seed: int | None = None
+    spawn_optimizer: SpawnOptimizer = SpawnOptimizer.copy
+    # evomoe: an expert is used where its Gumbel-softmax value exceeds this (EvoMoE: 1e-3).
+    gumbel_threshold: float = 1e-3
+    # evomoe: first step of hard top-k routing; null = diversify_steps + steps.
+    hard_step: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.steps is None or self.steps >= 1, "schedule.steps", self.steps,
+                 "must be >= 1, or null for the rest of the run")
+        for name in ("temperature_start", "temperature_end", "capacity_start"):
+            _require(getattr(self, name) > 0, f"schedule.{name}", getattr(self, name),
+                     "must be > 0")
+        _require(self.capacity_end is None or self.capacity_end > 0, "schedule.capacity_end",
+                 self.capacity_end, "must be > 0, or null for moe.capacity_factor")
+        for name in ("k_start", "k_end"):
+            v = getattr(self, name)
+            _require(v is None or v >= 1, f"schedule.{name}", v, "must be >= 1, or null")
+        _require(self.diversify_steps >= 0, "schedule.diversify_steps", self.diversify_steps,
+                 "must be >= 0 (0 = no expert-diversify phase)")
+        _require(0 <= self.mask_ratio < 1, "schedule.mask_ratio", self.mask_ratio,
+                 "must be in [0, 1) (share of expert 0's weights zeroed in each spawn)")
+        _require(0 < self.gumbel_threshold < 1, "schedule.gumbel_threshold",
+                 self.gumbel_threshold, "must be in (0, 1) (EvoMoE uses 0.001)")
+        _require(self.hard_step is None or self.hard_step >= 0, "schedule.hard_step",
+                 self.hard_step, "must be >= 0, or null for diversify_steps + steps")
 
 
 @dataclass
@@ -503,7 +595,26 @@ class InitConfig:
 
     # A dense moetrain checkpoint (step_N directory) or a Hugging Face Llama/Qwen2/Mistral
     # directory to upcycle into this config's MoE; "" = fresh initialisation.
+    # Used when no checkpoint is resumed (moetrain/checkpoint/upcycle.py, docs/upcycling.md).
     from_dense: str = ""
+    # Drop-Upcycling (Nakamura et al. 2025, arXiv 2502.19261): share r of every expert's
+    # intermediate channels re-initialised from N(mean, std) of the weights they replace.
+    # 0 = plain sparse upcycling (every expert an exact copy); the paper recommends 0.5.
+    drop_ratio: float = 0.0
+    drop_mode: DropMode = DropMode.per_expert
+    # Seeds the router init and the dropped channels, per (seed, layer, expert).
+    seed: int = 0
+    # The fresh router gate is N(0, router_std^2); its expert bias starts at 0.
+    router_std: float = 0.02
+    # Carry the dense checkpoint's AdamW moments over (copied to every expert like the
+    # weights, zero for the router and dropped channels); false = a fresh optimizer.
+    reuse_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.drop_ratio <= 1, "init.drop_ratio", self.drop_ratio,
+                 "must be in [0, 1] (share of each expert's channels re-initialised)")
+        _require(self.router_std > 0, "init.router_std", self.router_std, "must be > 0")
+        _require(self.seed >= 0, "init.seed", self.seed, "must be >= 0")
 
 
 @dataclass

@@ -12,10 +12,12 @@ from moetrain.config.schema import (
     ConfigError,
     DispatchMode,
     ExpertTP,
+    GateActivation,
     GroupScore,
     ParallelConfig,
     PipelineSchedule,
     RouterType,
+    ScheduleName,
     ScoreFunc,
 )
 
@@ -249,6 +251,107 @@ def _validate_routing(cfg: Config, layout: Layout) -> None:
             "moe.balance_loss=switch")
 
 
+# Routers whose experts per token are ``top_k`` (schedule=topk anneals it).
+TOPK_SCHEDULE_ROUTERS = (RouterType.topk, RouterType.deepseek_v3, RouterType.noisy_topk,
+                         RouterType.sinkhorn, RouterType.selective_sinkhorn)
+
+
+def _validate_schedule(cfg: Config, layout: Layout) -> None:
+    """Rules of the schedules (moetrain/train/callbacks/schedules.py, dense_to_sparse.py)."""
+    s, r, m, moe = cfg.schedule, cfg.moe.router, cfg.model, cfg.moe
+    name, kind = ScheduleName(s.name), RouterType(r.name)
+    E = m.num_experts
+    if GateActivation(s.activation) != GateActivation.none and name != ScheduleName.dts_gate:
+        raise ConfigError(
+            f"schedule.activation={GateActivation(s.activation).value} only applies to "
+            f"schedule=dts_gate (got schedule={name.value}): use schedule=dts_gate, or "
+            f"schedule.activation=none")
+    if (kind == RouterType.dts) != (name == ScheduleName.evomoe):
+        raise ConfigError(
+            f"moe.router.name={kind.value} with schedule={name.value}: the DTS router takes "
+            f"its phases from EvoMoE's schedule and EvoMoE needs the DTS router: use "
+            f"moe/router=dts with schedule=evomoe together")
+    if name == ScheduleName.dts_gate and ScoreFunc(r.score_func) != ScoreFunc.softmax:
+        raise ConfigError(
+            f"moe.router.score_func={ScoreFunc(r.score_func).value} with schedule=dts_gate: "
+            f"the dense-to-sparse gate is softmax(activation(logits) / tau): set "
+            f"moe.router.score_func=softmax (moe/router=topk), or use schedule=temperature")
+    if name == ScheduleName.topk:
+        if kind not in TOPK_SCHEDULE_ROUTERS:
+            raise ConfigError(
+                f"schedule=topk with moe.router.name={kind.value}: that router does not route "
+                f"a fixed top_k experts per token; use one of "
+                f"{[k.value for k in TOPK_SCHEDULE_ROUTERS]}, or another schedule")
+        for field_name, k in (("schedule.k_start", s.k_start), ("schedule.k_end", s.k_end)):
+            if k is not None and k > E:
+                raise ConfigError(f"{field_name}={k} exceeds model.num_experts={E}: use a k "
+                                  f"in [1, {E}] (null: k_start = {E}, k_end = model.top_k)")
+        k_max = max(s.k_start if s.k_start is not None else E,
+                    s.k_end if s.k_end is not None else m.top_k)
+        if r.n_groups > 1:
+            if GroupScore(r.group_score) == GroupScore.topk_sum:
+                raise ConfigError(
+                    "schedule=topk with moe.router.group_score=topk_sum: that group score "
+                    "needs top_k to be a multiple of moe.router.topk_groups at every step; "
+                    "set moe.router.group_score=top2_sum, or moe.router.n_groups=1")
+            allowed = r.topk_groups * (E // r.n_groups)
+            if k_max > allowed:
+                raise ConfigError(
+                    f"schedule=topk reaches k={k_max}, more than the {allowed} experts of the "
+                    f"moe.router.topk_groups={r.topk_groups} groups a token may use: lower "
+                    f"schedule.k_start, or raise moe.router.topk_groups")
+    if name == ScheduleName.capacity and DispatchMode(moe.dispatch) != DispatchMode.capacity:
+        raise ConfigError(
+            f"schedule=capacity with moe.dispatch={DispatchMode(moe.dispatch).value}: there is "
+            f"no capacity factor to anneal: set moe.dispatch=capacity, or another schedule")
+    if name == ScheduleName.evomoe:
+        if DispatchMode(moe.dispatch) != DispatchMode.dropless:
+            raise ConfigError(
+                "moe.dispatch=capacity with schedule=evomoe: its diversify phase sends every "
+                "token to expert 0 and its soft phase a variable number of experts per "
+                "token, which a capacity would drop: set moe.dispatch=dropless")
+        if ScoreFunc(r.score_func) != ScoreFunc.softmax:
+            raise ConfigError(
+                f"moe.router.score_func={ScoreFunc(r.score_func).value} with moe.router.name="
+                f"dts: EvoMoE's gate weights are softmax(logits): set "
+                f"moe.router.score_func=softmax")
+        if s.gumbel_threshold >= 1.0 / E:
+            raise ConfigError(
+                f"schedule.gumbel_threshold={s.gumbel_threshold} is not below 1/"
+                f"model.num_experts = {1.0 / E:.4g}: some token could keep no expert (its "
+                f"Gumbel-softmax values sum to 1); use a threshold below {1.0 / E:.4g} "
+                f"(EvoMoE: 0.001)")
+        if s.hard_step is not None and s.hard_step < s.diversify_steps:
+            raise ConfigError(
+                f"schedule.hard_step={s.hard_step} comes before the spawn at "
+                f"schedule.diversify_steps={s.diversify_steps}: use a hard_step >= "
+                f"{s.diversify_steps}, or null for diversify_steps + steps")
+        if s.steps is None and s.diversify_steps >= cfg.train.steps:
+            raise ConfigError(
+                f"schedule.diversify_steps={s.diversify_steps} leaves no step of the "
+                f"train.steps={cfg.train.steps} run for the DTS gate: lower diversify_steps, "
+                f"or set schedule.steps")
+
+
+def _validate_init(cfg: Config) -> None:
+    """Upcycling (init.from_dense) needs an MoE layer to upcycle into; the dense model's
+    own checks (path, shapes) run when it is read (moetrain/checkpoint/upcycle.py)."""
+    m, init = cfg.model, cfg.init
+    if not init.from_dense:
+        for name, unset in (("drop_ratio", 0.0), ("reuse_optimizer", False)):
+            if getattr(init, name) != unset:
+                raise ConfigError(
+                    f"init.{name}={str(getattr(init, name)).lower()} only applies when "
+                    f"upcycling: set "
+                    f"init.from_dense=PATH, or drop init.{name}")
+        return
+    if not any(m.is_moe_layer(i) for i in range(m.n_layers)):
+        raise ConfigError(
+            f"init.from_dense is set but model.first_dense_layers={m.first_dense_layers} "
+            f"with model.n_layers={m.n_layers} leaves no MoE layer to upcycle into: set "
+            f"model.first_dense_layers below model.n_layers")
+
+
 def validate(cfg: Config, world_size: int) -> Layout:
     """All cross-field rules. Returns the resolved layout."""
     layout = resolve_layout(cfg.parallel, world_size, cfg.model.num_experts)
@@ -280,4 +383,6 @@ def validate(cfg: Config, world_size: int) -> Layout:
     _validate_tp(cfg, layout)
     _validate_pp(cfg, layout)
     _validate_routing(cfg, layout)
+    _validate_schedule(cfg, layout)
+    _validate_init(cfg)
     return layout

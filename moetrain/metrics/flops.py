@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mfu", "model_flops_per_token", "peak_flops_for_name", "peak_flops_per_s"]
+__all__ = ["flops_per_token_at_k", "mfu", "model_flops_per_token", "peak_flops_for_name",
+           "peak_flops_per_s"]
 
 # Dense (no structured sparsity) bf16 tensor-core peak per GPU, from NVIDIA's data sheets.
 # Matched in order as case-insensitive substrings of torch.cuda.get_device_name().
@@ -57,6 +58,20 @@ def model_flops_per_token(
     counts the full ``S x S`` matrix as PaLM does, so it slightly overstates causal models.
     """
     return 6.0 * active_params_non_embedding + 12.0 * n_layers * dim * seq_len
+
+
+def flops_per_token_at_k(flops_per_token: float, top_k: float, active_k: float,
+                         n_moe_layers: int, dim: int, expert_hidden: int) -> float:
+    """:func:`model_flops_per_token` (counted at ``top_k`` routed experts per token) moved
+    to ``active_k`` routed experts per token: each routed expert of a MoE layer adds
+    ``6 * 3 D F`` (a SwiGLU expert holds 3 D F weights).
+
+    ``active_k`` is the step's routed rows per token, averaged over the MoE layers: a
+    top-k schedule's current k, or the mean of a variable-k router (threshold, expert
+    choice, EvoMoE's soft phase). Rows dropped for capacity still count, as they do at a
+    fixed k.
+    """
+    return flops_per_token + 6.0 * 3 * dim * expert_hidden * n_moe_layers * (active_k - top_k)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float | None:

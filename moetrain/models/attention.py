@@ -24,14 +24,17 @@ class Attention(nn.Module):
         self.n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
         self.head_dim = model_cfg.dim // model_cfg.n_heads
         dim = model_cfg.dim
-        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        bias = model_cfg.qkv_bias  # Qwen2-style q/k/v biases (model.qkv_bias)
+        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, mean=0.0, std=init_std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
 
     def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor,

@@ -185,6 +185,8 @@ def count_params(model_cfg: ModelConfig, vocab_size: int) -> ParamCount:
     hd = D // model_cfg.n_heads
     kv = model_cfg.n_kv_heads or model_cfg.n_heads
     attn = D * model_cfg.n_heads * hd * 2 + D * kv * hd * 2 + 2 * D  # q, o, k, v, two norms
+    if model_cfg.qkv_bias:
+        attn += (model_cfg.n_heads + 2 * kv) * hd
     dense_ffn = 3 * D * model_cfg.ffn_hidden
     E, K, F = model_cfg.num_experts, model_cfg.top_k, model_cfg.expert_hidden
     expert = 3 * D * F

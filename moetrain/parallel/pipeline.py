@@ -106,7 +106,9 @@ def pipeline_costs(model_cfg: ModelConfig, vocab_size: int,
     D, H = m.dim, m.n_heads
     kv, hd = m.n_kv_heads or H, m.dim // m.n_heads
     attn_w = D * H * hd * 2 + D * kv * hd * 2  # wq, wo; wk, wv
-    attn = StageCost(params=attn_w + 2 * D, flops=2 * attn_w + 4 * seq_len * D)  # + 2 norms
+    qkv_b = (H + 2 * kv) * hd if m.qkv_bias else 0  # model.qkv_bias
+    attn = StageCost(params=attn_w + qkv_b + 2 * D,
+                     flops=2 * attn_w + 4 * seq_len * D)  # + 2 norms
     expert = 3 * D * m.expert_hidden
     router, shared = m.num_experts * D, m.n_shared_experts * expert
     moe = StageCost(params=router + shared + m.num_experts * expert,

@@ -100,7 +100,8 @@ class MoEStatsTracker:
             "expert_bias_spread": s[:, 9],
         }
         names = ["aux_loss", "z_loss", "router_loss", "router_entropy", "dropped_frac",
-                 "unrouted_frac", "load_imbalance", "load_cv", "expert_bias_spread"]
+                 "unrouted_frac", "load_imbalance", "load_cv", "expert_bias_spread",
+                 "active_k"]
         values = [
             (s[:, 0] / n_mb).mean(),
             (s[:, 1] / n_mb).mean(),
@@ -111,6 +112,9 @@ class MoEStatsTracker:
             per_layer["load_imbalance"].mean(),
             per_layer["load_cv"].mean(),
             per_layer["expert_bias_spread"].mean(),
+            # routed rows per token (before capacity drops), mean over layers: the experts
+            # per token MFU counts (a schedule's k, or a variable-k router's mean)
+            (s[:, 4] / s[:, 8].clamp_min(1)).mean(),
         ]
         for key, v_L in per_layer.items():
             names += [f"moe/layer{i}/{key}" for i in range(v_L.shape[0])]

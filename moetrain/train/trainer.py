@@ -20,10 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
+from moetrain.checkpoint.load import CONFIG_FILE, config_to_yaml
 from moetrain.config.schema import Config
 from moetrain.config.validate import Layout
 from moetrain.data import GlobalBatchSampler, build_data
-from moetrain.metrics import MetricsLogger, mfu, model_flops_per_token, peak_flops_per_s
+from moetrain.metrics import (
+    MetricsLogger,
+    flops_per_token_at_k,
+    mfu,
+    model_flops_per_token,
+    peak_flops_per_s,
+)
 from moetrain.models import Transformer, count_params
 from moetrain.parallel.parallelize import ParallelModel, parallelize
 from moetrain.parallel.pipeline import StageOptimizers
@@ -119,7 +126,7 @@ class Trainer:
         self.accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, cfg.seed)
         self.progress = Progress()
-        self.ckpt = CheckpointManager(cfg.checkpoint)
+        self.ckpt = CheckpointManager(cfg.checkpoint, files={CONFIG_FILE: config_to_yaml(cfg)})
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, enabled=self.rank == 0)
         self.autocast_dtype = torch.bfloat16 if t.uses_bf16(device.type) else None
         self.peak = peak_flops_per_s(device, cfg.logging.peak_tflops)
@@ -129,6 +136,10 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(
             self.params.active - self.params.embedding, cfg.model.n_layers, cfg.model.dim, t.seq_len
         )
+        # At model.top_k experts per token; each step moves it to the routed experts per
+        # token it measured (a top-k schedule, variable-k routers): flops_per_token_at_k.
+        self.flops_per_token_top_k = self.flops_per_token
+        self.n_moe_layers = sum(cfg.model.is_moe_layer(i) for i in range(cfg.model.n_layers))
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -168,10 +179,27 @@ class Trainer:
     def resume(self) -> None:
         path = self.ckpt.resolve_resume()
         if path is None:
+            if self.cfg.init.from_dense:
+                self._init_from_dense()
             return
-        self.ckpt.load(path, self._state())
+        if self.cfg.init.from_dense:
+            log.info("init.from_dense is not used: resuming from %s", path)
+        # A step-0 checkpoint (tools/upcycle.py) may hold only the model, optimizer and
+        # progress: nothing has been sampled yet and the RNG is as seeded.
+        optional = ("callback.",) + (("sampler", "rng") if self.ckpt.step_of(path) == 0 else ())
+        self.ckpt.load(path, self._state(), optional=optional)
         self.metrics.truncate_after(self.progress.step)
         log.info("resumed from %s at step %d", path, self.progress.step)
+
+    def _init_from_dense(self) -> None:
+        """Upcycle ``init.from_dense`` into the placed model (docs/upcycling.md): every rank
+        builds the same whole tensors from the same files and keeps its shards."""
+        from moetrain.checkpoint.upcycle import upcycle_into
+
+        cfg = self.cfg
+        upcycle_into(self.pm.parts, self.optimizers if cfg.init.reuse_optimizer else None,
+                     cfg.init, cfg.model, cfg.moe, self.vocab_size,
+                     progress=self.rank == 0 and cfg.train.progress, verbose=self.rank == 0)
 
     def train_step(self) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.train
@@ -268,6 +296,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=t.steps, initial=self.progress.step, desc="train", dynamic_ncols=True)
+        # Before the baseline validation: schedules set the routers for the current step.
+        self.callbacks.on_train_start(self)
         if cfg.eval.every and self.progress.step == 0:
             # The untrained model's validation loss: the baseline every later one compares to.
             val_losses.append((0, self.validate()))
@@ -275,7 +305,6 @@ class Trainer:
         self.model.train()
         t_start, last_loss = time.perf_counter(), float("nan")
         tokens_start = self.progress.tokens
-        self.callbacks.on_train_start(self)
         self.stop = StopSignal(self.device).install()
         try:
             end = t.stop_at or t.steps
@@ -287,6 +316,10 @@ class Trainer:
                 last_loss = out["loss"]
                 tps = t.global_batch_size * t.seq_len / dt
                 out.update(tokens=self.progress.tokens, tokens_per_s=tps, step_time_s=dt)
+                if "active_k" in out:  # MFU counts the routed experts per token of the step
+                    self.flops_per_token = flops_per_token_at_k(
+                        self.flops_per_token_top_k, cfg.model.top_k, out["active_k"],
+                        self.n_moe_layers, cfg.model.dim, cfg.model.expert_hidden)
                 util = mfu(tps / self.layout.world_size, self.flops_per_token, self.peak)
                 if util is not None:
                     out["mfu"] = util

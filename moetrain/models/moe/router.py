@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,14 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config.schema import ConfigError, KernelBackend, RouterConfig, RouterType, ScoreFunc
+from moetrain.config.schema import (
+    ConfigError,
+    GateActivation,
+    KernelBackend,
+    RouterConfig,
+    RouterType,
+    ScoreFunc,
+)
 from moetrain.kernels import use_triton
 from moetrain.models.moe import losses, routing
 
@@ -75,6 +83,19 @@ class RoutingContext:
 ROUTERS: dict[RouterType, type[nn.Module]] = {}
 
 
+def _activate(logits_TE: torch.Tensor, act: GateActivation) -> torch.Tensor:
+    """sigma of the activation dense-to-sparse gate (arXiv 2401.13875); ``none`` returns
+    the logits themselves (no op, so the plain gate is unchanged bit for bit)."""
+    act = GateActivation(act)
+    if act == GateActivation.none:
+        return logits_TE
+    if act == GateActivation.tanh:
+        return torch.tanh(logits_TE)
+    if act == GateActivation.sigmoid:
+        return torch.sigmoid(logits_TE)
+    return F.gelu(logits_TE)
+
+
 def register_router(kind: RouterType) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator adding a router to the registry under ``kind``."""
 
@@ -93,7 +114,12 @@ class Router(nn.Module):
       callback moves it once per optimizer step. It stays float32 under ``.to(bf16)``
       (Megatron-LM #1482: a bf16 bias loses the 1e-3 steps).
     - ``temperature`` divides the logits before the score function; ``top_k`` and
-      ``temperature`` are plain attributes that schedules may change between steps.
+      ``temperature`` are attributes that schedules may change between steps. The
+      temperature lives in a float32 0-dim buffer (``temperature_t``, not saved) that the
+      forward reads, so a compiled router does not recompile when a schedule anneals it.
+    - ``score_activation`` (:class:`GateActivation`): sigma in softmax(sigma(logits) / tau),
+      the activation dense-to-sparse gate (arXiv 2401.13875), set by ``schedule=dts_gate``;
+      ``none`` (the default) is the plain temperature gate, bit for bit.
     - ``context`` (:class:`RoutingContext`) keys the random draws; ``layer_idx`` is set by
       the model.
     - ``slots``: the width K of ``ids_TK`` (``top_k`` unless the router varies it).
@@ -122,10 +148,13 @@ class Router(nn.Module):
         self.cfg = cfg
         self.score_func = ScoreFunc(cfg.score_func)
         self.renormalize = cfg.renormalize
-        self.temperature = float(cfg.temperature)
         self.route_scale = float(cfg.route_scale)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
+        self._temperature = float(cfg.temperature)
+        self.register_buffer("temperature_t", torch.tensor(self._temperature),
+                             persistent=False)
+        self.score_activation = GateActivation.none
         self.kernel_backend = KernelBackend.auto
         self.context = RoutingContext()
         self.layer_idx = 0
@@ -136,23 +165,42 @@ class Router(nn.Module):
     def slots(self) -> int:
         return self.top_k
 
+    @property
+    def temperature(self) -> float:
+        return self._temperature  # the host copy: no device read
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"router temperature must be > 0, got {value!r}")
+        self._temperature = float(value)
+        with torch.no_grad():
+            self.temperature_t.fill_(self._temperature)
+
     def init_weights(self, init_std: float) -> None:
         nn.init.normal_(self.gate.weight, mean=0.0, std=init_std)
         with torch.no_grad():
             self.expert_bias.zero_()
 
     def _apply(self, fn, recurse=True):
-        # Keep the bias float32 through module casts (.to(bf16), .half()); devices follow.
-        bias = self.expert_bias
+        # Keep the bias and the temperature float32 through module casts (.to(bf16),
+        # .half()); devices follow.
+        keep = {name: getattr(self, name) for name in ("expert_bias", "temperature_t")}
         out = super()._apply(fn, recurse)
-        if self.expert_bias.dtype != torch.float32:
-            self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
+        for name, old in keep.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                setattr(self, name, old.to(device=new.device, dtype=torch.float32))
         return out
 
     def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # float32 matmul even under autocast: routing is precision sensitive.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.gate.weight.float())
+
+    def _z(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """The logits that enter the score function: sigma(logits) / temperature."""
+        return _activate(logits_TE, self.score_activation) / self.temperature_t
 
     def _token_keys(self, T: int, device: torch.device) -> torch.Tensor:
         keys = self.context.token_keys
@@ -224,15 +272,16 @@ class TopKRouter(Router):
     """
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        logits_TE = self._logits(x_TD)
-        z_TE = logits_TE / self.temperature
+        z_TE = self._z(self._logits(x_TD))
         renorm = self.renormalize and self.top_k > 1
-        if self.cfg.n_groups == 1 and use_triton(self.kernel_backend, logits_TE):
+        if self.cfg.n_groups == 1 and use_triton(self.kernel_backend, z_TE):
             from moetrain.kernels import ops
 
+            # The kernel gets the tempered logits (temperature 1): a float temperature
+            # argument would make a compiled router specialise on an annealed value.
             ids_TK, weights_TK, scores_TE = ops.topk_router(
-                logits_TE, self.expert_bias, self.top_k, self.score_func == ScoreFunc.sigmoid,
-                renorm, self.temperature)
+                z_TE, self.expert_bias, self.top_k, self.score_func == ScoreFunc.sigmoid,
+                renorm, 1.0)
             if self.route_scale != 1.0:
                 weights_TK = weights_TK * self.route_scale
             return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE,
@@ -312,7 +361,7 @@ class NoisyTopKRouter(Router):
         nn.init.zeros_(self.w_noise.weight)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        clean_TE = self._logits(x_TD) / self.temperature
+        clean_TE = self._z(self._logits(x_TD))
         T, E = clean_TE.shape
         if not self.training:
             noisy_TE = clean_TE
@@ -363,7 +412,7 @@ class ExpertChoiceRouter(Router):
         return min(num_tokens, max(1, c))
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        z_TE = self._logits(x_TD) / self.temperature
+        z_TE = self._z(self._logits(x_TD))
         scores_TE = torch.softmax(z_TE, dim=-1)
         ids_TE, active_TE = routing.expert_choice_select(scores_TE, self.capacity(z_TE.shape[0]))
         return RouterOutput(ids_TK=ids_TE, weights_TK=scores_TE, scores_TE=scores_TE,
@@ -385,7 +434,7 @@ class SinkhornRouter(Router):
     whole_batch = True
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        z_TE = self._logits(x_TD) / self.temperature
+        z_TE = self._z(self._logits(x_TD))
         act_TE = torch.sigmoid(z_TE) if self.top_k == 1 else torch.softmax(z_TE, dim=-1)
         if self.training:
             plan_TE = routing.sinkhorn_plan(z_TE, self.cfg.sinkhorn_iters, self.cfg.sinkhorn_tol)
@@ -424,7 +473,7 @@ class SelectiveSinkhornRouter(TopKRouter):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         if not self.ot_step():
             return super().forward(x_TD)
-        z_TE = self._logits(x_TD) / self.temperature
+        z_TE = self._z(self._logits(x_TD))
         T, E = z_TE.shape
         cost_TE = z_TE / self.cfg.ssr_epsilon
         _, log_d1 = routing.sinkhorn_log(cost_TE, 1.0, T / E, self.cfg.sinkhorn_iters,
@@ -463,11 +512,88 @@ class ThresholdRouter(Router):
         return self.max_k
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        z_TE = self._logits(x_TD) / self.temperature
+        z_TE = self._z(self._logits(x_TD))
         probs_TE = torch.softmax(z_TE, dim=-1)
         ids_TK, active_TK = routing.threshold_select(probs_TE, self.cfg.threshold, self.max_k)
         return RouterOutput(ids_TK=ids_TK, weights_TK=probs_TE.gather(1, ids_TK),
                             scores_TE=probs_TE, logits_TE=z_TE, active_TK=active_TK)
+
+
+class DTSPhase(str, Enum):
+    """Phase of the :class:`DTSRouter`, set by ``schedule=evomoe`` between steps."""
+
+    diversify = "diversify"  # every token to expert 0 with weight 1
+    soft = "soft"  # Gumbel-softmax threshold: a variable number of experts per token
+    hard = "hard"  # top-k of the Gumbel-perturbed logits
+
+
+@register_router(RouterType.dts)
+class DTSRouter(Router):
+    """EvoMoE's Dense-to-Sparse gate (Nie et al. 2021, arXiv 2112.14397; the reference
+    code is codecaution/EvoMoE ``fairseq/modules/moe/topkgate.py``) and its
+    expert-diversify stage.
+
+    p = softmax(logits) on the plain logits: the temperature only enters the Gumbel
+    softmax. In training, by ``phase`` (set by ``schedule=evomoe``):
+
+    - diversify: every token goes to expert 0 with weight 1. The base expert trains alone,
+      and the gate gets no gradient from the LM loss (only the z-loss).
+    - soft: g = softmax((logits + G) / tau), with G ~ Gumbel(0, 1) keyed by (seed, step,
+      layer, token, expert) like noisy top-k's noise. Token t uses expert e iff g_te >
+      ``gumbel_threshold`` (a variable number per token; at least 1 while the threshold
+      is below 1/E). The weight is p_te, not renormalised, as in the reference.
+    - hard: the top_k of logits + G. This is the Gumbel-top-k trick (k draws without
+      replacement from p); EvoMoE's hard phase is its k = 1 case, the argmax. The weights
+      are p at the picks, renormalised when ``renormalize`` and k > 1.
+
+    Evaluation routes on the top_k of the clean logits in the soft and hard phases, as
+    EvoMoE validates with top-k. In the diversify phase it uses expert 0, the only
+    trained expert.
+    """
+
+    needs_token_keys = True
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
+        super().__init__(dim, num_experts, top_k, cfg)
+        self.phase = DTSPhase.hard
+        self.gumbel_threshold = 1e-3
+
+    @property
+    def slots(self) -> int:
+        return self.num_experts  # the widest phase (soft: one slot per expert)
+
+    def gumbel(self, T: int, device: torch.device) -> torch.Tensor:
+        """Keyed Gumbel(0, 1) noise (T, E): -log(-log(u)), u uniform in (0, 1)."""
+        E = self.num_experts
+        keys_TE = self._token_keys(T, device)[:, None] * E + torch.arange(E, device=device)
+        u_TE = routing.keyed_uniform(keys_TE, self.context.seed_t, self.context.step_t,
+                                     self.layer_idx, 0x6B1)
+        return -torch.log(-torch.log(u_TE))
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self._logits(x_TD)
+        T, E = logits_TE.shape
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        phase = DTSPhase(self.phase)
+        if phase == DTSPhase.diversify:
+            ids_TK = torch.zeros(T, 1, dtype=torch.int64, device=logits_TE.device)
+            base_TE = torch.zeros_like(probs_TE)
+            base_TE[:, 0] = 1.0
+            return RouterOutput(ids_TK=ids_TK, weights_TK=torch.ones_like(probs_TE[:, :1]),
+                                scores_TE=base_TE, logits_TE=logits_TE)
+        if self.training:
+            noisy_TE = logits_TE + self.gumbel(T, logits_TE.device)
+            if phase == DTSPhase.soft:
+                g_TE = torch.softmax(noisy_TE.detach() / self.temperature_t, dim=-1)
+                ids_TE = torch.arange(E, device=logits_TE.device).expand(T, E).contiguous()
+                return RouterOutput(ids_TK=ids_TE, weights_TK=probs_TE, scores_TE=probs_TE,
+                                    logits_TE=logits_TE, active_TK=g_TE > self.gumbel_threshold)
+        else:
+            noisy_TE = logits_TE
+        ids_TK = torch.topk(noisy_TE.detach(), self.top_k, dim=-1).indices
+        weights_TK = routing.topk_gates(probs_TE, ids_TK, self.renormalize and self.top_k > 1)
+        return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=probs_TE,
+                            logits_TE=logits_TE)
 
 
 def build_router(dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> Router:

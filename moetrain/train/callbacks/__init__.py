@@ -1,13 +1,24 @@
-"""Trainer callbacks: the protocol (``base``) and the built-in ones (``routing``)."""
+"""Trainer callbacks: the protocol (``base``), the routing ones (``routing``) and the
+annealing and dense-to-sparse schedules (``schedules``, ``dense_to_sparse``)."""
 
 from moetrain.train.callbacks.base import CALLBACKS, Callback, CallbackList, register_callback
+from moetrain.train.callbacks.dense_to_sparse import EvoMoECallback, spawn_experts
 from moetrain.train.callbacks.routing import (
     BalanceMonitorCallback,
     ExpertBiasCallback,
     RoutingContextCallback,
     default_callbacks,
 )
+from moetrain.train.callbacks.schedules import (
+    CapacitySchedule,
+    ScheduleCallback,
+    TemperatureSchedule,
+    TopKSchedule,
+    build_schedule,
+)
 
 __all__ = ["CALLBACKS", "BalanceMonitorCallback", "Callback", "CallbackList",
-           "ExpertBiasCallback", "RoutingContextCallback", "default_callbacks",
-           "register_callback"]
+           "CapacitySchedule", "EvoMoECallback", "ExpertBiasCallback",
+           "RoutingContextCallback", "ScheduleCallback", "TemperatureSchedule",
+           "TopKSchedule", "build_schedule", "default_callbacks", "register_callback",
+           "spawn_experts"]

@@ -189,6 +189,11 @@ def default_callbacks(cfg: Config) -> list[Callback]:
     if cfg.moe.router.bias_update_rate > 0:
         out.append(_expert_bias(cfg))
     out.append(_balance_monitor(cfg))
+    from moetrain.train.callbacks.schedules import build_schedule
+
+    schedule = build_schedule(cfg)  # schedule=<name>; None for none
+    if schedule is not None:
+        out.append(schedule)
     have = {cb.name for cb in out}
     for name in cfg.callbacks:
         if name in have:

@@ -81,7 +81,8 @@ def test_moe_placement_first_dense_and_every():
 
 
 def test_count_params_matches_the_module():
-    for kw in ({}, {"tie_embeddings": True}, {"n_shared_experts": 2, "first_dense_layers": 1}):
+    for kw in ({}, {"tie_embeddings": True}, {"n_shared_experts": 2, "first_dense_layers": 1},
+               {"qkv_bias": True, "n_kv_heads": 2}):
         m = _model(**kw)
         pc = count_params(m.model_cfg, V)
         assert pc.total == m.num_params() == sum(p.numel() for p in set(m.parameters()))

@@ -39,7 +39,7 @@ def test_costs_by_hand():
 
 def test_cost_params_match_count_params():
     cfg = ModelConfig(n_layers=5, n_kv_heads=1, n_shared_experts=2, moe_every=2,
-                      **{**CFG, "n_heads": 2})
+                      qkv_bias=True, **{**CFG, "n_heads": 2})
     head, layers, tail = pipeline_costs(cfg, vocab_size=10, seq_len=3)
     total = head.params + sum(c.params for c in layers) + tail.params
     assert total == count_params(cfg, 10).total
