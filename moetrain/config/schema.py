@@ -544,7 +544,7 @@ class ScheduleConfig:
     name: ScheduleName = ScheduleName.none
     anneal: Anneal = Anneal.linear
     # Steps N from the start value to the end value (EvoMoE: from the spawn on); null = the
-    # rest of the run (train.steps, minus diversify_steps for evomoe).
+    # rest of the run less one step (train.steps - 1, minus diversify_steps for evomoe).
     steps: int | None = None
     # temperature, dts_gate, evomoe (the Gumbel-softmax tau): router temperature.
     temperature_start: float = 2.0

@@ -63,8 +63,10 @@ def anneal_int(kind: Anneal, start: int, end: int, t: int, steps: int) -> int:
 
 
 def schedule_steps(cfg: ScheduleConfig, train_steps: int, offset: int = 0) -> int:
-    """The schedule's N: ``schedule.steps``, or the rest of the run after ``offset``."""
-    return cfg.steps if cfg.steps is not None else max(1, train_steps - offset)
+    """The schedule's N: ``schedule.steps``, or the rest of the run after ``offset`` less
+    one step, so that the last trained step (t = train.steps - 1) already runs at the end
+    value that validation, checkpoints and exports use."""
+    return cfg.steps if cfg.steps is not None else max(1, train_steps - 1 - offset)
 
 
 # ----------------------------------------------------------------------------- callbacks
