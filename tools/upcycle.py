@@ -97,9 +97,8 @@ def write_checkpoint(cfg: Config, src: DenseSource, out: Path, vocab: int,
     """Upcycle ``src`` into ``cfg``'s model and save it through CheckpointManager (atomic,
     committed) as step 0 of ``out``: the model, a fresh AdamW state (zero moments, step 0)
     or the reused dense one (``init.reuse_optimizer``), progress 0, and the config.yaml."""
-    from omegaconf import OmegaConf
-
     from moetrain.checkpoint import CheckpointManager, ModelOptimizerState, step_dir_name
+    from moetrain.checkpoint.load import CONFIG_FILE, config_to_yaml
     from moetrain.models import Transformer
     from moetrain.train.optim import build_optimizer
     from moetrain.train.trainer import Progress
@@ -111,7 +110,7 @@ def write_checkpoint(cfg: Config, src: DenseSource, out: Path, vocab: int,
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     with _one_process_group():
         load_into(model, optimizer, state)
-        files = {"config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg))}
+        files = {CONFIG_FILE: config_to_yaml(cfg)}
         mgr = CheckpointManager(CheckpointConfig(dir=str(out), keep=0, resume="none"),
                                 files=files)
         mgr.save(0, {"model_optim": ModelOptimizerState(model, optimizer),
@@ -139,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out).expanduser()
     try:
-        src = inspect_dense(args.dense, "--dense")
-        existing = _committed_in(out)
+        existing = _committed_in(out)  # the cheap checks first: nothing loaded yet
         if existing:
             raise UpcycleError(f"--out={str(out)!r} already holds checkpoints "
                                f"({existing[-1].name}): pick a new directory or delete them")
+        src = inspect_dense(args.dense, "--dense")
         flags = {"model.num_experts": args.experts, "model.top_k": args.top_k,
                  "init.drop_ratio": args.drop_ratio, "init.drop_mode": args.drop_mode,
                  "init.seed": args.seed}
@@ -151,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{k}={v}" for k, v in flags.items() if v is not None]
         if args.reuse_optimizer:
             model_args.append("init.reuse_optimizer=true")
-        cfg = compose_config(model_args + [f"init.from_dense={src.path}"])
+        # The layout is the training run's business (DCP reshards the step-0 checkpoint):
+        # this one-process conversion validates everything else.
+        cfg = compose_config([a for a in model_args if not a.startswith("parallel.")]
+                             + [f"init.from_dense={src.path}"])
         validate(cfg, 1)
         vocab = cfg.model.vocab_size or src.vocab_size
         issue = exactness_issue(cfg.model, cfg.moe)
@@ -169,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                  ("drop_ratio", "drop_mode", "seed", "router_std", "reuse_optimizer")},
         "train_overrides": train_args}, indent=2, default=str) + "\n")
     print(f"upcycled {src.path} ({src.kind}) -> {path}\n"
-          f"train it with:\n  moetrain-train {' '.join(train_args)} checkpoint.resume={out}")
+          f"train it with (its checkpoints go beside step 0, so a restart resumes the "
+          f"latest):\n  moetrain-train {' '.join(train_args)} checkpoint.dir={out} "
+          f"checkpoint.resume=auto")
     return 0
 
 

@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -715,14 +716,26 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, target: Target | str = 
     """
     from moetrain.checkpoint.load import load
 
-    _check_out_dir(Path(out_dir).expanduser(), overwrite)
+    _check_out_dir(Path(out_dir).expanduser(), overwrite, source=Path(ckpt_dir).expanduser())
     log.info("loading %s into one process (DCP reshards any layout)", ckpt_dir)
     model, cfg = load(ckpt_dir, "cpu", config=config)
     return export_model(model, cfg, out_dir, target, dtype=dtype, max_shard_size=max_shard_size,
                         overwrite=overwrite, progress=progress)
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+def _check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse an output that would clobber data: a non-empty directory without
+    ``overwrite``, and, always, the checkpoint being exported or a directory holding it
+    (``--overwrite`` deletes the old output)."""
+    o = out.resolve()
+    if source is not None:
+        src = source.resolve()
+        if o == src or o in src.parents or src in o.parents:
+            raise HFConversionError(
+                f"--out={str(out)!r} overlaps the checkpoint {str(source)!r} being exported "
+                f"(writing there would delete or mix with it): pick a directory outside it")
+    if not o.name or o == Path(o.anchor):
+        raise HFConversionError(f"--out={str(out)!r} is not a usable directory name")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise HFConversionError(f"output directory {out} exists and is not empty: pick "
                                 f"another --out or pass --overwrite")
@@ -748,13 +761,22 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
                     "wherever moetrain drops no token", chosen.value)
     hf = _hf_config(cfg, model.vocab_size, chosen, dtype, routing)
     items = _export_items(model, cfg, chosen, routing, dtype)
-    tmp = out.with_name(out.name + ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    _write_safetensors(items, tmp, _parse_size(max_shard_size), progress)
-    if out.exists():  # overwrite: checked above
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    # Written under a fresh temporary name, then swapped in: an interrupted export leaves
+    # the old output (if any) intact, and no other directory is ever deleted.
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-export-", dir=out.resolve().parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        _write_safetensors(items, tmp, _parse_size(max_shard_size), progress)
+        old = None
+        if out.exists():  # overwrite: checked above; moved aside until the swap is done
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     log.info("exported to %s as %s", out, hf["architectures"][0])
     return chosen

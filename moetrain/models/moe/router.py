@@ -181,6 +181,7 @@ class Router(nn.Module):
         nn.init.normal_(self.gate.weight, mean=0.0, std=init_std)
         with torch.no_grad():
             self.expert_bias.zero_()
+            self.temperature_t.fill_(self._temperature)  # complete after to_empty()
 
     def _apply(self, fn, recurse=True):
         # Keep the bias and the temperature float32 through module casts (.to(bf16),

@@ -244,3 +244,19 @@ def test_cli_sharded_export(tmp_path, short_run, capsys):
     assert tool.main([ckpt, "--out", str(tmp_path / "hf2"), "--target", "glm4_moe"]) == 2
     err = capsys.readouterr().err
     assert "error: cannot export to glm4_moe: moe.router.score_func=softmax" in err
+
+
+def test_export_refuses_outputs_that_overlap_the_checkpoint(tmp_path):
+    """--overwrite deletes the old output: an output that is, holds or lies inside the
+    checkpoint being exported is refused before anything is read or written."""
+    from moetrain.checkpoint.hf import HFConversionError, _check_out_dir
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_0000006"
+    ckpt.mkdir(parents=True)
+    (ckpt / "data").write_text("weights")
+    for out in (ckpt, run, tmp_path, ckpt / "hf"):
+        with pytest.raises(HFConversionError, match="overlaps the checkpoint"):
+            _check_out_dir(out, overwrite=True, source=ckpt)
+    _check_out_dir(tmp_path / "hf", overwrite=False, source=ckpt)  # a sibling is fine
+    assert (ckpt / "data").read_text() == "weights"
