@@ -129,18 +129,13 @@ def _complete(run_dir: Path, steps: int) -> bool:
     return any(r.get("step") == steps and "val_loss" in r for r in read_metrics(path))
 
 
-def train_one(name: str, steps: int, run_dir: Path, extra: list[str], reuse: bool,
-              threads: int = 1) -> dict:
-    """Run one method's training in a subprocess; return {"wall_s", "load_avg"} (the
-    1-minute load average when it ended: above the core count, other processes shared the
-    cores and tokens/s is low). With ``reuse``, a finished run is kept and what it recorded
-    is returned."""
-    timing = run_dir / "timing.json"
-    if reuse and _complete(run_dir, steps) and timing.is_file():
-        return json.loads(timing.read_text())
+def run_logged(cmd: list[str], run_dir: Path, threads: int, label: str) -> dict:
+    """Run ``cmd`` in a fresh ``run_dir`` with its output in train.log; return and record
+    (timing.json) {"wall_s", "load_avg"}: the 1-minute load average when it ended (above
+    the core count, other processes shared the cores and tokens/s is low). Shared with
+    tools/compare_schedules.py."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    cmd = command(name, steps, run_dir, extra)
     log_path = run_dir / "train.log"
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -151,19 +146,29 @@ def train_one(name: str, steps: int, run_dir: Path, extra: list[str], reuse: boo
     wall = time.perf_counter() - t0
     if rc != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"method {name!r} failed (exit {rc}); its log is {log_path}:\n{tail}")
+        raise RuntimeError(f"{label} failed (exit {rc}); its log is {log_path}:\n{tail}")
     out = {"wall_s": wall, "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    timing.write_text(json.dumps(out) + "\n")
+    (run_dir / "timing.json").write_text(json.dumps(out) + "\n")
     return out
 
 
-def _fmt(v: float | None, spec: str) -> str:
+def train_one(name: str, steps: int, run_dir: Path, extra: list[str], reuse: bool,
+              threads: int = 1) -> dict:
+    """Run one method's training in a subprocess (:func:`run_logged`). With ``reuse``, a
+    finished run is kept and what it recorded is returned."""
+    timing = run_dir / "timing.json"
+    if reuse and _complete(run_dir, steps) and timing.is_file():
+        return json.loads(timing.read_text())
+    return run_logged(command(name, steps, run_dir, extra), run_dir, threads,
+                      f"method {name!r}")
+
+
+def fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
 def table(results: dict[str, dict]) -> str:
     """The markdown table, one row per method in run order."""
-    fmt = _fmt
     lines = [
         ("| method | routing / balancing | val loss | max/mean load | load CV | dropped "
          "| unrouted | tokens/s |"),
@@ -243,12 +248,10 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (300)")
-    p.add_argument("--out", default="outputs/compare_routers", help="output directory")
-    p.add_argument("--only", default="", help=f"comma-separated methods: {','.join(METHODS)}")
+def add_common_args(p: argparse.ArgumentParser, methods, default_out: str) -> None:
+    """The options both comparison tools share."""
+    p.add_argument("--out", default=default_out, help="output directory")
+    p.add_argument("--only", default="", help=f"comma-separated methods: {','.join(methods)}")
     p.add_argument("--extra", action="append", default=[],
                    help="Hydra overrides for every run, space-separated (repeatable); "
                         "they come after the tool's own")
@@ -258,18 +261,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs already under --out (re-tabulate, re-plot)")
     p.add_argument("--list", action="store_true", help="print the methods and exit")
+
+
+def check_common_args(p: argparse.ArgumentParser, a: argparse.Namespace, methods) -> None:
+    """Validate the shared options; sets ``a.names`` and ``a.extra_overrides``."""
+    if a.threads < 1:
+        p.error(f"--threads={a.threads} is invalid: must be >= 1")
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(methods)
+    bad = [n for n in names if n not in methods]
+    if bad:
+        p.error(f"--only names unknown method(s) {', '.join(map(repr, bad))}: choose from "
+                f"{', '.join(methods)}")
+    a.names = list(dict.fromkeys(names))
+    a.extra_overrides = [o for chunk in a.extra for o in shlex.split(chunk)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (300)")
+    add_common_args(p, METHODS, "outputs/compare_routers")
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error(f"--steps={a.steps} is invalid: must be >= 1")
-    if a.threads < 1:
-        p.error(f"--threads={a.threads} is invalid: must be >= 1")
-    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(METHODS)
-    bad = [n for n in names if n not in METHODS]
-    if bad:
-        p.error(f"--only names unknown method(s) {', '.join(map(repr, bad))}: choose from "
-                f"{', '.join(METHODS)}")
-    a.names = list(dict.fromkeys(names))
-    a.extra_overrides = [o for chunk in a.extra for o in shlex.split(chunk)]
+    check_common_args(p, a, METHODS)
     return a
 
 
@@ -293,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                                   a.threads)
         results[name] = {**summarize(run_dir / "metrics.jsonl"), **timings[name]}
         r = results[name]
-        bar.write(f"{name}: val loss {_fmt(r['final_val_loss'], '.4f')}, max/mean load "
-                  f"{_fmt(r['load_imbalance'], '.3f')} ({r['wall_s']:.1f} s)")
+        bar.write(f"{name}: val loss {fmt(r['final_val_loss'], '.4f')}, max/mean load "
+                  f"{fmt(r['load_imbalance'], '.3f')} ({r['wall_s']:.1f} s)")
     bar.close()
     total = sum(t["wall_s"] for t in timings.values())  # the training subprocesses
     loads = [t["load_avg"] for t in timings.values() if t.get("load_avg") is not None]

@@ -49,12 +49,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +58,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling compare_routers.py
 
 from compare_routers import BASE as ROUTERS_BASE
-from compare_routers import machine, window_size
+from compare_routers import (
+    add_common_args,
+    check_common_args,
+    fmt,
+    machine,
+    run_logged,
+    window_size,
+)
 
 # compare_routers' model and run; the dense FFN gets the experts' size, as upcycling needs,
 # and validation comes twice as often for finer curves (the later override wins).
@@ -194,35 +197,14 @@ def _complete(run_dir: Path, steps: int, checkpoint: bool) -> bool:
 
 def train_one(phase: Phase, run_dir: Path, extra: list[str], reuse: bool,
               threads: int = 1) -> dict:
-    """Run one phase in a subprocess; return {"wall_s", "load_avg", "reused"}: the
-    1-minute load average when it ended (above the core count, other processes shared
-    the cores and tokens/s is low). With ``reuse``, a finished run is kept and what it
-    recorded is returned."""
+    """Run one phase in a subprocess (compare_routers' ``run_logged``); return {"wall_s",
+    "load_avg", "reused"}. With ``reuse``, a finished run is kept and what it recorded is
+    returned."""
     timing = run_dir / "timing.json"
     if reuse and _complete(run_dir, phase.end, checkpoint=phase.name == DENSE_PHASE):
         return {**json.loads(timing.read_text()), "reused": True}
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    cmd = command(phase, run_dir, extra)
-    log_path = run_dir / "train.log"
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write(shlex.join(cmd) + "\n")
-        log.flush()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"run {phase.name!r} failed (exit {rc}); its log is {log_path}:\n"
-                           f"{tail}")
-    out = {"wall_s": wall, "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    timing.write_text(json.dumps(out) + "\n")
+    out = run_logged(command(phase, run_dir, extra), run_dir, threads, f"run {phase.name!r}")
     return {**out, "reused": False}
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def describe(name: str, dense_fraction: float) -> str:
@@ -238,9 +220,9 @@ def table(results: dict[str, dict], dense_fraction: float) -> str:
     ]
     for name, r in results.items():
         lines.append(
-            f"| {name} | {describe(name, dense_fraction)} | {_fmt(r['final_val_loss'], '.3f')} "
+            f"| {name} | {describe(name, dense_fraction)} | {fmt(r['final_val_loss'], '.3f')} "
             f"| {r['tokens']:,} | {r['tokens_per_s']:,.0f} | {r['final_active_k']:.2f} "
-            f"| {r['mean_active_k']:.2f} | {_fmt(r['load_imbalance'], '.2f')} "
+            f"| {r['mean_active_k']:.2f} | {fmt(r['load_imbalance'], '.2f')} "
             f"| {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
@@ -303,27 +285,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="training tokens per method, rounded down to whole steps")
     p.add_argument("--dense-fraction", type=float, default=0.4,
                    help="share of the steps the upcycled methods train dense (0.4)")
-    p.add_argument("--out", default="outputs/compare_schedules", help="output directory")
-    p.add_argument("--only", default="", help=f"comma-separated methods: {','.join(METHODS)}")
-    p.add_argument("--extra", action="append", default=[],
-                   help="Hydra overrides for every run, space-separated (repeatable); "
-                        "they come after the tool's own")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads per run (1: as fast as 2 for this model on 2 cores, and "
-                        "it does not thrash when other processes share the cores)")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep finished runs already under --out (re-tabulate, re-plot)")
-    p.add_argument("--list", action="store_true", help="print the methods and exit")
+    add_common_args(p, METHODS, "outputs/compare_schedules")
     a = p.parse_args(argv)
-    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(METHODS)
-    bad = [n for n in names if n not in METHODS]
-    if bad:
-        p.error(f"--only names unknown method(s) {', '.join(map(repr, bad))}: choose from "
-                f"{', '.join(METHODS)}")
-    a.names = list(dict.fromkeys(names))
-    a.extra_overrides = [o for chunk in a.extra for o in shlex.split(chunk)]
-    if a.threads < 1:
-        p.error(f"--threads={a.threads} is invalid: must be >= 1")
+    check_common_args(p, a, METHODS)
     if a.list:
         return a
     from hydra.errors import HydraException
@@ -385,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                         "overrides": [*ph.overrides, *ph.last]} for ph in plan],
         }
         r = results[name]
-        bar.write(f"{name}: val loss {_fmt(r['final_val_loss'], '.4f')}, {r['tokens']:,} "
+        bar.write(f"{name}: val loss {fmt(r['final_val_loss'], '.4f')}, {r['tokens']:,} "
                   f"tokens, final k {r['final_active_k']:.2f} ({r['wall_s']:.1f} s)")
     bar.close()
     total = sum(t["wall_s"] for t in timings.values())  # the training subprocesses
