@@ -13,6 +13,13 @@ half-written checkpoint that resume would pick up. Rank 0 owns every filesystem 
 ``checkpoint.dir``; the other ranks meet it at collectives that all ranks reach (no barrier
 sits on one rank's path only), and a failure on rank 0 is broadcast so every rank raises.
 
+Integrity (docs/checkpoint_integrity.md): before the marker, rank 0 writes ``MANIFEST.json``,
+the size and CRC32 of every other file (each rank hashes a share of them). A load checks the
+sizes (``checkpoint.verify=size``, the default), sizes and CRC32s (``full``) or nothing
+(``none``); a mismatch raises :class:`CheckpointCorruptError` naming the file on every rank.
+``resume=auto`` skips a corrupt checkpoint, with a warning, for the newest intact one.
+Checkpoints without a manifest (older saves) are loaded, with one warning.
+
 With ``checkpoint.async_save`` the state is staged (copied to CPU) in ``save()`` and written
 by a background thread on a dedicated gloo group; the commit happens once the write finished,
 in ``wait()``, at the next ``save()`` or in ``close()``.
@@ -28,6 +35,7 @@ import re
 import shutil
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -36,20 +44,104 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from moetrain.config import CheckpointConfig, ConfigError
 
-__all__ = ["MARKER", "CheckpointManager", "is_committed", "step_dir_name"]
+__all__ = ["MANIFEST", "MARKER", "CheckpointCorruptError", "CheckpointLoadError",
+           "CheckpointManager", "is_committed", "step_dir_name"]
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
+MANIFEST = "MANIFEST.json"
+_MANIFEST_VERSION = 1
+_CHUNK = 8 << 20  # bytes per read while hashing
 _TMP = ".tmp-"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _STEP_DIGITS = 7
 
 T = TypeVar("T")
+
+
+class CheckpointLoadError(ValueError):
+    """A committed checkpoint could not be loaded (raised on every rank)."""
+
+
+class CheckpointCorruptError(CheckpointLoadError):
+    """A checkpoint's files do not match its MANIFEST.json (or its DCP metadata)."""
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _listed_files(root: Path) -> list[str]:
+    """Files under ``root`` a manifest covers (relative POSIX paths): all but itself and the
+    marker."""
+    return sorted(q.relative_to(root).as_posix() for q in root.rglob("*")
+                  if q.is_file() and q.name not in (MANIFEST, MARKER))
+
+
+def _check_files(root: Path, entries: dict[str, dict], names: list[str],
+                 full: bool) -> list[str]:
+    """Problems of ``names`` against their manifest ``entries``: size, then CRC32 if full."""
+    problems = []
+    for name in names:
+        want, f = entries[name], root / name
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{f} is missing (the manifest lists {want['size']} bytes)")
+            continue
+        if size != want["size"]:
+            problems.append(f"{f} has {size} bytes, the manifest says {want['size']} "
+                            "(truncated or overwritten)")
+        elif full and (got := _crc32(f)) != want["crc32"]:
+            problems.append(f"{f} has CRC32 {got}, the manifest says {want['crc32']} "
+                            "(same size, changed bytes)")
+    return problems
+
+
+def _check_extents(root: Path) -> list[str]:
+    """Problems DCP's own metadata reveals, manifest or not: an unreadable ``.metadata`` or a
+    data file shorter than the byte ranges it indexes (a truncated shard)."""
+    try:
+        meta = dcp.FileSystemReader(str(root)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - reported as corruption
+        return [f"{root / '.metadata'} is unreadable ({type(e).__name__}: {e})"]
+    ends: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        rel, off, n = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
+        if isinstance(rel, str) and isinstance(off, int) and isinstance(n, int):
+            ends[rel] = max(ends.get(rel, 0), off + n)
+    problems = []
+    for rel, end in sorted(ends.items()):
+        f = root / rel
+        size = f.stat().st_size if f.is_file() else None
+        if size is None:
+            problems.append(f"{f} is missing (the checkpoint metadata indexes it)")
+        elif size < end:
+            problems.append(f"{f} has {size} bytes, the checkpoint metadata indexes bytes up "
+                            f"to {end} (truncated)")
+    return problems
+
+
+def _failure_text(e: BaseException) -> str:
+    """One line per failing rank of a DCP CheckpointException, else the exception's text."""
+    failures = getattr(e, "failures", None) if isinstance(e, CheckpointException) else None
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, pair in sorted(failures.items()):
+            exc = pair[0] if isinstance(pair, tuple) else pair
+            parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+        return "; ".join(parts)
+    return f"{type(e).__name__}: {e}"
 
 
 def step_dir_name(step: int) -> str:
@@ -119,6 +211,8 @@ class CheckpointManager:
         self._pg = dist.new_group(backend="gloo")
         self._async_pg = dist.new_group(backend="gloo") if cfg.async_save else None
         self._pending: _PendingSave | None = None
+        self._verified: set[Path] = set()  # passed verify() in this process (not re-read)
+        self._warned_no_manifest = False
         self._on_rank0(self._clean_stale)
 
     # ------------------------------------------------------------------ collectives
@@ -177,9 +271,34 @@ class CheckpointManager:
         """What ``checkpoint.resume`` points at: ``auto`` -> latest() or None, ``none`` -> None,
         otherwise a committed ``step_N`` directory or a directory of them (its latest).
 
-        Decided on rank 0 and broadcast, so every rank resumes from the same path.
+        Decided on rank 0 and broadcast, so every rank resumes from the same path. With
+        ``auto`` the candidate is verified (``checkpoint.verify``, collectively); a corrupt one
+        is skipped with a warning naming it, for the newest intact one. All corrupt raises
+        :class:`CheckpointCorruptError`. An explicit PATH is verified by :meth:`load`.
         """
-        return self._on_rank0(self._resolve_resume_local)
+        if self.cfg.resume.strip().lower() != "auto":
+            return self._on_rank0(self._resolve_resume_local)
+        candidates = self._on_rank0(self.committed)
+        bad: list[str] = []
+        for c in reversed(candidates):
+            try:
+                self.verify(c)
+            except CheckpointCorruptError as e:
+                bad.append(str(c))
+                if self.rank == 0:
+                    log.warning("checkpoint.resume=auto: skipping corrupt checkpoint %s: %s",
+                                c, e)
+                continue
+            if bad and self.rank == 0:
+                log.warning("checkpoint.resume=auto: resuming from %s, the newest intact "
+                            "checkpoint, instead of the corrupt %s", c, ", ".join(bad))
+            return c
+        if bad:
+            raise CheckpointCorruptError(
+                f"checkpoint.resume=auto: every checkpoint in {self.dir} is corrupt "
+                f"({', '.join(bad)}); move them aside to start over, or set "
+                "checkpoint.resume=PATH / checkpoint.verify=none deliberately")
+        return None
 
     def _resolve_resume_local(self) -> Path | None:
         value = self.cfg.resume
@@ -255,15 +374,42 @@ class CheckpointManager:
         """Wait for and commit the last async save. Call on every rank before exiting."""
         self.wait()
 
+    def _manifest(self, tmp: Path) -> dict[str, dict]:
+        """Size and CRC32 of every file of ``tmp``; collective, each rank hashes a share."""
+
+        def extra_files() -> list[str]:
+            for name, text in self.files.items():
+                (tmp / name).write_text(text)
+            return _listed_files(tmp)
+
+        names = self._on_rank0(extra_files)
+        local: dict[str, dict] = {}
+        err: BaseException | None = None
+        try:
+            for name in names[self.rank::self.world_size]:
+                local[name] = {"size": (tmp / name).stat().st_size, "crc32": _crc32(tmp / name)}
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, then raise
+            err = e
+        shares: list[Any] = [None] * self.world_size
+        dist.all_gather_object(shares, local, group=self._pg)
+        self._agree(err, f"checkpoint manifest of {tmp}")
+        return {k: v for share in shares for k, v in sorted((share or {}).items())}
+
     def _commit(self, step: int, tmp: Path, final: Path) -> Path:
-        """Rank 0: marker + fsync + atomic rename, then retention. Every rank returns after."""
+        """Manifest (all ranks hash), then rank 0: manifest + marker + fsync + atomic rename,
+        then retention. Every rank returns after."""
+        entries = self._manifest(tmp)
+        self._verified.discard(final.absolute())  # a re-saved step is new content
 
         def commit() -> Path:
             meta = {"step": step, "time": time.time(),
                     "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "world_size": self.world_size}
-            for name, text in self.files.items():
-                (tmp / name).write_text(text)
+            with open(tmp / MANIFEST, "w") as f:
+                json.dump({"version": _MANIFEST_VERSION, "checksum": "crc32",
+                           "files": dict(sorted(entries.items()))}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
             with open(tmp / MARKER, "w") as f:
                 json.dump(meta, f)
                 f.flush()
@@ -335,17 +481,99 @@ class CheckpointManager:
         if not is_committed(p):
             raise ValueError(f"{str(p)!r} is not a committed checkpoint (a step_N directory "
                              f"with a {MARKER} marker); refusing to load it")
-        saved_keys = dcp.FileSystemReader(str(p)).read_metadata().state_dict_metadata
+        if p.absolute() not in self._verified:
+            self.verify(p)
+        saved_keys: Any = None
+        err: BaseException | None = None
+        try:
+            saved_keys = dcp.FileSystemReader(str(p)).read_metadata().state_dict_metadata
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, then raise
+            err = e
+        self._agree_load(err, p)
         missing = [k for k in state if k.startswith(optional)
                    and not any(s == k or s.startswith(k + ".") for s in saved_keys)]
         if missing:
             log.warning("checkpoint %s has no state for %s: they start from their initial "
                         "state", p, ", ".join(missing))
             state = {k: v for k, v in state.items() if k not in missing}
-        dcp.load(state, checkpoint_id=str(p), process_group=self._pg)
+        err = None
+        try:
+            dcp.load(state, checkpoint_id=str(p), process_group=self._pg)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
+            err = e
+        self._agree_load(err, p)
         step = self.step_of(p)
         if self.rank == 0:
             saved = json.loads((p / MARKER).read_text())
             log.info("loaded checkpoint %s (step %d, saved by %d ranks; keys: %s)", p, step,
                      saved.get("world_size", -1), ", ".join(sorted(state)))
         return step
+
+    def _agree_load(self, local_err: BaseException | None, p: Path) -> None:
+        """Collective: if any rank failed reading checkpoint ``p``, every rank raises
+        :class:`CheckpointLoadError` naming the checkpoint and the first failure."""
+        errs: list[Any] = [None] * self.world_size
+        dist.all_gather_object(errs, None if local_err is None else _failure_text(local_err),
+                               group=self._pg)
+        bad = [(r, e) for r, e in enumerate(errs) if e is not None]
+        if not bad:
+            return
+        rank, text = bad[0]
+        msg = (f"checkpoint {p} could not be loaded (rank {rank}: {text}); its files may be "
+               "damaged (check them with checkpoint.verify=full) or it may not match this "
+               "model and state; resume from another checkpoint with checkpoint.resume=PATH")
+        raise CheckpointLoadError(msg) from local_err
+
+    # ------------------------------------------------------------------ integrity
+    def verify(self, path: str | Path) -> None:
+        """Check checkpoint ``path`` against its ``MANIFEST.json`` per ``checkpoint.verify``;
+        collective (each rank checks a share of the files, all ranks share the verdict).
+
+        Raises :class:`CheckpointCorruptError` naming every bad file, on every rank. A
+        checkpoint without a manifest (an older save) passes with a warning (once), after
+        the cheap check of its data files against the byte ranges its DCP metadata indexes.
+        """
+        if self.cfg.verify == "none":
+            return
+        p = Path(path)
+        full = self.cfg.verify == "full"
+
+        def read_manifest() -> dict | None:
+            mf = p / MANIFEST
+            if not mf.is_file():
+                return None
+            try:
+                manifest = json.loads(mf.read_text())
+                files = manifest["files"]
+                if not isinstance(files, dict):
+                    raise TypeError("'files' is not a mapping")
+                return files
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointCorruptError(
+                    f"checkpoint {p} is corrupt: {mf} is unreadable ({type(e).__name__}: {e})"
+                ) from None
+
+        entries = self._on_rank0(read_manifest)
+        if entries is None:
+            if self.rank == 0 and not self._warned_no_manifest:
+                log.warning("checkpoint %s has no %s (saved by an older version): only its "
+                            "DCP metadata is checked; later saves carry one", p, MANIFEST)
+            self._warned_no_manifest = True
+            entries = {}
+        problems: list[str] = []
+        try:
+            problems += _check_files(p, entries, sorted(entries)[self.rank::self.world_size],
+                                     full)
+            if self.rank == 0:
+                problems += _check_extents(p)
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            problems.append(f"{p}: verification failed ({type(e).__name__}: {e})")
+        shares: list[Any] = [None] * self.world_size
+        dist.all_gather_object(shares, problems, group=self._pg)
+        found = sorted({q for share in shares for q in (share or [])})
+        if found:
+            raise CheckpointCorruptError(
+                f"checkpoint {p} is corrupt (checkpoint.verify={self.cfg.verify}): "
+                + "; ".join(found) + ". Resume from an older checkpoint with "
+                "checkpoint.resume=PATH (resume=auto skips corrupt checkpoints)")
+        self._verified.add(p.absolute())

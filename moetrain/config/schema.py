@@ -427,8 +427,12 @@ class TrainConfig:
     precision: Precision = Precision.auto
     log_every: int = 1  # metrics.jsonl / TensorBoard cadence, in steps
     progress: bool = True  # tqdm bar on rank 0
-    # Raise if the loss becomes NaN/inf instead of silently training on.
+    # A step whose loss or gradient norm is NaN/inf is always skipped (no weight or
+    # optimizer update; docs/nonfinite.md). fail_on_nonfinite: stop the run with
+    # NonFiniteLossError after max_skipped_steps consecutive skipped steps (false or
+    # max_skipped_steps=0: skip forever and never stop).
     fail_on_nonfinite: bool = True
+    max_skipped_steps: int = 10
     # Stop this invocation after step N (checkpointing there) although the LR schedule
     # runs to train.steps; 0 = run to the end. For time-sliced jobs: re-launch to resume.
     stop_at: int = 0
@@ -441,6 +445,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
             _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
+        _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", self.max_skipped_steps,
+                 "must be >= 0 (0 = never stop on skipped steps)")
         _require(0 <= self.stop_at <= self.steps, "train.stop_at", self.stop_at,
                  f"must be in [0, train.steps={self.steps}] (0 = run to the end)")
 
@@ -462,9 +468,14 @@ class CheckpointConfig:
     resume: str = "auto"  # auto = latest complete checkpoint in dir; none; or a PATH
     keep: int = 3  # complete checkpoints kept; older ones are deleted; 0 keeps all
     async_save: bool = False  # save in the background (dcp.async_save)
+    # Load-time check against the checkpoint's MANIFEST.json: size (file sizes, cheap),
+    # full (sizes + CRC32 of every byte) or none. docs/checkpoint_integrity.md
+    verify: str = "size"
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "checkpoint.every", self.every, "must be >= 0 (0 disables)")
+        _require(self.verify in ("size", "full", "none"), "checkpoint.verify", self.verify,
+                 "must be one of size, full, none")
         _require(self.keep >= 0, "checkpoint.keep", self.keep, "must be >= 0 (0 keeps all)")
 
 

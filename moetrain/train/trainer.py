@@ -51,14 +51,34 @@ class NonFiniteLossError(RuntimeError):
 class Progress:
     """The trainer's own resumable counters (saved in every checkpoint)."""
 
-    step: int = 0  # optimizer steps completed
+    step: int = 0  # optimizer steps completed (skipped ones included)
     tokens: int = 0  # training tokens consumed, over all ranks
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, in all
+    consecutive_skips: int = 0  # ... of them since the last applied update
 
+    # The checkpoint's "progress" entry keeps exactly step and tokens, so checkpoints from
+    # before the skip counters load (DCP requires every key it is asked for); the counters
+    # are the separate, optional "skips" entry (``SkipState``; absent in older ones: 0).
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens}
 
     def load_state_dict(self, sd: dict) -> None:
         self.step, self.tokens = int(sd["step"]), int(sd["tokens"])
+
+
+@dataclass
+class SkipState:
+    """The checkpoint entry ``skips``: ``Progress``'s non-finite step counters."""
+
+    progress: Progress
+
+    def state_dict(self) -> dict:
+        return {"skipped_steps": self.progress.skipped_steps,
+                "consecutive_skips": self.progress.consecutive_skips}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.progress.skipped_steps = int(sd.get("skipped_steps", 0))
+        self.progress.consecutive_skips = int(sd.get("consecutive_skips", 0))
 
 
 @dataclass
@@ -151,6 +171,7 @@ class Trainer:
         return {
             "model_optim": ModelOptimizerState(self.pm.parts, self.optimizers),
             "progress": self.progress,
+            "skips": SkipState(self.progress),
             "sampler": self.sampler,
             "rng": RNGState(),
             **self.callbacks.states(),
@@ -175,6 +196,21 @@ class Trainer:
             values /= self.dp_size
         return values
 
+    def _check_skips(self, step: int) -> None:
+        """Stop after ``train.max_skipped_steps`` consecutive skipped steps (with
+        ``train.fail_on_nonfinite``; 0 = never). Raised before this step's checkpoint, so
+        the newest checkpoint on disk holds the last good state."""
+        t, n = self.cfg.train, self.progress.consecutive_skips
+        if not t.fail_on_nonfinite or not t.max_skipped_steps or n < t.max_skipped_steps:
+            return
+        raise NonFiniteLossError(
+            f"{n} consecutive steps had a non-finite loss or gradient norm (steps "
+            f"{step - n + 1}..{step}, all skipped): training diverged. Resume from the last "
+            f"checkpoint with a lower optim.lr, a longer optim.warmup_steps or optim.grad_clip "
+            f"set; train.max_skipped_steps={t.max_skipped_steps} sets the tolerance "
+            f"(0 or train.fail_on_nonfinite=false: skip and never stop)"
+        )
+
     # ------------------------------------------------------------------ phases
     def resume(self) -> None:
         path = self.ckpt.resolve_resume()
@@ -186,7 +222,9 @@ class Trainer:
             log.info("init.from_dense is not used: resuming from %s", path)
         # A step-0 checkpoint (tools/upcycle.py) may hold only the model, optimizer and
         # progress: nothing has been sampled yet and the RNG is as seeded.
-        optional = ("callback.",) + (("sampler", "rng") if self.ckpt.step_of(path) == 0 else ())
+        # "skips": absent from checkpoints written before the non-finite step counters.
+        optional = ("callback.", "skips") + (
+            ("sampler", "rng") if self.ckpt.step_of(path) == 0 else ())
         self.ckpt.load(path, self._state(), optional=optional)
         self.metrics.truncate_after(self.progress.step)
         log.info("resumed from %s at step %d", path, self.progress.step)
@@ -202,6 +240,23 @@ class Trainer:
                      progress=self.rank == 0 and cfg.train.progress, verbose=self.rank == 0)
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over the next global batch.
+
+        Non-finite steps: if the step's loss (mean over the data-parallel ranks, summed over
+        the pipeline stages) or its global gradient norm is NaN/inf, the update is skipped:
+        no ``optimizer.step()`` (weights, optimizer moments and step counts untouched), the
+        gradients are zeroed. The step still counts (Megatron-LM's semantics): its data is
+        consumed (the sampler moves on, nothing is re-read), ``progress.step`` and
+        ``tokens`` advance, and the LR schedule moves on with the step. The metrics carry
+        ``skipped`` (0/1) and ``skipped_steps`` (cumulative, resumed from checkpoints), and
+        rank 0 logs a warning naming the step. ``fit`` stops after
+        ``train.max_skipped_steps`` consecutive skips (``_check_skips``).
+
+        Both values reach the host in one read before the optimizer step (the step's only
+        sync), so the decision costs no extra sync. They are identical on every rank: the
+        gradient norm is reduced over all shards and stages, the loss all-reduced over dp
+        (and summed over pp by the schedule), so every rank skips the same steps.
+        """
         cfg, t = self.cfg, self.cfg.train
         step = self.progress.step
         lr = lr_at(step, t.steps, cfg.optim)
@@ -229,19 +284,31 @@ class Trainer:
             self.moe_stats.accumulate()
 
         self.callbacks.on_after_backward(self, step)
-        grad_norm = self.pm.clip_grad_norm_(cfg.optim.grad_clip)
-        self.optimizer.step()
+        grad_norm_t = self.pm.clip_grad_norm_(cfg.optim.grad_clip)
+        loss_t = self._all_reduce_mean(loss_sum / self.accum)
+        # The step's one host read: the loss and the gradient norm together.
+        loss, grad_norm = torch.stack(
+            [loss_t, grad_norm_t.detach().to(loss_t.device, torch.float32)]).tolist()
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        loss = self._all_reduce_mean(loss_sum / self.accum).item()
-        if not math.isfinite(loss) and t.fail_on_nonfinite:
-            raise NonFiniteLossError(
-                f"loss is {loss} at step {step}: lower optim.lr or set optim.grad_clip; "
-                f"set train.fail_on_nonfinite=false to continue anyway"
-            )
-        self.progress.step += 1
-        self.progress.tokens += t.global_batch_size * t.seq_len
-        out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+        p = self.progress
+        p.step += 1
+        p.tokens += t.global_batch_size * t.seq_len
+        if skipped:
+            p.skipped_steps += 1
+            p.consecutive_skips += 1
+            if self.rank == 0:
+                log.warning(
+                    "step %d skipped: loss %s, grad norm %s (not finite); weights and "
+                    "optimizer state unchanged (%d consecutive, %d skipped in all)",
+                    p.step, loss, grad_norm, p.consecutive_skips, p.skipped_steps)
+        else:
+            p.consecutive_skips = 0
+        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": float(skipped),
+               "skipped_steps": p.skipped_steps}
         out.update(self.moe_stats.reduce(self.pm.stats_group, self.pm.stats_size,
                                          self.pm.pp_group))
         if self.layout.ep > 1:  # token bytes all ranks sent through all-to-all this step
@@ -330,6 +397,7 @@ class Trainer:
                     self.metrics.log_step(step, out)
                     if load_LE is not None:
                         self.metrics.log_expert_loads(step, load_LE)
+                self._check_skips(step)  # before validation and checkpoint
                 if load_LE is not None and self.metrics.heatmap_due(step):
                     self.metrics.log_heatmap(step, load_LE)
                 if bar is not None:

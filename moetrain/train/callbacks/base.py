@@ -27,7 +27,8 @@ class Callback:
       clipping and the optimizer step.
     - ``on_step_end(trainer, step, metrics)``: after the optimizer step; ``step`` is now
       the number of steps done. Callbacks may add entries to ``metrics`` (written to
-      metrics.jsonl and TensorBoard right after).
+      metrics.jsonl and TensorBoard right after). ``metrics["skipped"]`` is 1 when the
+      step's update was skipped (non-finite loss or gradient norm, docs/nonfinite.md).
     - ``on_validation(trainer, step, val_loss)``: after each validation.
     """
 

@@ -89,7 +89,8 @@ class ExpertBiasCallback(Callback):
     update is identical on every rank. With ``moe.router.bias_update_tokens`` the bias
     freezes once that many training tokens are consumed (DeepSeek-V3's schedule). The
     bias is a float32 buffer of the router and is saved with the model; this callback's
-    own state is the number of updates.
+    own state is the number of updates. A skipped step (non-finite loss or gradient norm,
+    docs/nonfinite.md) moves no bias.
     """
 
     name = "expert_bias"
@@ -100,6 +101,8 @@ class ExpertBiasCallback(Callback):
         self.updates = 0
 
     def on_step_end(self, trainer, step, metrics) -> None:
+        if metrics.get("skipped"):  # a non-finite step: the model state stays untouched
+            return
         counts_LE = trainer.moe_stats.last_counts_LE
         # The step's tokens are already counted: the bias moves while the tokens
         # consumed *before* this step are under the budget, then stays frozen exactly.
