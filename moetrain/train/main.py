@@ -51,11 +51,16 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ConfigError as e:  # raised by a schema __post_init__
         print(f"moetrain: invalid config: {e}", file=sys.stderr)
         sys.exit(2)
+    from moetrain.checkpoint import CheckpointLoadError
+
     try:
         run(cfg)
     except ConfigError as e:
         print(f"moetrain: invalid config: {e}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointLoadError as e:  # corrupt or unreadable checkpoint: named in the message
+        print(f"moetrain: checkpoint error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def main() -> None:
