@@ -50,7 +50,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from moetrain.config import CheckpointConfig, ConfigError
 
 __all__ = ["MANIFEST", "MARKER", "CheckpointCorruptError", "CheckpointLoadError",
-           "CheckpointManager", "is_committed", "step_dir_name"]
+           "CheckpointManager", "check_checkpoint", "is_committed", "retention_victims",
+           "step_dir_name"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,29 @@ def _check_extents(root: Path) -> list[str]:
     return problems
 
 
+def check_checkpoint(path: str | Path, full: bool = True) -> tuple[bool, list[str]]:
+    """Single-process integrity check of checkpoint ``path`` (no process group): whether it
+    has a readable ``MANIFEST.json``, and the problems found (sizes, CRC32s if ``full``, and
+    the data files against the byte ranges the DCP metadata indexes). The same checks as
+    :meth:`CheckpointManager.verify`, for tools such as ``tools/inspect_ckpt.py``."""
+    p = Path(path)
+    mf = p / MANIFEST
+    problems: list[str] = []
+    entries: dict[str, dict] = {}
+    has_manifest = mf.is_file()
+    if has_manifest:
+        try:
+            entries = json.loads(mf.read_text())["files"]
+            if not isinstance(entries, dict):
+                raise TypeError("'files' is not a mapping")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{mf} is unreadable ({type(e).__name__}: {e})")
+            entries = {}
+    problems += _check_files(p, entries, sorted(entries), full)
+    problems += _check_extents(p)
+    return has_manifest, problems
+
+
 def _failure_text(e: BaseException) -> str:
     """One line per failing rank of a DCP CheckpointException, else the exception's text."""
     failures = getattr(e, "failures", None) if isinstance(e, CheckpointException) else None
@@ -161,6 +185,17 @@ def _committed_in(directory: Path) -> list[Path]:
         return []
     found = [p for p in directory.iterdir() if is_committed(p)]
     return sorted(found, key=CheckpointManager.step_of)
+
+
+def retention_victims(steps: list[int], keep: int, keep_every: int = 0,
+                      just_committed: int | None = None) -> list[int]:
+    """Steps that retention deletes, ascending: all but the ``keep`` newest (``keep=0`` keeps
+    all) except multiples of ``keep_every`` (``0`` = none) and ``just_committed``."""
+    if keep <= 0:
+        return []
+    ordered = sorted(set(steps))
+    return [s for s in ordered[:-keep]
+            if s != just_committed and not (keep_every > 0 and s % keep_every == 0)]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -431,16 +466,18 @@ class CheckpointManager:
         return self._on_rank0(commit)
 
     def _apply_retention(self, just_committed: Path) -> None:
-        """Delete all but the ``checkpoint.keep`` newest steps, never the one just committed
-        (a run resumed from an older step would otherwise delete its own new checkpoint in
-        favour of later steps already in the directory)."""
-        if self.cfg.keep <= 0:
-            return
-        for old in self.committed()[: -self.cfg.keep]:
-            if old == just_committed:
-                continue
-            log.info("checkpoint.keep=%d: deleting %s", self.cfg.keep, old)
-            shutil.rmtree(old, ignore_errors=True)
+        """Delete what :func:`retention_victims` selects: all but the ``checkpoint.keep``
+        newest steps and the multiples of ``checkpoint.keep_every``, never the one just
+        committed (a run resumed from an older step would otherwise delete its own new
+        checkpoint in favour of later steps already in the directory)."""
+        found = self.committed()
+        doomed = set(retention_victims([self.step_of(p) for p in found], self.cfg.keep,
+                                       self.cfg.keep_every, self.step_of(just_committed)))
+        for old in found:
+            if self.step_of(old) in doomed and old != just_committed:
+                log.info("checkpoint.keep=%d, keep_every=%d: deleting %s", self.cfg.keep,
+                         self.cfg.keep_every, old)
+                shutil.rmtree(old, ignore_errors=True)
 
     def _clean_stale(self) -> None:
         """Remove interrupted saves; finish a commit that was interrupted after its marker.

@@ -467,6 +467,9 @@ class CheckpointConfig:
     every: int = 100  # save every N optimizer steps (and after the last); 0 disables
     resume: str = "auto"  # auto = latest complete checkpoint in dir; none; or a PATH
     keep: int = 3  # complete checkpoints kept; older ones are deleted; 0 keeps all
+    # Also keep every checkpoint whose step is a multiple of keep_every (long-term
+    # milestones beyond the last `keep`); 0 = off.
+    keep_every: int = 0
     async_save: bool = False  # save in the background (dcp.async_save)
     # Load-time check against the checkpoint's MANIFEST.json: size (file sizes, cheap),
     # full (sizes + CRC32 of every byte) or none. docs/checkpoint_integrity.md
@@ -477,6 +480,9 @@ class CheckpointConfig:
         _require(self.verify in ("size", "full", "none"), "checkpoint.verify", self.verify,
                  "must be one of size, full, none")
         _require(self.keep >= 0, "checkpoint.keep", self.keep, "must be >= 0 (0 keeps all)")
+        _require(self.keep_every >= 0, "checkpoint.keep_every", self.keep_every,
+                 "must be >= 0 (0 = off; N also keeps every checkpoint whose step is a "
+                 "multiple of N)")
 
 
 @dataclass

@@ -1,0 +1,59 @@
+"""Retention: checkpoint.keep newest plus every multiple of checkpoint.keep_every, never the
+checkpoint just written (no training, no process group)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moetrain.checkpoint.manager import (
+    MARKER,
+    CheckpointManager,
+    retention_victims,
+    step_dir_name,
+)
+from moetrain.config import CheckpointConfig, ConfigError
+
+
+def test_retention_victims():
+    steps = [100, 200, 300, 400, 500, 600, 700]
+    assert retention_victims(steps, keep=2) == [100, 200, 300, 400, 500]
+    assert retention_victims(steps, keep=2, keep_every=300) == [100, 200, 400, 500]
+    assert retention_victims(steps, keep=2, keep_every=250) == [100, 200, 300, 400]
+    assert retention_victims(steps, keep=0, keep_every=300) == []  # keep=0 keeps all
+    assert retention_victims(steps, keep=10) == []
+    # a resumed run re-saved step 200 below later steps: it survives
+    assert retention_victims(steps, keep=2, just_committed=200) == [100, 300, 400, 500]
+    assert retention_victims([5, 1, 3, 3], keep=1) == [1, 3]  # unsorted, duplicate
+
+
+def test_keep_every_validated():
+    assert CheckpointConfig().keep_every == 0
+    with pytest.raises(ConfigError, match="checkpoint.keep_every=-1"):
+        CheckpointConfig(keep_every=-1)
+
+
+def _fake_manager(tmp_path, **kw) -> CheckpointManager:
+    m = object.__new__(CheckpointManager)  # no process group: only retention is exercised
+    m.cfg = CheckpointConfig(dir=str(tmp_path), **kw)
+    m.dir = tmp_path
+    for s in (10, 20, 30, 40, 50, 60):
+        d = tmp_path / step_dir_name(s)
+        d.mkdir()
+        (d / MARKER).write_text(json.dumps({"step": s, "world_size": 1}))
+    (tmp_path / step_dir_name(5)).mkdir()  # uncommitted: not retention's business
+    return m
+
+
+def test_apply_retention_on_directory_tree(tmp_path):
+    m = _fake_manager(tmp_path, keep=2, keep_every=20)
+    m._apply_retention(tmp_path / step_dir_name(60))
+    assert [m.step_of(p) for p in m.committed()] == [20, 40, 50, 60]
+    assert (tmp_path / step_dir_name(5)).is_dir()
+
+
+def test_apply_retention_never_deletes_just_committed(tmp_path):
+    m = _fake_manager(tmp_path, keep=1, keep_every=0)
+    m._apply_retention(tmp_path / step_dir_name(30))
+    assert [m.step_of(p) for p in m.committed()] == [30, 60]
