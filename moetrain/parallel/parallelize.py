@@ -39,7 +39,13 @@ from moetrain.parallel.fsdp import GradReplicator, apply_fsdp
 from moetrain.parallel.grad_norm import clip_grad_norm_
 from moetrain.parallel.mesh import MeshAxis, MoEMesh, build_mesh
 from moetrain.parallel.pipeline import Pipeline, apply_pp
-from moetrain.parallel.tensor import TPWiring, align_grad_placements, apply_tp, loss_context
+from moetrain.parallel.tensor import (
+    SequenceGather,
+    TPWiring,
+    align_grad_placements,
+    apply_tp,
+    loss_context,
+)
 
 
 @dataclass
@@ -128,9 +134,10 @@ def _wire_count_reducers(moe_layers: list[nn.Module], mesh: MoEMesh, layout: Lay
     if over_tp:  # each tp rank holds one shard of every sequence (seq loss, routing keys,
         # routers that route on the whole micro-batch)
         for layer in moe_layers:
-            layer.seq_shards = layer.router.seq_shards = layout.tp
-            layer.seq_shard_rank = layer.router.seq_shard_rank = mesh.local_rank(MeshAxis.tp)
-            layer.router.seq_group = mesh.group(MeshAxis.tp)
+            layer.seq_shards = layout.tp
+            layer.seq_shard_rank = mesh.local_rank(MeshAxis.tp)
+            layer.router.seq_gather = SequenceGather(mesh.group(MeshAxis.tp), layout.tp,
+                                                     layer.seq_shard_rank)
 
 
 def _apply_dp(parts: list[nn.Module], mesh: MoEMesh, layout: Layout, fsdp: bool,

@@ -69,7 +69,40 @@ from torch.distributed.tensor.parallel import (
 
 from moetrain.config.schema import ExpertTP
 
-__all__ = ["TPWiring", "align_grad_placements", "apply_tp", "local_loss", "loss_context"]
+__all__ = ["SequenceGather", "TPWiring", "align_grad_placements", "apply_tp", "local_loss",
+           "loss_context"]
+
+
+@dataclass(frozen=True)
+class SequenceGather:
+    """For routers that route on the whole micro-batch while each tp rank holds one shard
+    of every sequence (``parallel.expert_tp=ep``): ``gather`` turns this rank's
+    (B * S/n) rows into the micro-batch's (B * S) rows in sequence order (autograd-aware
+    with ``grad``: the backward sums the ranks' gradients), ``local`` slices this rank's
+    rows back out. Handed to each router as ``router.seq_gather`` (see
+    ``Router.forward_gathered``)."""
+
+    group: object  # the tp process group
+    shards: int
+    rank: int
+
+    def gather(self, t_TX: torch.Tensor, batch: int, grad: bool) -> torch.Tensor:
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_nn
+
+        if grad:
+            parts = list(dist_nn.all_gather(t_TX.contiguous(), group=self.group))
+        else:
+            parts = [torch.empty_like(t_TX) for _ in range(self.shards)]
+            dist.all_gather(parts, t_TX.contiguous(), group=self.group)
+        stacked = torch.stack(parts).view(self.shards, batch, -1, *t_TX.shape[1:])
+        return stacked.transpose(0, 1).reshape(-1, *t_TX.shape[1:])
+
+    def local(self, t: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        if t is None:
+            return None
+        view = t.view(batch, self.shards, -1, *t.shape[1:])
+        return view[:, self.rank].reshape(-1, *t.shape[1:])
 
 
 @dataclass

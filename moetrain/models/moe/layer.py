@@ -151,7 +151,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
-        if getattr(self.router, "seq_group", None) is not None and self.router.whole_batch:
+        if getattr(self.router, "seq_gather", None) is not None and self.router.whole_batch:
             routed: RouterOutput = self.router.forward_gathered(x_TD, shape[0])
         else:
             routed = self.router(x_TD)

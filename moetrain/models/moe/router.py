@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -130,8 +128,10 @@ class Router(nn.Module):
       ranks each route a sequence shard (``parallel.expert_tp=ep``), such a router runs
       :meth:`forward_gathered`: it routes the all-gathered micro-batch and keeps this
       rank's tokens, so every layout routes like one process.
-    - ``seq_group`` / ``seq_shards`` / ``seq_shard_rank``: the tp group whose ranks hold
-      one shard of every sequence (set by the parallel wiring; None without it).
+    - ``seq_gather``: set by the parallel wiring when tp ranks each hold one shard of every
+      sequence (``moetrain.parallel.tensor.SequenceGather``; None without it): it gathers
+      the micro-batch's rows in sequence order and slices this rank's rows back out. The
+      router holds no process group itself.
     """
 
     uses_balance_loss = True
@@ -158,8 +158,7 @@ class Router(nn.Module):
         self.kernel_backend = KernelBackend.auto
         self.context = RoutingContext()
         self.layer_idx = 0
-        self.seq_group = None
-        self.seq_shards, self.seq_shard_rank = 1, 0
+        self.seq_gather = None
 
     @property
     def slots(self) -> int:
@@ -218,42 +217,24 @@ class Router(nn.Module):
                 f"score_func={self.score_func.value}, renormalize={self.renormalize}")
 
     # ------------------------------------------------------------ sequence shards
-    def _gather_seq(self, t_TX: torch.Tensor, batch: int, grad: bool) -> torch.Tensor:
-        """This rank's (B * S/n) rows -> the micro-batch's (B * S) rows in sequence order."""
-        n = self.seq_shards
-        if grad:
-            parts = list(dist_nn.all_gather(t_TX.contiguous(), group=self.seq_group))
-        else:
-            parts = [torch.empty_like(t_TX) for _ in range(n)]
-            dist.all_gather(parts, t_TX.contiguous(), group=self.seq_group)
-        stacked = torch.stack(parts).view(n, batch, -1, *t_TX.shape[1:])
-        return stacked.transpose(0, 1).reshape(-1, *t_TX.shape[1:])
-
-    def _local_seq(self, t: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """The inverse slice: this rank's rows of a (B * S)-row tensor."""
-        if t is None:
-            return None
-        view = t.view(batch, self.seq_shards, -1, *t.shape[1:])
-        return view[:, self.seq_shard_rank].reshape(-1, *t.shape[1:])
-
     def forward_gathered(self, x_TD: torch.Tensor, batch: int) -> RouterOutput:
         """Route the all-gathered micro-batch (``batch`` sequences) and keep this rank's
         tokens. The gather is autograd-aware (its backward sums the ranks' gradients), the
         router's own loss is the whole micro-batch's on every rank (the tp aux-loss scale
         1/tp makes its gradient count once), and the other outputs are this rank's."""
-        keys = self.context.token_keys
+        g, keys = self.seq_gather, self.context.token_keys
         if keys is not None:
-            self.context.token_keys = self._gather_seq(keys.view(-1, 1), batch, False).view(-1)
+            self.context.token_keys = g.gather(keys.view(-1, 1), batch, grad=False).view(-1)
         try:
-            full = self(self._gather_seq(x_TD, batch, grad=True))
+            full = self(g.gather(x_TD, batch, grad=True))
         finally:
             self.context.token_keys = keys
         return RouterOutput(
-            ids_TK=self._local_seq(full.ids_TK, batch),
-            weights_TK=self._local_seq(full.weights_TK, batch),
-            scores_TE=self._local_seq(full.scores_TE, batch),
-            logits_TE=self._local_seq(full.logits_TE, batch),
-            active_TK=self._local_seq(full.active_TK, batch),
+            ids_TK=g.local(full.ids_TK, batch),
+            weights_TK=g.local(full.weights_TK, batch),
+            scores_TE=g.local(full.scores_TE, batch),
+            logits_TE=g.local(full.logits_TE, batch),
+            active_TK=g.local(full.active_TK, batch),
             router_loss=full.router_loss,
         )
 
