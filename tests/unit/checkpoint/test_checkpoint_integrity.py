@@ -33,17 +33,6 @@ from tests.conftest import compose
 LOGGER = "moetrain.checkpoint.manager"
 
 
-@pytest.fixture
-def pg():
-    """A single-process gloo group, as the trainer always has one."""
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if owned:
-        dist.destroy_process_group()
-
-
 def _model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8))

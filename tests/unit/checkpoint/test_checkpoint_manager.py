@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moetrain.checkpoint import (
@@ -20,17 +19,6 @@ from moetrain.checkpoint import (
     is_committed,
 )
 from moetrain.config import CheckpointConfig, ConfigError
-
-
-@pytest.fixture
-def pg():
-    """A single-process gloo group, as the trainer always has one."""
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if owned:
-        dist.destroy_process_group()
 
 
 def _model(seed: int) -> nn.Module:
