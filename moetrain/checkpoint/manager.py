@@ -47,6 +47,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from moetrain import faults
 from moetrain.config import CheckpointConfig, ConfigError
 
 __all__ = ["MANIFEST", "MARKER", "CheckpointCorruptError", "CheckpointLoadError",
@@ -379,12 +380,14 @@ class CheckpointManager:
         if self.cfg.async_save and not blocking:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_pg)
             self._pending = _PendingSave(step, tmp, final, future)
+            faults.hit("async_save", step)
             return
         err: BaseException | None = None
         try:
             dcp.save(state, checkpoint_id=str(tmp), process_group=self._pg)
         except Exception as e:  # noqa: BLE001 - every rank must learn of it, then raise
             err = e
+        faults.hit("sync_save", step)
         self._agree(err, f"checkpoint save of step {step}")
         self._commit(step, tmp, final)
 

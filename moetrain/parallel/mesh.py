@@ -20,6 +20,8 @@ dimension.
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -224,6 +226,76 @@ def _launched_by_torchrun() -> bool:
     return len(present) == len(_TORCHRUN_ENV)
 
 
+_FRESH = "moetrain/launch"
+
+
+def _fresh_namespace(store: dist.Store, rank: int, world_size: int,
+                     timeout: timedelta) -> dist.Store:
+    """A key namespace of ``store`` private to this launch of the workers.
+
+    torchrun's agent hosts the store the workers rendezvous on (``TORCHELASTIC_USE_AGENT_
+    STORE``) and it outlives them: after a restart, the keys the dead workers wrote (their
+    gloo addresses) are still there, and a new worker may read them and fail connecting to
+    a dead peer (``Gloo connectFullMesh failed ... Connection refused``). So the workers of
+    each launch agree on a fresh prefix: rank 0 publishes a new nonce, every other rank
+    acknowledges the nonce it read together with a nonce of its own, and rank 0 answers each
+    acknowledgement of its nonce by echoing the rank's own nonce. A rank accepts only an
+    echo of its own nonce, so no key left by an earlier launch can satisfy it, and the
+    agreement does not depend on the restart counts, which differ between the agents of
+    an elastic job once a node joins.
+    """
+    mine = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def tick(what: str) -> None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"rank {rank}: timed out after {timeout.total_seconds():.0f} s agreeing on "
+                f"the workers' store namespace ({what}); a worker did not start: check the "
+                f"other ranks' logs (${TIMEOUT_ENV} sets the timeout)")
+        time.sleep(0.005)
+
+    if rank == 0:
+        store.set(f"{_FRESH}/epoch", mine)
+        pending = {r: f"{_FRESH}/ack/{r}" for r in range(1, world_size)}
+        while pending:
+            ready = [r for r, k in pending.items() if store.check([k])]
+            values = store.multi_get([pending[r] for r in ready]) if ready else []
+            for r, value in zip(ready, values):
+                epoch, _, theirs = value.decode().partition(":")
+                if epoch == mine:
+                    store.set(f"{_FRESH}/go/{r}", f"{mine}:{theirs}")
+                    del pending[r]
+            if pending:
+                tick(f"waiting for ranks {sorted(pending)[:8]}")
+        epoch = mine
+    else:
+        acked, go = None, f"{_FRESH}/go/{rank}"
+        while True:
+            if store.check([f"{_FRESH}/epoch"]):
+                current = store.get(f"{_FRESH}/epoch").decode()
+                if current != acked:
+                    store.set(f"{_FRESH}/ack/{rank}", f"{current}:{mine}")
+                    acked = current
+            if store.check([go]):
+                epoch, _, echoed = store.get(go).decode().partition(":")
+                if echoed == mine:
+                    break
+            tick("waiting for rank 0")
+    return dist.PrefixStore(f"{_FRESH}/{epoch}", store)
+
+
+def _torchrun_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
+    """The store to initialise on under torchrun: a fresh namespace of the agent's store
+    when the workers share it (see :func:`_fresh_namespace`); None (plain ``env://``) when
+    rank 0 hosts a new store for every launch."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)
+    return _fresh_namespace(store, rank, world_size, timeout)
+
+
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
     """Initialise the default process group and pick this process's device.
 
@@ -247,8 +319,14 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     # device_id binds NCCL eagerly so DeviceMesh can split groups instead of creating them.
     device_id = device if backend == "nccl" else None
     if _launched_by_torchrun():
-        dist.init_process_group(backend, init_method="env://", timeout=_timeout(),
-                                device_id=device_id)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = _torchrun_store(rank, world, _timeout())
+        if store is None:
+            dist.init_process_group(backend, init_method="env://", timeout=_timeout(),
+                                    device_id=device_id)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=_timeout(), device_id=device_id)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=_timeout(), device_id=device_id)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain import faults
 from moetrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from moetrain.checkpoint.load import CONFIG_FILE, config_to_yaml
 from moetrain.config.schema import Config
@@ -283,6 +284,7 @@ class Trainer:
             loss_sum += loss.detach()
             self.moe_stats.accumulate()
 
+        faults.hit("mid_step", step + 1)
         self.callbacks.on_after_backward(self, step)
         grad_norm_t = self.pm.clip_grad_norm_(cfg.optim.grad_clip)
         loss_t = self._all_reduce_mean(loss_sum / self.accum)
@@ -359,10 +361,11 @@ class Trainer:
         self.resume()
         val_losses: list[tuple[int, float]] = []
         bar = None
-        if t.progress and self.rank == 0:
-            from tqdm import tqdm
+        if t.progress and self.rank == 0:  # tqdm on a terminal, plain lines in a log file
+            from moetrain.metrics.progress import progress_display
 
-            bar = tqdm(total=t.steps, initial=self.progress.step, desc="train", dynamic_ncols=True)
+            bar = progress_display(t.steps, self.progress.step, t.log_every,
+                                   end=t.stop_at or t.steps)
         # Before the baseline validation: schedules set the routers for the current step.
         self.callbacks.on_train_start(self)
         if cfg.eval.every and self.progress.step == 0:
@@ -398,11 +401,11 @@ class Trainer:
                     if load_LE is not None:
                         self.metrics.log_expert_loads(step, load_LE)
                 self._check_skips(step)  # before validation and checkpoint
+                faults.hit("step_end", step, stopped=lambda: self.stop.received is not None)
                 if load_LE is not None and self.metrics.heatmap_due(step):
                     self.metrics.log_heatmap(step, load_LE)
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
+                    bar.update(step, last_loss, tps)
                 if cfg.eval.every and (step % cfg.eval.every == 0 or last):
                     val = self.validate()
                     val_losses.append((step, val))
