@@ -51,7 +51,8 @@ from moetrain import faults
 from moetrain.config import CheckpointConfig, ConfigError
 
 __all__ = ["MANIFEST", "MARKER", "CheckpointCorruptError", "CheckpointLoadError",
-           "CheckpointManager", "check_checkpoint", "is_committed", "retention_victims",
+           "CheckpointManager", "check_checkpoint", "commit_seq", "is_committed",
+           "retention_victims",
            "step_dir_name"]
 
 log = logging.getLogger(__name__)
@@ -180,21 +181,36 @@ def is_committed(path: str | Path) -> bool:
     return p.is_dir() and _STEP_RE.match(p.name) is not None and (p / MARKER).is_file()
 
 
+def commit_seq(path: str | Path) -> int:
+    """A committed checkpoint's place in its directory's history (its marker's ``seq``; 0
+    for checkpoints saved before the field existed, or an unreadable marker)."""
+    try:
+        return int(json.loads((Path(path) / MARKER).read_text()).get("seq", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 def _committed_in(directory: Path) -> list[Path]:
-    """Committed checkpoints directly under ``directory``, oldest step first."""
+    """Committed checkpoints directly under ``directory``, oldest first.
+
+    Newest means last committed (or last resumed from explicitly: :meth:`CheckpointManager.
+    promote`), not highest step: after a resume from an older step, the later steps of
+    the abandoned run sort before the resumed run's checkpoints. Checkpoints without a
+    ``seq`` sort first, by step."""
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir() if is_committed(p)]
-    return sorted(found, key=CheckpointManager.step_of)
+    return sorted(found, key=lambda p: (commit_seq(p), CheckpointManager.step_of(p)))
 
 
 def retention_victims(steps: list[int], keep: int, keep_every: int = 0,
                       just_committed: int | None = None) -> list[int]:
-    """Steps that retention deletes, ascending: all but the ``keep`` newest (``keep=0`` keeps
-    all) except multiples of ``keep_every`` (``0`` = none) and ``just_committed``."""
+    """Steps that retention deletes, given the steps oldest first (commit order): all but
+    the ``keep`` newest (``keep=0`` keeps all) except multiples of ``keep_every`` (``0`` =
+    none) and ``just_committed``."""
     if keep <= 0:
         return []
-    ordered = sorted(set(steps))
+    ordered = list(dict.fromkeys(reversed(steps)))[::-1]  # unique, last occurrence kept
     return [s for s in ordered[:-keep]
             if s != just_committed and not (keep_every > 0 and s % keep_every == 0)]
 
@@ -442,7 +458,7 @@ class CheckpointManager:
         def commit() -> Path:
             meta = {"step": step, "time": time.time(),
                     "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "world_size": self.world_size}
+                    "world_size": self.world_size, "seq": self._next_seq()}
             with open(tmp / MANIFEST, "w") as f:
                 json.dump({"version": _MANIFEST_VERSION, "checksum": "crc32",
                            "files": dict(sorted(entries.items()))}, f, indent=1)
@@ -468,12 +484,45 @@ class CheckpointManager:
 
         return self._on_rank0(commit)
 
+    def _next_seq(self) -> int:
+        return 1 + max((commit_seq(p) for p in self.committed()), default=0)
+
+    def promote(self, path: Path) -> None:
+        """Make ``path`` (a committed checkpoint of ``checkpoint.dir``) the newest, so that a
+        later ``resume=auto`` continues from it and not from the later steps of the run it
+        branches from; collective. Rank 0 rewrites its marker with the next ``seq`` (an
+        atomic replace; the manifest does not cover the marker)."""
+
+        target = Path(path).absolute()
+
+        def bump() -> None:
+            found = [p.absolute() for p in self.committed()]
+            if target.parent != self.dir.absolute() or target not in found[:-1]:
+                return  # elsewhere, or already the newest
+            later = [p.name for p in found if self.step_of(p) > self.step_of(target)]
+            meta = json.loads((target / MARKER).read_text())
+            meta["seq"] = self._next_seq()
+            meta["resumed_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            tmp = target / f"{MARKER}{_TMP}{uuid.uuid4().hex[:8]}"
+            with open(tmp, "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target / MARKER)
+            _fsync_dir(target)
+            if later:
+                log.warning("resuming from %s, older than %s: those belong to the abandoned "
+                            "run; resume=auto now continues this run (the newest commit), "
+                            "and retention removes them first", target.name, ", ".join(later))
+
+        self._on_rank0(bump)
+
     def _apply_retention(self, just_committed: Path) -> None:
         """Delete what :func:`retention_victims` selects: all but the ``checkpoint.keep``
         newest steps and the multiples of ``checkpoint.keep_every``, never the one just
         committed (a run resumed from an older step would otherwise delete its own new
         checkpoint in favour of later steps already in the directory)."""
-        found = self.committed()
+        found = self.committed()  # oldest commit first
         doomed = set(retention_victims([self.step_of(p) for p in found], self.cfg.keep,
                                        self.cfg.keep_every, self.step_of(just_committed)))
         for old in found:

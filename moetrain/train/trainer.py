@@ -227,6 +227,8 @@ class Trainer:
         optional = ("callback.", "skips") + (
             ("sampler", "rng") if self.ckpt.step_of(path) == 0 else ())
         self.ckpt.load(path, self._state(), optional=optional)
+        if self.cfg.checkpoint.resume.strip().lower() != "auto":
+            self.ckpt.promote(path)  # a later resume=auto continues this branch
         self.metrics.truncate_after(self.progress.step)
         log.info("resumed from %s at step %d", path, self.progress.step)
 

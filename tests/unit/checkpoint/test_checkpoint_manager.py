@@ -221,13 +221,15 @@ def test_resave_same_step_replaces(pg, tmp_path):
 
 def test_retention_never_deletes_the_checkpoint_just_written(pg, tmp_path):
     """A run resumed from an older step saves below a later step already on disk: with
-    keep=1 the old rule (newest steps only) deleted the new checkpoint right after writing."""
+    keep=1 a rule by step number would delete the new checkpoint right after writing.
+    Retention goes by commit order: the abandoned run's later step 5 goes instead."""
     m, opt = _trained(steps=1)
     state = {"model": ModelOptimizerState(m, opt)}
     mgr = CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep=1))
     mgr.save(5, state)
     mgr.save(3, state)
-    assert [p.name for p in mgr.committed()] == ["step_0000003", "step_0000005"]
+    assert [p.name for p in mgr.committed()] == ["step_0000003"]
+    assert mgr.latest() == tmp_path / "step_0000003"
     mgr.save(7, state)  # the normal case still keeps exactly the newest
     assert [p.name for p in mgr.committed()] == ["step_0000007"]
 

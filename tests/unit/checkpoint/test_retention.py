@@ -25,7 +25,8 @@ def test_retention_victims():
     assert retention_victims(steps, keep=10) == []
     # a resumed run re-saved step 200 below later steps: it survives
     assert retention_victims(steps, keep=2, just_committed=200) == [100, 300, 400, 500]
-    assert retention_victims([5, 1, 3, 3], keep=1) == [1, 3]  # unsorted, duplicate
+    # commit order, not step order: an abandoned run's later steps (5) go first
+    assert retention_victims([5, 1, 3, 3], keep=1) == [5, 1]
 
 
 def test_keep_every_validated():
