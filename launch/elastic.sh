@@ -22,6 +22,16 @@
 #   MASTER_ADDR           rendezvous host (default 127.0.0.1)   MASTER_PORT (default 29500)
 #   RDZV_ID               rendezvous id of the job (default moetrain-elastic)
 #   TORCHRUN              the launcher command (default "torchrun")
+#   RDZV_CONF             extra --rdzv-conf (default: dead nodes detected in ~15 s, and a
+#                         round closes 10 s after MIN_NODES joined)
+#
+# On SLURM: one task per node running this script (srun --ntasks-per-node=1), with
+# MASTER_ADDR the first host of the allocation:
+#   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1) \
+#     MIN_NODES=2 MAX_NODES=$SLURM_NNODES srun --ntasks-per-node=1 launch/elastic.sh ...
+# Nodes added later (another srun step, or a new job with the same RDZV_ID and
+# MASTER_ADDR) join at the next rendezvous; the running workers are stopped with a
+# checkpoint (SIGTERM) and restarted with the larger world.
 set -euo pipefail
 
 if [[ -z "${NPROC:-}" ]]; then
@@ -40,7 +50,13 @@ MAX_RESTARTS="${MAX_RESTARTS:-3}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_ID="${RDZV_ID:-moetrain-elastic}"
+RDZV_CONF="${RDZV_CONF:-keep_alive_interval=5,keep_alive_max_attempt=3,last_call_timeout=10}"
 read -r -a LAUNCHER <<< "${TORCHRUN:-torchrun}"
+
+# A fresh worker store for every rendezvous round: with the agent's shared store
+# (torch's default), a node joining a running job waits forever for bootstrap keys
+# that the first node published only in its first round.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 exec "${LAUNCHER[@]}" \
   --nnodes="$MIN_NODES:$MAX_NODES" \
@@ -49,4 +65,5 @@ exec "${LAUNCHER[@]}" \
   --rdzv-backend=c10d \
   --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   --rdzv-id="$RDZV_ID" \
+  --rdzv-conf="$RDZV_CONF" \
   -m moetrain.train checkpoint.resume=auto "$@"

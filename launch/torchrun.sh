@@ -6,14 +6,20 @@
 #
 #   # one node, one process per visible GPU (or 1 process on a CPU-only machine):
 #   launch/torchrun.sh model=small parallel.ep=4 train.steps=1000 train.global_batch_size=64
-#   # one node, 4 CPU processes (gloo):
-#   NPROC=4 launch/torchrun.sh parallel.ep=2 train.micro_batch_size=4
+#   # one node, 4 CPU processes (gloo); the default batch sizes fit (see below):
+#   NPROC=4 launch/torchrun.sh parallel.ep=2
 #   # two nodes: run the same line on both; MASTER_ADDR is a host of the first node.
 #   NNODES=2 NPROC=8 MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh parallel.ep=8 \
 #       train.global_batch_size=128
 #
-# train.global_batch_size must be a multiple of train.micro_batch_size * dp (the defaults,
-# 16 and 8, fit at most 2 data-parallel ranks).
+# train.micro_batch_size=auto (the default) takes the largest micro-batch, up to
+# train.max_micro_batch_size=8, that divides train.global_batch_size / dp: the default 16
+# sequences run 8 per forward on 1-2 data-parallel ranks, 4 on 4, 2 on 8 (rank 0 logs the
+# choice). train.global_batch_size must divide by dp; an explicit train.micro_batch_size
+# must make it a multiple of train.micro_batch_size * dp.
+#
+# A config error is printed once (rank 0) and every rank exits with status 2; torchrun's
+# failure summary repeats it as the root cause.
 #
 # Environment:
 #   NPROC        processes per node (default: number of visible GPUs, else 1)

@@ -137,6 +137,11 @@ class LRSchedule(str, Enum):
     constant = "constant"  # linear warmup, then flat
 
 
+class OptimOffload(str, Enum):
+    none = "none"  # optimizer state on the training device, torch AdamW
+    cpu = "cpu"  # ZeRO-Offload: fp32 master weights + Adam moments in CPU memory, DeepSpeedCPUAdam
+
+
 class Precision(str, Enum):
     auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     fp32 = "fp32"
@@ -146,6 +151,15 @@ class Precision(str, Enum):
 class DataParallelMode(str, Enum):
     fsdp = "fsdp"  # FSDP2 fully_shard: parameters, gradients, optimizer state sharded
     replicate = "replicate"  # plain replication, gradients all-reduced
+
+
+class FSDPGradSync(str, Enum):
+    """When FSDP reduce-scatters gradients under gradient accumulation (see
+    moetrain/parallel/fsdp.py and moetrain/parallel/memory.py)."""
+
+    auto = "auto"  # every_microbatch with FSDP; last_microbatch under pp > 1 (its schedule)
+    every_microbatch = "every_microbatch"  # reduce-scatter after each micro-batch
+    last_microbatch = "last_microbatch"  # keep unsharded fp32 gradients until the last one
 
 
 class ExpertTP(str, Enum):
@@ -360,10 +374,17 @@ class MoEConfig:
     balance_loss: BalanceLoss = BalanceLoss.switch
     # Capacity mode: which rows an over-full expert keeps.
     drop_policy: DropPolicy = DropPolicy.probs
+    # Expert parallelism: split each rank's routed rows into this many chunks and overlap
+    # the all-to-all of one chunk with the experts' compute on another (Tutel's
+    # a2a_ffn_overlap_degree). 1 = one exchange each way, no overlap. Same math either way.
+    a2a_overlap_chunks: int = 1
 
     def __post_init__(self) -> None:
         _require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
                  "must be > 0 (1.0 = exactly T*K/E rows per expert)")
+        _require(isinstance(self.a2a_overlap_chunks, int) and self.a2a_overlap_chunks >= 1,
+                 "moe.a2a_overlap_chunks", self.a2a_overlap_chunks,
+                 "must be an integer >= 1 (1 = one exchange each way, no overlap)")
         _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         _require(self.z_loss_coef >= 0, "moe.z_loss_coef", self.z_loss_coef, "must be >= 0")
 
@@ -381,6 +402,9 @@ class OptimConfig:
     schedule: LRSchedule = LRSchedule.cosine
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: share of train.steps spent in the final decay
+    # cpu: ZeRO-Offload (Ren et al., 2021). The fp32 master weights and Adam moments live in
+    # CPU memory and DeepSpeed's SIMD CPU Adam steps them (pip install 'moetrain[deepspeed]').
+    offload: OptimOffload = OptimOffload.none
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
@@ -418,11 +442,19 @@ class DataConfig:
 
 
 # ----------------------------------------------------------------------------- train
+AUTO = "auto"  # train.micro_batch_size=auto
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300  # optimizer steps
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 8  # sequences per rank per forward; accumulation is derived
+    # Sequences per rank per forward; accumulation is derived. "auto": validate() picks the
+    # largest size <= max_micro_batch_size that divides each data-parallel rank's share
+    # global_batch_size / dp (and, with parallel.pp > 1, leaves >= pp micro-batches for
+    # the pipeline schedule); every user after validate() sees that int.
+    micro_batch_size: int | str = "auto"
+    max_micro_batch_size: int = 8  # cap of micro_batch_size=auto (activation memory)
     seq_len: int = 128
     precision: Precision = Precision.auto
     log_every: int = 1  # metrics.jsonl / TensorBoard cadence, in steps
@@ -443,7 +475,14 @@ class TrainConfig:
         return p == Precision.bf16 or (p == Precision.auto and device_type == "cuda")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
+        mb = self.micro_batch_size
+        if isinstance(mb, str) and mb.strip().isdigit():  # "4" from a quoted YAML value
+            self.micro_batch_size = mb = int(mb)
+        _require(mb == AUTO if isinstance(mb, str) else mb > 0, "train.micro_batch_size", mb,
+                 "must be a positive int, or auto (the largest that divides each "
+                 "data-parallel rank's share of train.global_batch_size)")
+        for name in ("steps", "global_batch_size", "max_micro_batch_size", "seq_len",
+                     "log_every"):
             _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", self.max_skipped_steps,
                  "must be >= 0 (0 = never stop on skipped steps)")
@@ -517,6 +556,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp_mode: DataParallelMode = DataParallelMode.fsdp
+    # Gradient accumulation under FSDP: every_microbatch (reduce-scatter each micro-batch:
+    # sharded gradients) | last_microbatch (sync once, but every unit's unsharded fp32
+    # gradient is kept for the whole step) | auto. See moetrain/parallel/fsdp.py.
+    fsdp_grad_sync: FSDPGradSync = FSDPGradSync.auto
     # Routed experts under tensor parallelism: ep (expert-parallel, tokens stay sequence-
     # sharded) | etp (expert-tensor-parallel). See ExpertTP and moetrain/parallel/tensor.py.
     expert_tp: ExpertTP = ExpertTP.ep

@@ -6,12 +6,15 @@ import logging
 from dataclasses import dataclass
 
 from moetrain.config.schema import (
+    AUTO,
     AuxLossScope,
     BalanceLoss,
     Config,
     ConfigError,
+    DataParallelMode,
     DispatchMode,
     ExpertTP,
+    FSDPGradSync,
     GateActivation,
     GroupScore,
     ParallelConfig,
@@ -19,6 +22,7 @@ from moetrain.config.schema import (
     RouterType,
     ScheduleName,
     ScoreFunc,
+    TrainConfig,
 )
 
 log = logging.getLogger(__name__)
@@ -116,6 +120,55 @@ def _validate_tp(cfg: Config, layout: Layout) -> None:
         )
 
 
+def _pp_schedule_fits(name: str, pp: int, n_mb: int) -> bool:
+    """Whether pipeline schedule ``name`` on ``pp`` stages runs ``n_mb`` micro-batches per
+    step: 1F1B needs at least pp; the multi-stage schedules run rounds of pp micro-batches
+    and need a whole number of them."""
+    if name == "1f1b":
+        return n_mb >= pp
+    if name in ("interleaved_1f1b", "zero_bubble"):
+        return n_mb % max(1, n_mb // pp) == 0
+    return True
+
+
+# Set on a TrainConfig whose micro_batch_size validate() chose for micro_batch_size=auto, so
+# that validating the same config again for another layout (moetrain/parallel/memory.py
+# tries many) chooses again rather than taking the earlier choice for an explicit value.
+_AUTO_CHOICE = "_auto_micro_batch_size"
+
+
+def resolve_micro_batch_size(train: TrainConfig, par: ParallelConfig, layout: Layout) -> int:
+    """``train.micro_batch_size=auto``: the largest m <= ``train.max_micro_batch_size`` that
+    divides each data-parallel rank's share s = global_batch_size / dp.
+
+    Only the dp ranks split the batch: tensor-parallel ranks share a micro-batch (each
+    takes a sequence shard), pipeline stages pass it on, and ep is carved out of dp * tp.
+    With parallel.pp > 1 the s / m micro-batches are the pipeline schedule's, so m must
+    give a count the schedule accepts, and a count >= pp is preferred (fewer leave stages
+    idle under any schedule): e.g. s = 8, pp = 2 gives m = 4, not 8."""
+    G, dp, pp = train.global_batch_size, layout.dp, layout.pp
+    if G % dp:
+        lower = f" or {G // dp * dp}" if G > dp else ""
+        raise ConfigError(
+            f"train.global_batch_size={G} is not divisible by the data-parallel size dp={dp} "
+            f"(world size {layout.world_size} / (parallel.pp*parallel.tp={pp}*{layout.tp})); "
+            f"each dp rank takes an equal share: set train.global_batch_size to a multiple of "
+            f"{dp}, e.g. {(G // dp + 1) * dp}{lower}")
+    share, cap = G // dp, train.max_micro_batch_size
+    name = PipelineSchedule(par.pp_schedule).value
+    sizes = [m for m in range(min(cap, share), 0, -1) if share % m == 0]
+    fits = [m for m in sizes if pp == 1 or _pp_schedule_fits(name, pp, share // m)]
+    if not fits:
+        good = dp * pp * -(-share // pp)
+        need = f">= {pp}" if name == "1f1b" else f"whole rounds of {pp}"
+        raise ConfigError(
+            f"train.micro_batch_size=auto: parallel.pp_schedule={name} on parallel.pp={pp} "
+            f"stages needs {need} micro-batches per step, but no micro-batch size splits the "
+            f"train.global_batch_size/dp = {G}/{dp} = {share} sequences of each data-parallel "
+            f"rank so: set train.global_batch_size to {good} (a multiple of dp*pp = {dp * pp})")
+    return ([m for m in fits if share // m >= pp] or fits)[0]
+
+
 def _validate_pp(cfg: Config, layout: Layout) -> None:
     """Rules of pipeline parallelism (moetrain/parallel/pipeline.py): the split, the
     schedule and its micro-batches (the accumulation micro-batches of one step)."""
@@ -159,6 +212,8 @@ def _validate_pp(cfg: Config, layout: Layout) -> None:
             "parallel.pp_virtual_stages >= 2 (stages per rank), or parallel.pp_schedule=1f1b")
     t = cfg.train
     n_mb = t.global_batch_size // (t.micro_batch_size * layout.dp)
+    if _pp_schedule_fits(name, pp, n_mb):
+        return
     where = (f"train.global_batch_size / (train.micro_batch_size * dp) = {t.global_batch_size}"
              f" / ({t.micro_batch_size} * {layout.dp}) = {n_mb} micro-batches per step")
     if name == "1f1b" and n_mb < pp:
@@ -352,10 +407,33 @@ def _validate_init(cfg: Config) -> None:
             f"model.first_dense_layers below model.n_layers")
 
 
+def _validate_grad_sync(par: ParallelConfig, layout: Layout) -> None:
+    """``parallel.fsdp_grad_sync=every_microbatch`` needs FSDP to drive the gradient sync
+    (moetrain/parallel/fsdp.py::grad_sync_mode)."""
+    if FSDPGradSync(par.fsdp_grad_sync) != FSDPGradSync.every_microbatch:
+        return
+    if layout.pp > 1:
+        raise ConfigError(
+            f"parallel.fsdp_grad_sync=every_microbatch with parallel.pp={layout.pp}: the "
+            f"pipeline schedule (torch.distributed.pipelining) reduce-scatters each FSDP "
+            f"stage's gradients once, after the last micro-batch: set "
+            f"parallel.fsdp_grad_sync=auto (or last_microbatch), or parallel.pp=1")
+    if DataParallelMode(par.dp_mode) == DataParallelMode.replicate:
+        raise ConfigError(
+            "parallel.fsdp_grad_sync=every_microbatch with parallel.dp_mode=replicate: "
+            "replicated data parallelism keeps full gradients and all-reduces them once per "
+            "step, so a sync per micro-batch would add communication and save no memory: set "
+            "parallel.fsdp_grad_sync=auto, or parallel.dp_mode=fsdp")
+
+
 def validate(cfg: Config, world_size: int) -> Layout:
-    """All cross-field rules. Returns the resolved layout."""
+    """All cross-field rules. Returns the resolved layout, and resolves
+    ``train.micro_batch_size=auto`` in ``cfg`` to an int (:func:`resolve_micro_batch_size`)."""
     layout = resolve_layout(cfg.parallel, world_size, cfg.model.num_experts)
     t, m = cfg.train, cfg.model
+    if t.micro_batch_size == AUTO or t.micro_batch_size == getattr(t, _AUTO_CHOICE, None):
+        t.micro_batch_size = resolve_micro_batch_size(t, cfg.parallel, layout)
+        setattr(t, _AUTO_CHOICE, t.micro_batch_size)
     per_step = t.micro_batch_size * layout.dp
     if t.global_batch_size % per_step:
         raise ConfigError(
@@ -382,6 +460,7 @@ def validate(cfg: Config, world_size: int) -> Layout:
         )
     _validate_tp(cfg, layout)
     _validate_pp(cfg, layout)
+    _validate_grad_sync(cfg.parallel, layout)
     _validate_routing(cfg, layout)
     _validate_schedule(cfg, layout)
     _validate_init(cfg)

@@ -19,10 +19,17 @@ every shard to ceil(n/dp) rows in memory. Layers go to pipeline stages by the re
 (``pipeline.stage_split``); the embedding sits on stage 0, norm and output on the last.
 
 **Training state**, per local parameter: fp32 master weight (4 B), fp32 gradient (4 B;
-FSDP reduces in fp32), AdamW exp_avg and exp_avg_sq (8 B). On top: FSDP's unsharded
-working set (the largest unit all-gathered in the compute dtype, twice for prefetch, plus
-its unsharded gradient and fp32 reduce-scatter input); without FSDP, bf16 autocast keeps a
-bf16 copy of each weight for the backward, and replicated DP flattens all gradients.
+FSDP reduces in fp32), AdamW exp_avg and exp_avg_sq (8 B; with ``optim.offload=cpu`` on a
+GPU they and a 4 B fp32 master copy are in CPU memory instead, ``MemoryEstimate.host``).
+Under gradient accumulation with ``parallel.fsdp_grad_sync=last_microbatch`` (and under
+pp > 1, whose schedule defers the reduce-scatter the same way) FSDP keeps every unit's
+unsharded gradient in fp32 from the first micro-batch to the last, so the gradient term
+is 4 B per parameter of the rank's FSDP units before sharding (the sharded gradient only
+exists after the window); ``every_microbatch`` keeps the sharded fp32 gradient
+(``fsdp.grad_sync_mode``). On top: FSDP's unsharded working set (the largest unit
+all-gathered in the compute dtype, twice for prefetch, plus its unsharded gradient and
+fp32 reduce-scatter input); without FSDP, bf16 autocast keeps a bf16 copy of each weight
+for the backward, and replicated DP flattens all gradients.
 
 **Activations** saved for the backward, per micro-batch and MoE layer (the tensors the
 autograd graph holds, counted op by op on this model; the dense transformer terms are
@@ -74,10 +81,12 @@ from moetrain.config.schema import (
     DispatchMode,
     ExpertBackend,
     ExpertTP,
+    FSDPGradSync,
     KernelBackend,
+    OptimOffload,
 )
 from moetrain.config.validate import Layout, validate
-from moetrain.parallel.fsdp import expert_fsdp_shard_dim
+from moetrain.parallel.fsdp import expert_fsdp_shard_dim, grad_sync_mode
 from moetrain.parallel.mesh import ParallelDims
 
 GiB = 1024**3
@@ -276,6 +285,8 @@ class MemoryEstimate:
     rank: int
     params: int  # local parameters of that rank (unpadded)
     parts: dict[str, int] = field(default_factory=dict)
+    # That rank's CPU memory for optimizer state moved off the device (optim.offload=cpu).
+    host: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -284,6 +295,7 @@ class MemoryEstimate:
     def format(self) -> str:
         lines = [f"  {k:<24} {v / GiB:9.2f} GiB" for k, v in self.parts.items()]
         lines.append(f"  {'total':<24} {self.total / GiB:9.2f} GiB")
+        lines += [f"  {k:<24} {v / GiB:9.2f} GiB (CPU memory)" for k, v in self.host.items()]
         return "\n".join(lines)
 
 
@@ -416,10 +428,17 @@ def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, *,
         coords = dims.coords(rank)
         held = stages[pp_rank]
         n, n_pad = _rank_numel(params, cfg, layout, held, coords)
-        parts = {"params (fp32)": 4 * n_pad, "grads (fp32)": 4 * n_pad,
+        units = _fsdp_units(params, cfg, layout, held, coords) if fsdp else {}
+        parts = {"params (fp32)": 4 * n_pad,
+                 "grads (fp32)": 4 * _grad_numel(cfg, layout, accum, n_pad, units),
                  "adamw m+v (fp32)": 8 * n_pad}
-        parts["param buffers"] = _param_buffers(params, cfg, layout, held, coords, fsdp,
-                                                c, pb, n_pad)
+        host = {}
+        if cfg.optim.offload == OptimOffload.cpu and device != "cpu":
+            # ZeRO-Offload (train/offload.py): the moments and an fp32 master copy of the
+            # local shards live in CPU memory; the device keeps the parameters and grads.
+            del parts["adamw m+v (fp32)"]
+            host = {"offload master (fp32)": 4 * n, "offload adam m+v (fp32)": 8 * n}
+        parts["param buffers"] = _param_buffers(units, layout, fsdp, c, pb, n_pad)
         layer_ids = sorted(i for i in held if 0 <= i < cfg.model.n_layers)
         kept = work = 0.0
         a2a = 0.0
@@ -442,26 +461,46 @@ def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, *,
         # the backward reaches it (the loss's saved tensors are freed by then).
         parts["logits / recompute"] = int(max(head, work - head_kept))
         parts["all-to-all buffers"] = int(a2a)
-        est = MemoryEstimate(layout=layout, rank=rank, params=n, parts=parts)
+        est = MemoryEstimate(layout=layout, rank=rank, params=n, parts=parts, host=host)
         if best is None or est.total > best.total:
             best = est
     return best
 
 
-def _param_buffers(params, cfg, layout, held, coords, fsdp, c, pb, n_pad) -> int:
+def _fsdp_units(params, cfg, layout, held, coords) -> dict[str, int]:
+    """Unsharded parameter count of each FSDP unit on the rank at ``coords``: a block, the
+    root (embedding, final norm, output), and the units of their own (experts over edp,
+    routers over dp x tp)."""
+    units: dict[str, int] = {}
+    for p in params:
+        if p.layer not in held:
+            continue
+        if p.name == "output.weight" and cfg.model.tie_embeddings and -1 in held:
+            continue  # one tensor with the embedding
+        own_unit = _fsdp_rows(p, cfg, layout, coords)[2] != "dp"  # a separate FSDP unit
+        key = (f"{p.name.rsplit('.', 1)[0]}" if own_unit
+               else f"layer{p.layer}" if 0 <= p.layer < cfg.model.n_layers else "root")
+        units[key] = units.get(key, 0) + math.prod(_local_shape(p, cfg, layout, coords))
+    return units
+
+
+def _grad_numel(cfg: Config, layout: Layout, accum: int, n_pad: int,
+                units: dict[str, int]) -> int:
+    """Gradient elements (fp32) a rank holds at the peak: the sharded gradient, or every
+    FSDP unit's unsharded one when they are kept over an accumulation window."""
+    keeps = grad_sync_mode(cfg.parallel, layout.dp, layout.pp) == FSDPGradSync.last_microbatch
+    if units and keeps and accum > 1:
+        return sum(units.values())
+    return n_pad
+
+
+def _param_buffers(units: dict[str, int], layout: Layout, fsdp: bool, c: int, pb: int,
+                   n_pad: int) -> int:
     """FSDP's unsharded working set, or autocast's bf16 weight copies / flat DP gradients."""
     if not fsdp:
         copies = 2 * n_pad if c == 2 else 0  # autocast's bf16 weights saved for backward
         flat = 4 * n_pad if layout.dp > 1 else 0  # GradReplicator's flat all-reduce buffer
         return copies + flat
-    units: dict[str, int] = {}
-    for p in params:
-        if p.layer not in held:
-            continue
-        own_unit = _fsdp_rows(p, cfg, layout, coords)[2] != "dp"  # a separate FSDP unit
-        key = (f"{p.name.rsplit('.', 1)[0]}" if own_unit
-               else f"layer{p.layer}" if 0 <= p.layer < cfg.model.n_layers else "root")
-        units[key] = units.get(key, 0) + math.prod(_local_shape(p, cfg, layout, coords))
     largest = max(units.values(), default=0)
     reduce = largest * (pb + (4 if pb != 4 else 0))  # an unsharded gradient, fp32 reduce input
     if layout.pp > 1:  # stages stay gathered from forward to backward (parallel/pipeline.py)
@@ -498,6 +537,14 @@ def _layouts(world_size: int) -> Iterator[tuple[int, int, int]]:
                     yield pp, tp, ep
 
 
+def a2a_exposed_s(a2a_s: float, experts_s: float, chunks: int) -> float:
+    """All-to-all time left on the critical path when it is split into ``chunks`` and
+    pipelined against the experts: every chunk's exchange but the first (dispatch) or
+    last (combine) can hide under another chunk's compute, so about (chunks-1)/chunks of
+    the shorter of the two is hidden (Tutel, Hwang et al., 2023, arXiv 2206.03382)."""
+    return a2a_s - (chunks - 1) / chunks * min(a2a_s, experts_s)
+
+
 def _step_cost(cfg: Config, est: MemoryEstimate, vocab: int, *, peak_tflops: float,
                mfu: float, gpus_per_node: int, intra_gbs: float, inter_gbs: float) -> LayoutCost:
     """Compute at ``mfu`` of ``peak_tflops``, plus un-overlapped communication (ring
@@ -525,11 +572,18 @@ def _step_cost(cfg: Config, est: MemoryEstimate, vocab: int, *, peak_tflops: flo
     if lay.ep > 1:  # dispatch + combine, forward and backward (again under full AC)
         n = 6 if ActivationCheckpointing(cfg.parallel.ac) == ActivationCheckpointing.full else 4
         vol = n * moe_layers * c * T / lay.tp * m.top_k * m.dim * (lay.ep - 1) / lay.ep
-        comm += accum * vol / bw(lay.ep)
+        # The routed experts' FLOPs on this rank (6 per weight and row; 8 with the forward
+        # recomputed), which chunked all-to-all (moe.a2a_overlap_chunks) runs under.
+        per_row = 3 * m.dim * m.expert_hidden * m.top_k * moe_layers * lay.pp
+        flops = (8 if n == 6 else 6) * per_row
+        experts_s = flops * tokens / lay.world_size / (peak_tflops * 1e12 * mfu)
+        comm += a2a_exposed_s(accum * vol / bw(lay.ep), experts_s, cfg.moe.a2a_overlap_chunks)
     if lay.dp > 1:
         n = est.params * lay.dp  # unsharded over dp: what one rank gathers each pass
         if cfg.parallel.dp_mode == DataParallelMode.fsdp:
-            vol = (2 * accum * c + 4) * n * (lay.dp - 1) / lay.dp
+            # all-gathers forward and backward per micro-batch; fp32 reduce-scatters
+            every = grad_sync_mode(cfg.parallel, lay.dp, lay.pp) == FSDPGradSync.every_microbatch
+            vol = (2 * accum * c + 4 * (accum if every else 1)) * n * (lay.dp - 1) / lay.dp
         else:
             vol = 2 * 4 * est.params * (lay.dp - 1) / lay.dp
         comm += vol / bw(lay.dp * lay.tp)

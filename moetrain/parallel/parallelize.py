@@ -22,6 +22,7 @@ from torch import nn
 from moetrain.config.schema import (
     AuxLossScope,
     DataParallelMode,
+    FSDPGradSync,
     MoEConfig,
     ParallelConfig,
     TrainConfig,
@@ -35,7 +36,7 @@ from moetrain.parallel.expert import (
     count_prefix_reducer,
     ep_bytes_sent,
 )
-from moetrain.parallel.fsdp import GradReplicator, apply_fsdp
+from moetrain.parallel.fsdp import GradReplicator, apply_fsdp, grad_sync_mode
 from moetrain.parallel.grad_norm import clip_grad_norm_
 from moetrain.parallel.mesh import MeshAxis, MoEMesh, build_mesh
 from moetrain.parallel.pipeline import Pipeline, apply_pp
@@ -66,6 +67,8 @@ class ParallelModel:
     pipeline: Pipeline | None = None
     all_moe_layers: list[nn.Module | None] = field(default_factory=list)
     tp: TPWiring | None = None  # tensor parallelism (None without it)
+    # When FSDP reduce-scatters under accumulation (resolved parallel.fsdp_grad_sync).
+    grad_sync: FSDPGradSync = FSDPGradSync.last_microbatch
 
     @property
     def dp_rank(self) -> int:
@@ -101,9 +104,12 @@ class ParallelModel:
         return loss_context(self.tp is not None)
 
     def no_grad_sync(self, last: bool):
-        """Skip the FSDP gradient reduce-scatter on all but the last micro-batch."""
+        """Under ``fsdp_grad_sync=last_microbatch``, skip the FSDP gradient reduce-scatter on
+        all but the last micro-batch (``last``); under ``every_microbatch`` reduce-scatter
+        after each one (see moetrain/parallel/fsdp.py)."""
         if self.fsdp:
-            self.model.set_requires_gradient_sync(last)
+            every = self.grad_sync == FSDPGradSync.every_microbatch
+            self.model.set_requires_gradient_sync(last or every)
         return contextlib.nullcontext()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -233,4 +239,5 @@ def parallelize(
         pipeline=pipeline,
         all_moe_layers=[layer if id(layer) in local else None for layer in all_moe_layers],
         tp=tp,
+        grad_sync=grad_sync_mode(par, layout.dp, layout.pp),
     )

@@ -9,6 +9,7 @@ norms of the finished run (metrics.jsonl, truncated at every resume) with an uni
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,29 +119,27 @@ def test_elastic_run_loses_a_node_and_gains_it_back(tmp_path, base):
                         f"run.dir={run_dir}", f"checkpoint.dir={run_dir}/checkpoints"]
     port = find_free_port()
 
-    def cmd(host: bool) -> list[str]:  # node A hosts the rendezvous store, B and C join it
-        return tr.torchrun_cmd([
-            "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=3", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=moetrain-elastic-test",
-            f"--rdzv-conf=is_host={int(host)},last_call_timeout=3", "--monitor-interval=0.2",
-        ], overrides)
+    script = Path(__file__).resolve().parents[2] / "launch" / "elastic.sh"
+
+    def node(host: bool, log: Path, faults: str = ""):
+        """One node: launch/elastic.sh, as on a cluster (A hosts the rendezvous store)."""
+        return tr.start(["bash", str(script), *overrides], log, tr.env(
+            faults, TORCHRUN=f"{sys.executable} -m torch.distributed.run", NPROC="1",
+            MIN_NODES="1", MAX_NODES="2", MAX_RESTARTS="3", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port), RDZV_ID="moetrain-elastic-test",
+            RDZV_CONF=f"is_host={int(host)},last_call_timeout=3,keep_alive_interval=1,"
+                      "keep_alive_max_attempt=3"))
 
     logs = [tmp_path / f"node{n}.log" for n in "ABC"]
-    # As launch/elastic.sh: a fresh worker store per rendezvous round. With the agent's
-    # shared store, a node joining a running job waits forever for bootstrap keys the
-    # first node published only in round 0 (torch 2.13's dynamic rendezvous).
-    fresh = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    procs = [tr.start(cmd(True), logs[0],
-                      tr.env("step_end:step=10:world=1:action=hold", **fresh)),
-             tr.start(cmd(False), logs[1],
-                      tr.env("step_end:step=6:world=2:action=kill_node", **fresh))]
+    procs = [node(True, logs[0], "step_end:step=10:world=1:action=hold"),
+             node(False, logs[1], "step_end:step=6:world=2:action=kill_node")]
     try:
         procs[1].wait(150)  # node B's agent is SIGKILLed at step 6
         assert procs[1].returncode == -9, tr.tail(logs[1])
         metrics = run_dir / "metrics.jsonl"
         tr.wait_for(lambda: tr.logged_step(metrics, 10), 120,
                     "the 1-node run to reach step 10", logs[0])
-        procs.append(tr.start(cmd(False), logs[2], tr.env(**fresh)))  # node C joins
+        procs.append(node(False, logs[2]))  # node C joins
         for p, lg in ((procs[0], logs[0]), (procs[2], logs[2])):
             assert p.wait(180) == 0, tr.tail(lg)
     except BaseException:
