@@ -162,6 +162,7 @@ def inspect(path: str | Path, *, full: bool = True) -> dict[str, Any]:
         "progress": progress,
         "world_size": marker.get("world_size"),
         "saved_utc": marker.get("time_utc"),
+        "commit_seq": marker.get("seq"),  # recency within its directory (resume=auto)
         "layout": _layout(ckpt),
         "keys": keys,
         "totals": {"keys": len(keys), "tensors": len(tensors),
@@ -263,7 +264,8 @@ def _print_report(r: dict[str, Any]) -> None:
                                          if prog["step"] not in (None, r["step"]) else ""))
     print(f"tokens seen  {prog['tokens']:,}" if prog["tokens"] is not None
           else "tokens seen  unknown")
-    print(f"saved        {r['saved_utc'] or '?'} by world size {r['world_size']}")
+    print(f"saved        {r['saved_utc'] or '?'} by world size {r['world_size']}"
+          + (f", commit #{r['commit_seq']} of its directory" if r.get("commit_seq") else ""))
     print(f"layout       {lay}")
     width = max((len(k) for k in r["keys"]), default=3)
     print()

@@ -291,10 +291,14 @@ class CheckpointManager:
         return result
 
     def _agree(self, local_err: BaseException | None, what: str) -> None:
-        """All ranks learn whether any rank failed ``what``; doubles as a barrier."""
+        """All ranks learn whether any rank failed ``what``; doubles as a barrier. A DCP
+        ``CheckpointException`` (a BaseException) is re-raised as a RuntimeError naming
+        each failing rank, so ordinary error handling sees it."""
         errs: list[Any] = [None] * self.world_size
-        dist.all_gather_object(errs, None if local_err is None else repr(local_err),
+        dist.all_gather_object(errs, None if local_err is None else _failure_text(local_err),
                                group=self._pg)
+        if isinstance(local_err, CheckpointException):
+            raise RuntimeError(f"{what} failed: {_failure_text(local_err)}") from local_err
         if local_err is not None:
             raise local_err
         bad = [(r, e) for r, e in enumerate(errs) if e is not None]
@@ -401,7 +405,7 @@ class CheckpointManager:
         err: BaseException | None = None
         try:
             dcp.save(state, checkpoint_id=str(tmp), process_group=self._pg)
-        except Exception as e:  # noqa: BLE001 - every rank must learn of it, then raise
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
             err = e
         faults.hit("sync_save", step)
         self._agree(err, f"checkpoint save of step {step}")
@@ -419,7 +423,7 @@ class CheckpointManager:
         try:
             fut = pending.future
             (fut if isinstance(fut, Future) else fut.upload_completion).result()
-        except Exception as e:  # noqa: BLE001 - every rank must learn of it, then raise
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
             err = e
         self._agree(err, f"async checkpoint save of step {pending.step}")
         return self._commit(pending.step, pending.tmp, pending.final)

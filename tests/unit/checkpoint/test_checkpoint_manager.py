@@ -251,3 +251,26 @@ def test_commit_interrupted_between_renames_is_finished_on_restart(pg, tmp_path)
     m2, opt2 = _fresh()
     restarted.load(restarted.latest(), {"model": ModelOptimizerState(m2, opt2)})
     assert torch.equal(m2[0].weight, torch.full((5, 6), 2.0))
+
+
+def test_a_failed_write_raises_a_plain_error_and_is_never_loaded(pg, tmp_path, monkeypatch):
+    """DCP reports a failed write as CheckpointException, a BaseException that ``except
+    Exception`` misses: the manager turns it into a RuntimeError naming the failure, the
+    unfinished directory is not committed, and the next manager removes it."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    m, opt = _trained(steps=1)
+    mgr = CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep=0))
+    mgr.save(1, {"model": ModelOptimizerState(m, opt)})
+
+    def broken(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", broken)
+    with pytest.raises(RuntimeError, match="checkpoint save of step 2 failed.*No space left"):
+        mgr.save(2, {"model": ModelOptimizerState(m, opt)})
+    monkeypatch.undo()
+    assert [p.name for p in mgr.committed()] == ["step_0000001"]
+    assert any(".tmp-" in p.name for p in tmp_path.iterdir())
+    CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep=0))  # cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000001"]
