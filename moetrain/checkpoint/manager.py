@@ -298,7 +298,8 @@ class CheckpointManager:
         dist.all_gather_object(errs, None if local_err is None else _failure_text(local_err),
                                group=self._pg)
         if isinstance(local_err, CheckpointException):
-            raise RuntimeError(f"{what} failed: {_failure_text(local_err)}") from local_err
+            raise RuntimeError(  # noqa: TRY004 - a failed save, not a type error
+                f"{what} failed: {_failure_text(local_err)}") from local_err
         if local_err is not None:
             raise local_err
         bad = [(r, e) for r, e in enumerate(errs) if e is not None]

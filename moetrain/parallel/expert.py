@@ -3,9 +3,19 @@ the layer an all-to-all dispatcher on that axis's process group.
 
 The expert weights become DTensors ``Shard(0)`` on the ep axis, so their global shape
 stays (E, F, D): checkpoints are layout-free and reshard when the EP degree changes.
+
+With ``moe.a2a_overlap_chunks=n > 1`` the layer gets a :class:`ChunkedAllToAllDispatcher`,
+which overlaps the all-to-all of one chunk of rows with the experts' compute on another
+(Tutel's ``a2a_ffn_overlap_degree``; Hwang et al., 2023, arXiv 2206.03382).
+
+Legend: T tokens, D model dim, E experts, e local experts (E/ep), K top-k, R routed rows
+on this rank (E*C in capacity mode: C rows per expert), n chunks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -13,8 +23,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from moetrain.config.schema import DispatchMode, MoEConfig
-from moetrain.models.moe.dispatcher import AllToAllDispatcher
+from moetrain.config.schema import ConfigError, DispatchMode, DropPolicy, KernelBackend, MoEConfig
+from moetrain.models.moe.dispatcher import AllToAllDispatcher, DispatchMeta
 
 
 def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfig) -> None:
@@ -26,8 +36,20 @@ def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfi
         for name, param in list(experts.named_parameters(recurse=False)):
             dt = distribute_tensor(param.data, ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
-        layer.set_dispatcher(AllToAllDispatcher(layer.router.num_experts, group, capacity,
-                                                 moe_cfg.kernel_backend, moe_cfg.drop_policy))
+        if moe_cfg.a2a_overlap_chunks > 1:
+            dispatcher = ChunkedAllToAllDispatcher(
+                layer.router.num_experts, group, _experts_of(layer), moe_cfg.a2a_overlap_chunks,
+                capacity, moe_cfg.kernel_backend, moe_cfg.drop_policy)
+        else:
+            dispatcher = AllToAllDispatcher(layer.router.num_experts, group, capacity,
+                                            moe_cfg.kernel_backend, moe_cfg.drop_policy)
+        layer.set_dispatcher(dispatcher)
+
+
+def _experts_of(layer: nn.Module) -> Callable[[], nn.Module]:
+    """The layer's experts module as it is at call time: activation checkpointing and
+    FSDP wrap or replace ``layer.experts`` after EP, and each call must go through them."""
+    return lambda: layer.experts
 
 
 def ep_bytes_sent(moe_layers: list[nn.Module]) -> int:
@@ -75,3 +97,235 @@ def count_prefix_reducer(group: dist.ProcessGroup, dp_rank: int, shards: int):
         return rows[: (dp_rank + 1) * shards].sum(0), rows.sum(0)
 
     return reduce
+
+
+# ----------------------------------------------------------------------------- overlap
+class _Pending:
+    """The in-flight collectives of one chunk's exchange: the forward's work handle, and
+    the backward's reverse exchange (its work handle and the buffer it fills)."""
+
+    __slots__ = ("grad", "grad_src", "grad_work", "work")
+
+    def __init__(self) -> None:
+        self.work = self.grad = self.grad_work = self.grad_src = None
+
+
+class _IssueAllToAll(torch.autograd.Function):
+    """Start an all-to-all of ``x`` (rows to each rank by ``in_splits``) and return the
+    receive buffer before it is filled: :class:`_WaitAllToAll` must run before it is read.
+
+    Backward: wait for the reverse exchange that ``_WaitAllToAll``'s backward started and
+    return what it received (the gradient of ``x``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
+                box: _Pending) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        box.work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group,
+                                          async_op=True)
+        ctx.box = box
+        return out
+
+    @staticmethod
+    def backward(ctx, _unused: torch.Tensor):
+        box = ctx.box
+        box.grad_work.wait()
+        grad = box.grad
+        box.grad = box.grad_work = box.grad_src = None
+        return grad, None, None, None, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    """Wait for the exchange :class:`_IssueAllToAll` started; identity on its buffer.
+
+    Backward: start the reverse exchange of the incoming gradient (asynchronously) and
+    pass the gradient on unchanged, only as the edge that runs ``_IssueAllToAll``'s
+    backward, which waits for it. The experts' backward of another chunk runs between."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
+                box: _Pending) -> torch.Tensor:
+        box.work.wait()
+        box.work = None
+        ctx.box, ctx.out_splits, ctx.in_splits, ctx.group = box, out_splits, in_splits, group
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        box = ctx.box
+        box.grad_src = grad.contiguous()  # kept alive until the exchange completes
+        box.grad = grad.new_empty(sum(ctx.in_splits), *grad.shape[1:])
+        box.grad_work = dist.all_to_all_single(box.grad, box.grad_src, ctx.in_splits,
+                                               ctx.out_splits, group=ctx.group, async_op=True)
+        return grad, None, None, None, None
+
+
+class _Exchange:
+    """One chunk's all-to-all in flight: ``issue`` starts it, ``wait`` returns the rows."""
+
+    def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                 group) -> None:
+        self.args = (out_splits, in_splits, group, _Pending())
+        self.buf = _IssueAllToAll.apply(x, *self.args)
+
+    def wait(self) -> torch.Tensor:
+        return _WaitAllToAll.apply(self.buf, *self.args)
+
+
+def chunk_bounds(counts: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Split each block of ``counts[...]`` rows into ``chunks`` near-equal parts: part i
+    holds rows [lo_i, lo_(i+1)) with lo_i = floor(i * c / n). Returns lo, shape
+    (n + 1, *counts.shape). A block of c < n rows leaves some parts empty."""
+    i = torch.arange(chunks + 1, device=counts.device, dtype=counts.dtype)
+    return (i.view(-1, *([1] * counts.dim())) * counts.unsqueeze(0)) // chunks
+
+
+@dataclass(frozen=True)
+class ChunkedMeta:
+    """What :meth:`ChunkedAllToAllDispatcher.combine` needs.
+
+    x_RD: this rank's rows in LocalDispatcher order: sorted by global expert (capacity
+        mode: the E x C layout, unfilled rows included).
+    pos_R: position of each of those rows in the send buffer, which is chunk-major,
+        then expert-major.
+    in_splits / out_splits: per chunk, rows sent to / received from each EP rank.
+    regroup_idx: per chunk, received (source-major) row -> expert-major position.
+    chunk_tokens: per chunk, int64 (e,) rows per local expert.
+    chunk_rows: per chunk, the rows of every local expert as a host int (capacity mode),
+        or None (dropless).
+    tokens_per_expert, rows_per_expert: zeros and 0: the layer's own expert call between
+        ``dispatch`` and ``combine`` gets no rows (the experts run inside ``combine``).
+    """
+
+    local: DispatchMeta
+    x_RD: torch.Tensor
+    pos_R: torch.Tensor
+    in_splits: list[list[int]]
+    out_splits: list[list[int]]
+    regroup_idx: list[torch.Tensor]
+    chunk_tokens: list[torch.Tensor]
+    chunk_rows: list[int | None]
+    tokens_per_expert: torch.Tensor
+    num_dropped: torch.Tensor
+    rows_per_expert: int = 0
+
+
+class ChunkedAllToAllDispatcher(AllToAllDispatcher):
+    """:class:`AllToAllDispatcher` with the exchanges pipelined against the experts.
+
+    Each (destination rank, expert) block of this rank's rows is split into
+    ``chunks`` near-equal parts (:func:`chunk_bounds`); chunk i gathers part i of every
+    block. Both sides compute every chunk's splits from the per-expert counts, so one
+    count exchange serves all chunks (capacity mode: the blocks are the fixed C slots and
+    no counts are exchanged). The all-to-all of chunk i+1 is in flight while the experts
+    run on chunk i, and each chunk's result starts back as soon as it is computed. In the
+    backward each exchange's reverse starts when its gradient is ready and is waited for
+    only where that gradient is used, so the experts' backward overlaps it the same way.
+
+    Every expert sees the same rows as without chunks, only in another order, and the
+    combine weights are unchanged: with per-row expert MLPs the result is the same.
+
+    The experts run inside :meth:`combine`, once per chunk, through the module that
+    ``get_experts()`` returns (the layer's ``experts``, with whatever wrappers were put
+    around it after EP); :meth:`dispatch` only sorts, exchanges counts and plans the
+    chunks, and returns an empty batch, so the layer's expert call between the two
+    computes nothing.
+    """
+
+    def __init__(self, num_experts: int, group: dist.ProcessGroup,
+                 get_experts: Callable[[], nn.Module],
+                 chunks: int, capacity_factor: float | None = None,
+                 kernel_backend: KernelBackend = KernelBackend.auto,
+                 drop_policy: DropPolicy = DropPolicy.probs):
+        super().__init__(num_experts, group, capacity_factor, kernel_backend, drop_policy)
+        if chunks < 1:
+            raise ConfigError(f"moe.a2a_overlap_chunks={chunks!r} is invalid: must be >= 1 "
+                              f"(1 = no overlap)")
+        self.get_experts = get_experts
+        self.chunks = chunks
+
+    @torch.compiler.disable  # host-side splits and async collectives: run eagerly
+    def dispatch(self, x_TD, ids_TK, weights_TK, active_TK=None):
+        ep, e, n, E = self.ep, self.local_experts, self.chunks, self.num_experts
+        x_RD, lmeta = self.local.dispatch(x_TD, ids_TK, weights_TK, active_TK)
+        C = lmeta.rows_per_expert  # capacity mode: x_RD is E blocks of C rows
+        dev = lmeta.tokens_per_expert.device
+        if C is None:
+            block_E = lmeta.tokens_per_expert  # a block is the expert's routed rows
+            lo_send = chunk_bounds(block_E, n)  # (n+1, E)
+            lo_recv = chunk_bounds(self._exchange_counts(block_E), n)  # (n+1, ep, e)
+            send_nS = (lo_send[1:] - lo_send[:-1]).view(n, ep, e).sum(-1)
+            recv_nS = (lo_recv[1:] - lo_recv[:-1]).sum(-1)
+            # One device-to-host read for every chunk's splits.
+            in_splits, out_splits = torch.stack([send_nS, recv_nS]).tolist()
+            chunk_rows = [None] * n
+        else:  # fixed blocks of C rows: every split is known on the host
+            block_E = torch.full((E,), C, dtype=torch.int64, device=dev)
+            lo_send = chunk_bounds(block_E, n)
+            lo_recv = chunk_bounds(block_E.view(ep, e), n)
+            parts = [(i + 1) * C // n - i * C // n for i in range(n)]
+            in_splits = out_splits = [[e * p] * ep for p in parts]
+            chunk_rows = [ep * p for p in parts]  # rows per local expert, per chunk
+        # Row j of expert g's block falls in chunk i = max{i : lo_i <= j}; its position in
+        # the chunk-major send buffer is (rows of earlier chunks) + (part i of experts
+        # < g) + (j - lo_i).
+        R = x_RD.shape[0]
+        expert_R = torch.repeat_interleave(torch.arange(E, device=dev), block_E, output_size=R)
+        start_E = torch.cumsum(block_E, 0) - block_E
+        j_R = torch.arange(R, device=dev) - start_E[expert_R]
+        chunk_R = ((j_R + 1) * n - 1) // block_E[expert_R]
+        part_nE = lo_send[1:] - lo_send[:-1]
+        before_nE = torch.cumsum(part_nE, 1) - part_nE + lo_send[:-1].sum(1, keepdim=True)
+        pos_R = before_nE[chunk_R, expert_R] + j_R - lo_send[chunk_R, expert_R]
+        # Received rows of chunk i are [source][local expert][rows]: regroup by expert.
+        part_nSe = lo_recv[1:] - lo_recv[:-1]
+        local_id = torch.arange(e, device=dev).repeat(ep)
+        regroup_idx, chunk_tokens = [], []
+        for i in range(n):
+            ids = torch.repeat_interleave(local_id, part_nSe[i].flatten(),
+                                          output_size=sum(out_splits[i]))
+            regroup_idx.append(torch.argsort(ids, stable=True))
+            chunk_tokens.append(part_nSe[i].sum(0))
+        meta = ChunkedMeta(
+            local=lmeta, x_RD=x_RD, pos_R=pos_R,
+            in_splits=in_splits, out_splits=out_splits, regroup_idx=regroup_idx,
+            chunk_tokens=chunk_tokens, chunk_rows=chunk_rows,
+            tokens_per_expert=torch.zeros(e, dtype=torch.int64, device=dev),
+            num_dropped=lmeta.num_dropped,
+        )
+        return x_RD.new_zeros(0, x_RD.shape[1]), meta
+
+    @torch.compiler.disable
+    def combine(self, y_RD, meta: ChunkedMeta):
+        if y_RD.shape[0] != 0:
+            raise ValueError("ChunkedAllToAllDispatcher runs the experts in combine: the "
+                             "rows between dispatch and combine must be the empty batch "
+                             "dispatch returned")
+        return self.local.combine(self.run_chunks(meta, self.get_experts()), meta.local)
+
+    def run_chunks(self, meta: ChunkedMeta, compute) -> torch.Tensor:
+        """Exchange, ``compute(x_rD, tokens_per_expert_e[, rows_per_expert])`` and exchange
+        back, chunk by chunk; returns the experts' output rows in ``meta.x_RD``'s order."""
+        x_RD, n = meta.x_RD, self.chunks
+        send_SD = torch.empty_like(x_RD).index_copy(0, meta.pos_R, x_RD)
+        sizes = [sum(s) for s in meta.in_splits]
+        chunks = torch.split(send_SD, sizes, dim=0)
+        to_experts = [None] * n
+        to_experts[0] = _Exchange(chunks[0], meta.out_splits[0], meta.in_splits[0], self.group)
+        back = []
+        for i in range(n):
+            if i + 1 < n:  # in flight while the experts compute chunk i
+                to_experts[i + 1] = _Exchange(chunks[i + 1], meta.out_splits[i + 1],
+                                              meta.in_splits[i + 1], self.group)
+            recv = to_experts[i].wait()
+            to_experts[i] = None
+            idx = meta.regroup_idx[i]
+            rows = () if meta.chunk_rows[i] is None else (meta.chunk_rows[i],)
+            y = compute(recv.index_select(0, idx), meta.chunk_tokens[i], *rows)
+            y_recv = torch.empty_like(y).index_copy(0, idx, y)
+            back.append(_Exchange(y_recv, meta.in_splits[i], meta.out_splits[i], self.group))
+        y_SD = torch.cat([b.wait() for b in back])
+        row_bytes = x_RD.shape[1] * x_RD.element_size()
+        self.bytes_sent += (sum(sizes) + sum(sum(s) for s in meta.out_splits)) * row_bytes
+        return y_SD.index_select(0, meta.pos_R)

@@ -20,14 +20,6 @@ from tests.distributed import _torchrun as tr
 from tests.distributed._runs import train
 
 
-
-def _reference(tmp_path: Path, overrides: list[str], steps: int) -> dict:
-    run_dir = tmp_path / "reference"
-    train(overrides + [f"train.steps={steps}", f"run.dir={run_dir}",
-                       f"checkpoint.dir={run_dir}/checkpoints"])
-    return tr.step_losses(run_dir)
-
-
 def _resumes(log: Path) -> list[str]:
     return [line.split("resumed from ", 1)[1].split(" at step")[0]
             for line in log.read_text(errors="replace").splitlines() if "resumed from " in line]
@@ -41,82 +33,85 @@ def _committed(ckpt_dir: Path) -> dict[int, int]:
             json.loads((p / MARKER).read_text())["world_size"] for p in ckpt_dir.iterdir()}
 
 
+STEPS = 12
+
+
 @pytest.fixture
 def base(data_cache) -> list[str]:
     return tr.FT + [f"data.cache_dir={data_cache}"]
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_killed_workers_resume_with_the_same_losses(tmp_path, base, async_save):
-    """Kill points: mid-step, during a synchronous save, during an asynchronous save.
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_cache) -> dict:
+    """The uninterrupted 1-process run's {step: (loss, grad_norm)}, steps 1..STEPS (the
+    layouts and checkpoint settings of the scenarios change no math)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train(tr.FT + [f"data.cache_dir={data_cache}", f"train.steps={STEPS}",
+                   f"run.dir={run_dir}", "checkpoint.every=0"])
+    return tr.step_losses(run_dir)
 
-    sync: rank 1 is SIGKILLed in the middle of step 6 (resume from step 4), then rank 0
-    while the step-8 checkpoint is written but not committed (resume from step 4 again).
-    async: rank 1 is SIGKILLed while the step-8 asynchronous write is in flight.
-    """
-    steps = 12
+
+def _run_overrides(base: list[str], run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return base + [f"train.steps={steps}", f"run.dir={run_dir}",
+                   f"checkpoint.dir={run_dir}/checkpoints", *extra]
+
+
+def test_killed_mid_step_and_during_a_sync_save(tmp_path, base, reference):
+    """Rank 1 is SIGKILLed in the middle of step 6 (resume from step 4), then rank 0 while
+    the step-8 checkpoint is written but not committed (resume from step 4 again: the
+    unfinished save is removed, never loaded). ep=2 over the 2 processes."""
     run_dir = tmp_path / "run"
-    overrides = base + ["parallel.ep=2", "checkpoint.every=4", "checkpoint.keep=0",
-                        f"checkpoint.async_save={str(async_save).lower()}",
-                        f"train.steps={steps}", f"run.dir={run_dir}",
-                        f"checkpoint.dir={run_dir}/checkpoints"]
-    if async_save:
-        faults = "async_save:step=8:rank=1:attempt=0"
-        want_resumes = ["step_0000004"]
-    else:
-        faults = "mid_step:step=6:rank=1:attempt=0;sync_save:step=8:rank=0:attempt=1"
-        want_resumes = ["step_0000004", "step_0000004"]
+    overrides = _run_overrides(base, run_dir, STEPS, "parallel.ep=2", "checkpoint.every=4",
+                               "checkpoint.keep=0")
     log = tmp_path / "torchrun.log"
+    faults = "mid_step:step=6:rank=1:attempt=0;sync_save:step=8:rank=0:attempt=1"
+    rc = tr.run(["--standalone", "--nproc-per-node=2", "--max-restarts=3"], overrides, log,
+                tr.env(faults), timeout_s=240)
+    assert rc == 0, tr.tail(log)
+    assert log.read_text(errors="replace").count("MOETRAIN_FAULTS: kill at") == 2, tr.tail(log)
+    resumes = _resumes(log)  # both ranks of both restarts, from the same checkpoint
+    assert [Path(r).name for r in resumes] == ["step_0000004"] * 4, resumes
+    assert _committed(run_dir / "checkpoints") == {4: 2, 8: 2, 12: 2}
+    tr.assert_same_losses(reference, tr.step_losses(run_dir))
+
+
+def test_killed_during_an_async_save_then_one_rank_preempted(tmp_path, base, reference):
+    """Rank 1 is SIGKILLed while the step-8 asynchronous write is in flight: the restart
+    resumes from step 4. In the restarted run only rank 1 receives SIGTERM (end of step
+    10): both ranks stop after step 10 with one checkpoint and exit 0. A new launch
+    finishes the run. Losses: the uninterrupted run's."""
+    run_dir = tmp_path / "run"
+    overrides = _run_overrides(base, run_dir, STEPS, "parallel.ep=2", "checkpoint.every=4",
+                               "checkpoint.keep=0", "checkpoint.async_save=true")
+    log = tmp_path / "torchrun.log"
+    faults = "async_save:step=8:rank=1:attempt=0;step_end:step=10:rank=1:attempt=1:action=sigterm"
     rc = tr.run(["--standalone", "--nproc-per-node=2", "--max-restarts=3"], overrides, log,
                 tr.env(faults), timeout_s=240)
     assert rc == 0, tr.tail(log)
     text = log.read_text(errors="replace")
-    assert text.count("MOETRAIN_FAULTS: kill at") == len(want_resumes), tr.tail(log)
-    # Every rank of a restart resumes from the same, newest intact checkpoint.
-    resumes = _resumes(log)
-    assert [Path(r).name for r in resumes[::2]] == want_resumes, resumes
-    assert resumes[::2] == resumes[1::2], resumes
-    assert _committed(run_dir / "checkpoints") == {4: 2, 8: 2, 12: 2}
-    ref = _reference(tmp_path, [o for o in overrides if not o.startswith(
-        ("run.dir", "checkpoint.dir", "parallel.ep", "train.steps"))], steps)
-    tr.assert_same_losses(ref, tr.step_losses(run_dir))
-
-
-def test_one_rank_sigterm_stops_every_rank_at_the_same_step(tmp_path, base):
-    """Only rank 1 receives SIGTERM (end of step 5): both ranks stop after step 5 with one
-    checkpoint, exit 0, and a restart finishes the run on the uninterrupted losses."""
-    steps = 10
-    run_dir = tmp_path / "run"
-    overrides = base + ["checkpoint.every=0", f"train.steps={steps}", f"run.dir={run_dir}",
-                        f"checkpoint.dir={run_dir}/checkpoints"]
-    log = tmp_path / "torchrun.log"
-    rc = tr.run(["--standalone", "--nproc-per-node=2"], overrides, log,
-                tr.env("step_end:step=5:rank=1:action=sigterm"), timeout_s=120)
-    assert rc == 0, tr.tail(log)
-    assert _committed(run_dir / "checkpoints") == {5: 2}
-    assert max(tr.step_losses(run_dir)) == 5
-    assert log.read_text().count("stop signal received") == 2, tr.tail(log)  # both ranks
+    assert text.count("MOETRAIN_FAULTS: kill at async_save") == 1, tr.tail(log)
+    assert text.count("stop signal received") == 2, tr.tail(log)  # both ranks agree
+    assert [Path(r).name for r in _resumes(log)] == ["step_0000004"] * 2
+    assert _committed(run_dir / "checkpoints") == {4: 2, 8: 2, 10: 2}
+    assert max(tr.step_losses(run_dir)) == 10
     rc = tr.run(["--standalone", "--nproc-per-node=2"], overrides, log, tr.env(),
                 timeout_s=120)
     assert rc == 0, tr.tail(log)
-    ref = _reference(tmp_path, [o for o in overrides if not o.startswith(
-        ("run.dir", "checkpoint.dir", "train.steps"))], steps)
-    tr.assert_same_losses(ref, tr.step_losses(run_dir))
+    assert _committed(run_dir / "checkpoints") == {4: 2, 8: 2, 10: 2, 12: 2}
+    tr.assert_same_losses(reference, tr.step_losses(run_dir))
 
 
-def test_elastic_run_loses_a_node_and_gains_it_back(tmp_path, base):
+def test_elastic_run_loses_a_node_and_gains_it_back(tmp_path, base, reference):
     """Two torchrun agents ("nodes", one process each) on a c10d rendezvous, --nnodes=1:2.
 
     Step 6: node B dies with its worker (SIGKILL to agent and worker). Node A's worker
     fails in its next collective; A restarts it, the rendezvous closes with A alone, and
     the run resumes from step 4 on one process (dp 2 -> 1, same global batch). At step 10
     the single-node run holds until node C joins: the agent stops its worker (SIGTERM:
-    checkpoint at step 10), and both nodes resume from it (dp 1 -> 2) to step 14.
+    checkpoint at step 10), and both nodes resume from it (dp 1 -> 2) to step 12.
     """
-    steps = 14
     run_dir = tmp_path / "run"
-    overrides = base + ["checkpoint.every=4", "checkpoint.keep=0", f"train.steps={steps}",
-                        f"run.dir={run_dir}", f"checkpoint.dir={run_dir}/checkpoints"]
+    overrides = _run_overrides(base, run_dir, STEPS, "checkpoint.every=4", "checkpoint.keep=0")
     port = find_free_port()
 
     script = Path(__file__).resolve().parents[2] / "launch" / "elastic.sh"
@@ -149,8 +144,5 @@ def test_elastic_run_loses_a_node_and_gains_it_back(tmp_path, base):
         for p in procs:
             tr.stop(p)
     saved = _committed(run_dir / "checkpoints")
-    assert saved[4] == 2 and saved[8] == 1 and saved[10] == 1 and saved[12] == 2, saved
-    assert saved[14] == 2, saved
-    ref = _reference(tmp_path, [o for o in overrides if not o.startswith(
-        ("run.dir", "checkpoint.dir", "train.steps"))], steps)
-    tr.assert_same_losses(ref, tr.step_losses(run_dir))
+    assert saved == {4: 2, 8: 1, 10: 1, 12: 2}, saved  # {step: world size that saved it}
+    tr.assert_same_losses(reference, tr.step_losses(run_dir))

@@ -1,8 +1,8 @@
 """Token dispatchers: move routed rows to their experts and back.
 
 Legend: T tokens, D model dim, E experts, e local experts, K top-k (the slot width),
-R routed rows (the (token, slot) pairs that reach an expert; R = T*K when dropless and
-every slot is active).
+C capacity (rows per expert in capacity mode), R routed rows (the rows handed to the
+experts: R = T*K when dropless and every slot is active; R = E*C in capacity mode).
 
 A dispatcher is not an nn.Module: it owns no parameters, only the data movement.
 ``dispatch`` returns the rows sorted by (local) expert plus a frozen :class:`DispatchMeta`;
@@ -11,6 +11,12 @@ The MoE layer only sees the :class:`Dispatcher` protocol, so the expert-parallel
 :class:`AllToAllDispatcher` replaces :class:`LocalDispatcher` at wiring time. It is the
 one object in moetrain/models/ that holds a process group (handed to it by
 ``moetrain.parallel.expert.apply_ep``).
+
+Capacity mode never reads a device value on the host: every expert owns a block of
+exactly C rows (:func:`capacity_layout`), so every shape follows from the config and the
+input shape, the forward and backward run without a device synchronisation, and
+``torch.compile(fullgraph=True)`` traces the layer. Dropless mode sizes its buffers from
+the routing itself (see :class:`LocalDispatcher`).
 """
 
 from __future__ import annotations
@@ -25,24 +31,35 @@ from torch.distributed import _functional_collectives as funcol
 
 from moetrain.config.schema import ConfigError, DropPolicy, KernelBackend
 from moetrain.kernels import use_triton
-from moetrain.kernels.reference import permute_ref, routing_metadata_ref
+from moetrain.kernels.reference import (
+    capacity_keep,
+    expert_counts,
+    permute_ref,
+    routing_metadata_ref,
+)
 
 
 @dataclass(frozen=True)
 class DispatchMeta:
     """What ``combine`` needs to undo ``dispatch``.
 
-    row_index_R: int64 flat slot index t*K+k of each dispatched row, in dispatch order.
+    row_index_R: int64 flat slot index t*K+k of each dispatched row, in dispatch order;
+        T*K for an unfilled row of the capacity layout.
     kept_TK: bool, True where a (token, slot) row was dispatched: False where it was
         dropped for lack of capacity or the slot is inactive.
     weights_TK: float32 router weights (differentiable), applied in ``combine``.
     num_tokens, top_k: T and K.
     out_dtype: dtype of ``combine``'s result (the dtype of x_TD).
-    tokens_per_expert: int64 (e,) rows per local expert, in dispatch order.
+    tokens_per_expert: int64 (e,) dispatched rows per local expert, in dispatch order: the
+        experts' split of x_RD (C each in capacity mode, unfilled zero rows included).
     num_dropped: int64 0-dim tensor, number of active (token, slot) rows dropped for
         capacity (inactive slots are not counted: they were never routed).
-    pos_TK: int32 position of each (token, slot) among the dispatched rows, -1 if not kept;
+    pos_TK: int32 row of each (token, slot) among the dispatched rows, -1 if not kept;
         set by the Triton path (``combine`` then runs the fused unpermute+combine kernel).
+    kept_per_expert: int64 (e,) rows per expert that hold a routed (token, slot) (equal to
+        ``tokens_per_expert`` when dropless).
+    rows_per_expert: capacity mode: the fixed number of rows of every expert's block, a
+        host int, so the experts need no counts on the host; None when dropless.
     """
 
     row_index_R: torch.Tensor
@@ -54,6 +71,8 @@ class DispatchMeta:
     tokens_per_expert: torch.Tensor
     num_dropped: torch.Tensor
     pos_TK: torch.Tensor | None = None
+    kept_per_expert: torch.Tensor | None = None
+    rows_per_expert: int | None = None
 
 
 @runtime_checkable
@@ -89,20 +108,135 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return max(0, math.ceil(capacity_factor * num_tokens * top_k / num_experts - 1e-9))
 
 
+@dataclass(frozen=True)
+class CapacityLayout:
+    """The fixed layout of capacity mode: expert g owns rows g*C .. g*C + C - 1.
+
+    slot_TK: int64 (T, K) row of the layout that holds slot (t, k); -1 where the slot is
+        dropped or inactive.
+    row_index_S: int64 (E*C,) flat slot index t*K+k held by each row; T*K where the
+        row is unfilled (the expert received fewer than C rows).
+    kept_E: int64 (E,) filled rows per expert.
+    counts_E: int64 (E,) active rows per expert before the drop.
+    """
+
+    slot_TK: torch.Tensor
+    row_index_S: torch.Tensor
+    kept_E: torch.Tensor
+    counts_E: torch.Tensor
+
+
+def _block_rows(order_N: torch.Tensor, starts_E: torch.Tensor, kept_E: torch.Tensor,
+                capacity: int, num_slots: int) -> torch.Tensor:
+    """int64 (E*C,) row_index of the layout: row g*C + j holds ``order_N[starts_E[g] + j]``
+    if j < kept_E[g], else the marker N = ``num_slots``. A gather, no host read."""
+    E = kept_E.numel()
+    if num_slots == 0 or capacity == 0:
+        return torch.full((E * capacity,), num_slots, dtype=torch.int64, device=kept_E.device)
+    j_C = torch.arange(capacity, device=kept_E.device)
+    at_EC = (starts_E[:, None] + j_C).clamp(max=num_slots - 1)
+    rows_EC = torch.where(j_C < kept_E[:, None], order_N[at_EC].long(), num_slots)
+    return rows_EC.reshape(-1)
+
+
+def capacity_layout(ids_TK: torch.Tensor, num_experts: int, capacity: int, *,
+                    policy: DropPolicy | str = DropPolicy.position,
+                    weights_TK: torch.Tensor | None = None,
+                    active_TK: torch.Tensor | None = None,
+                    kernels: bool = False) -> CapacityLayout:
+    """Capacity routing into a fixed E x C layout, with no device-to-host read.
+
+    Each expert keeps ``capacity`` of its active slots, chosen by ``policy``
+    (:func:`moetrain.kernels.reference.capacity_keep`: the same kept set as
+    :func:`~moetrain.kernels.reference.routing_metadata_ref`), and its kept slots fill
+    the first rows of its block in flat-index order t*K+k; the rest of the block is
+    unfilled. ``kernels`` sorts with the Triton routing kernels instead of
+    ``torch.argsort``: they run dropless, without an active mask, over the candidate slots
+    (other slots get id -1), so their buffers hold T*K rows, known on the host.
+    """
+    T, K = ids_TK.shape
+    N, E, C, dev = T * K, num_experts, capacity, ids_TK.device
+    policy = DropPolicy(policy)
+    flat = ids_TK.reshape(-1).long()
+    if active_TK is not None:
+        flat = torch.where(active_TK.reshape(-1), flat, E)  # bucket E: never routed
+    counts_all = expert_counts(flat, E + 1)
+    if policy == DropPolicy.position:  # flat order is the priority order: rank < C keeps
+        key = flat
+    else:
+        keep_N = capacity_keep(ids_TK, E, C, policy, weights_TK, active_TK).reshape(-1)
+        key = torch.where(keep_N, flat, E)
+    if kernels:
+        from moetrain.kernels import ops  # imports triton: only on this path
+
+        # Ids outside [0, E) are skipped; with no capacity and no mask the kernels size
+        # their outputs by T*K, so they read nothing back.
+        route = ops.routing_metadata(torch.where(key < E, key, -1).view(T, K), E)
+        order_N, key_counts_E = route.row_index_R, route.tokens_per_expert
+        starts_E = torch.cumsum(key_counts_E, 0) - key_counts_E
+        pos_N = route.pos_TK.reshape(-1).long()
+        e_N = key.clamp(max=E - 1)
+        rank_N = pos_N - starts_E[e_N]
+        slot_N = torch.where((pos_N >= 0) & (rank_N < C), e_N * C + rank_N, -1)
+    else:
+        order_N = torch.argsort(key, stable=True)  # unrouted (bucket E) last
+        key_counts_all = (counts_all if policy == DropPolicy.position
+                          else expert_counts(key, E + 1))
+        starts_all = torch.cumsum(key_counts_all, 0) - key_counts_all
+        key_counts_E, starts_E = key_counts_all[:E], starts_all[:E]
+        e_sorted = key[order_N]
+        rank_sorted = torch.arange(N, device=dev) - starts_all[e_sorted]
+        slot_sorted = torch.where((e_sorted < E) & (rank_sorted < C),
+                                  e_sorted * C + rank_sorted, -1)
+        slot_N = torch.empty_like(slot_sorted).scatter_(0, order_N, slot_sorted)
+    kept_E = key_counts_E.clamp(max=C)
+    return CapacityLayout(
+        slot_TK=slot_N.view(T, K),
+        row_index_S=_block_rows(order_N, starts_E, kept_E, C, N),
+        kept_E=kept_E,
+        counts_E=counts_all[:E],
+    )
+
+
+class _ZeroGradRows(torch.autograd.Function):
+    """Identity whose backward zeroes the gradient of the rows where ``keep_R`` is False.
+
+    The fused combine kernel writes the gradient of the rows it reads (the kept slots)
+    and leaves the others uninitialised; unfilled rows of the capacity layout must get
+    an exact zero, or stale memory would reach the experts' weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, y_RD: torch.Tensor, keep_R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(keep_R)
+        return y_RD.view_as(y_RD)
+
+    @staticmethod
+    def backward(ctx, grad_RD: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (keep_R,) = ctx.saved_tensors
+        return torch.where(keep_R[:, None], grad_RD, 0.0), None
+
+
 class LocalDispatcher:
     """Single-device dispatcher: sorts the T*K (token, slot) rows by expert.
 
     Rows are ordered by a stable sort of the expert ids over the flat index t*K+k, so within
     an expert rows keep token order. Each token's x row is replicated once per slot.
 
-    ``capacity_factor=None`` is dropless. Otherwise each expert keeps
-    :func:`expert_capacity` of its active rows and the rest are dropped: they are not sent
-    to any expert (no padding rows) and contribute zero in ``combine``; the block's residual
-    connection carries those tokens (Switch Transformer, section 2.2). ``drop_policy``
+    ``capacity_factor=None`` is dropless: x_RD holds exactly the routed rows. With
+    inactive slots (variable-k routers) their number is data-dependent and is read back
+    once to size x_RD; with every slot active it is T*K and nothing is read back.
+
+    Otherwise each expert keeps :func:`expert_capacity` C of its active rows and the rest
+    are dropped: they contribute zero in ``combine``, and the block's residual connection
+    carries those tokens (Switch Transformer, section 2.2). ``drop_policy``
     (``moe.drop_policy``) chooses the kept rows: ``probs`` the highest router weights,
     ``slot`` first choices before second choices (GShard), ``position`` the earliest flat
-    index t*K+k (:func:`moetrain.kernels.reference.capacity_keep`). Whatever the policy,
-    an expert's kept rows go out in flat-index order.
+    index t*K+k (:func:`moetrain.kernels.reference.capacity_keep`). x_RD is the fixed
+    E x C layout of :func:`capacity_layout`: expert g's kept rows, in flat-index order,
+    then zero rows up to C (a SwiGLU expert maps a zero row to zero, and ``combine``
+    never reads it). Its shape depends only on T, K, E and the factor, so this mode never
+    synchronises with the device.
 
     ``kernel_backend`` (``moe.kernel_backend``) selects the Triton kernels of
     ``moetrain.kernels`` (routing metadata, permute, fused unpermute+combine); otherwise
@@ -127,18 +261,18 @@ class LocalDispatcher:
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
         active_TK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DispatchMeta]:
+        if self.capacity_factor is not None:
+            return self._dispatch_capacity(x_TD, ids_TK, weights_TK, active_TK)
         T, K = ids_TK.shape
-        cap = (None if self.capacity_factor is None
-               else expert_capacity(T, K, self.num_experts, self.capacity_factor))
         how = {"policy": self.drop_policy, "weights_TK": weights_TK, "active_TK": active_TK}
         if use_triton(self.kernel_backend, x_TD):
             from moetrain.kernels import ops
 
-            route = ops.routing_metadata(ids_TK, self.num_experts, cap, **how)
+            route = ops.routing_metadata(ids_TK, self.num_experts, None, **how)
             x_RD = ops.permute(x_TD, route.row_index_R, route.pos_TK, K)
             pos_TK = route.pos_TK  # combine then runs the fused unpermute+combine kernel
         else:
-            route = routing_metadata_ref(ids_TK, self.num_experts, cap, **how)
+            route = routing_metadata_ref(ids_TK, self.num_experts, None, **how)
             x_RD = permute_ref(x_TD, route.row_index_R, K)
             pos_TK = None
         meta = DispatchMeta(
@@ -151,6 +285,40 @@ class LocalDispatcher:
             tokens_per_expert=route.tokens_per_expert,
             num_dropped=route.num_dropped,
             pos_TK=pos_TK,
+            kept_per_expert=route.tokens_per_expert,
+        )
+        return x_RD, meta
+
+    def _dispatch_capacity(self, x_TD, ids_TK, weights_TK, active_TK):
+        T, K = ids_TK.shape
+        E = self.num_experts
+        C = expert_capacity(T, K, E, self.capacity_factor)
+        kernels = use_triton(self.kernel_backend, x_TD)
+        lay = capacity_layout(ids_TK, E, C, policy=self.drop_policy, weights_TK=weights_TK,
+                              active_TK=active_TK, kernels=kernels)
+        # Unfilled rows hold the marker T*K, i.e. token T: a zero row appended to x.
+        x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+        if kernels:
+            from moetrain.kernels import ops
+
+            pos_TK = lay.slot_TK.to(torch.int32)
+            no_slots = torch.full((1, K), -1, dtype=torch.int32, device=pos_TK.device)
+            x_RD = ops.permute(x_pad, lay.row_index_S, torch.cat([pos_TK, no_slots]), K)
+        else:
+            pos_TK = None
+            x_RD = permute_ref(x_pad, lay.row_index_S, K)
+        meta = DispatchMeta(
+            row_index_R=lay.row_index_S,
+            kept_TK=lay.slot_TK >= 0,
+            weights_TK=weights_TK,
+            num_tokens=T,
+            top_k=K,
+            out_dtype=x_TD.dtype,
+            tokens_per_expert=torch.full((E,), C, dtype=torch.int64, device=ids_TK.device),
+            num_dropped=lay.counts_E.sum() - lay.kept_E.sum(),
+            pos_TK=pos_TK,
+            kept_per_expert=lay.kept_E,
+            rows_per_expert=C,
         )
         return x_RD, meta
 
@@ -158,6 +326,8 @@ class LocalDispatcher:
         if meta.pos_TK is not None:
             from moetrain.kernels import ops
 
+            if meta.rows_per_expert is not None:  # unfilled rows: gradient exactly zero
+                y_RD = _ZeroGradRows.apply(y_RD, meta.row_index_R < meta.num_tokens * meta.top_k)
             return ops.unpermute_combine(y_RD, meta.weights_TK, meta.pos_TK, meta.out_dtype)
         return combine_rows(y_RD, meta)
 
@@ -168,11 +338,12 @@ def combine_rows(y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
     out_t = sum_k w_tk * y_(t,k), in float32; dropped and inactive slots hold zeros and
     their weights are masked to zero (so they add exactly zero and get no weight gradient).
     Each slot is written exactly once (index_copy), so the result is deterministic on every
-    device.
+    device; unfilled rows of the capacity layout (marker T*K) land in one extra row that
+    is cut off (so they get a zero gradient).
     """
     T, K = meta.num_tokens, meta.top_k
     D = y_RD.shape[-1]
-    y_TKD = y_RD.new_zeros(T * K, D).index_copy(0, meta.row_index_R, y_RD)
+    y_TKD = y_RD.new_zeros(T * K + 1, D).index_copy(0, meta.row_index_R, y_RD)[: T * K]
     w_TK = torch.where(meta.kept_TK, meta.weights_TK.float(), 0.0)
     out_TD = (y_TKD.view(T, K, D).float() * w_TK.unsqueeze(-1)).sum(dim=1)
     return out_TD.to(meta.out_dtype)
@@ -190,10 +361,10 @@ class AllToAllMeta:
     local: DispatchMeta  # the sort (and capacity drop) by global expert on this rank
     in_splits: list[int]  # rows this rank sends to each EP rank
     out_splits: list[int]  # rows this rank receives from each EP rank
-    regroup_idx: torch.Tensor  # received (source-major) row -> expert-major position
-    pad_idx: torch.Tensor | None  # capacity mode: kept row -> slot in the fixed-size buffer
+    regroup_idx: torch.Tensor | None  # dropless: received (source-major) row -> expert-major
     tokens_per_expert: torch.Tensor  # rows per LOCAL expert after the exchange
     num_dropped: torch.Tensor
+    rows_per_expert: int | None = None  # capacity: ep * C rows per local expert (host int)
 
 
 class AllToAllDispatcher:
@@ -203,9 +374,10 @@ class AllToAllDispatcher:
     the overflow dropped with the same ``drop_policy`` as :class:`LocalDispatcher`, per
     source rank; inactive slots are never sent), then exchanged:
     - dropless: per-expert counts are exchanged first, then exactly the routed rows with
-      variable splits (no padding);
-    - capacity: a fixed-size exchange of ``C`` slots per expert (zero rows fill unused
-      slots; a SwiGLU expert maps a zero row to zero), so no counts are exchanged.
+      variable splits (no padding); the splits are host lists, read back once;
+    - capacity: the local E x C layout is sent as is, ``C`` rows per expert (zero rows
+      fill unused slots; a SwiGLU expert maps a zero row to zero), so no counts are
+      exchanged and nothing is read back.
     Received rows arrive grouped by source rank; they are regrouped by local expert
     before the experts run, and the whole path is undone in ``combine``. Autograd runs
     through both exchanges.
@@ -237,53 +409,52 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD, ids_TK, weights_TK, active_TK=None):
         ep, e = self.ep, self.local_experts
         x_RD, lmeta = self.local.dispatch(x_TD, ids_TK, weights_TK, active_TK)
-        counts_E = lmeta.tokens_per_expert
-        pad_idx = None
-        if self.capacity_factor is None:
+        C = lmeta.rows_per_expert
+        if C is not None:
+            # x_RD is [EP rank][local expert][C]: every split is e*C rows.
+            in_splits = out_splits = [e * C] * ep
+            recv_RD = _all_to_all(x_RD, out_splits, in_splits, self.group)
+            # [source][local expert][C] -> [local expert][source][C]: a transpose.
+            D = recv_RD.shape[1]
+            x_out = recv_RD.view(ep, e, C, D).transpose(0, 1).reshape(e * ep * C, D)
+            regroup_idx = None
+            tokens_per_expert = torch.full((e,), ep * C, dtype=torch.int64,
+                                           device=x_RD.device)
+        else:
+            counts_E = lmeta.tokens_per_expert
             counts_Se = self._exchange_counts(counts_E)
             # The splits are host lists: one device-to-host read for both.
             in_splits, out_splits = torch.stack(
                 [counts_E.view(ep, e).sum(1), counts_Se.sum(1)]).tolist()
-            send_RD = x_RD
-        else:
-            cap = expert_capacity(ids_TK.shape[0], ids_TK.shape[1], self.num_experts,
-                                  self.capacity_factor)
-            # Row r of expert g goes to slot g*cap + (r - start of g's rows).
-            starts_E = torch.cumsum(counts_E, 0) - counts_E
-            expert_of_row = torch.repeat_interleave(
-                torch.arange(self.num_experts, device=x_RD.device), counts_E,
-                output_size=x_RD.shape[0],  # known: no device-to-host read of the counts
+            recv_RD = _all_to_all(x_RD, out_splits, in_splits, self.group)
+            # Received rows are [source][local expert][rows]; regroup to [local expert][source].
+            local_id = torch.repeat_interleave(
+                torch.arange(e, device=recv_RD.device).repeat(ep), counts_Se.flatten(),
+                output_size=recv_RD.shape[0],
             )
-            rank_in_expert = torch.arange(x_RD.shape[0], device=x_RD.device) - starts_E[expert_of_row]
-            pad_idx = expert_of_row * cap + rank_in_expert
-            send_RD = x_RD.new_zeros(self.num_experts * cap, x_RD.shape[1])
-            send_RD = send_RD.index_copy(0, pad_idx, x_RD)
-            counts_Se = torch.full((ep, e), cap, dtype=counts_E.dtype, device=counts_E.device)
-            in_splits = out_splits = [e * cap] * ep
-        recv_RD = _all_to_all(send_RD, out_splits, in_splits, self.group)
-        # Received rows are [source][local expert][rows]; regroup to [local expert][source].
-        local_id = torch.repeat_interleave(
-            torch.arange(e, device=recv_RD.device).repeat(ep), counts_Se.flatten(),
-            output_size=recv_RD.shape[0],
-        )
-        regroup_idx = torch.argsort(local_id, stable=True)
-        self.bytes_sent += sum(in_splits) * send_RD.shape[1] * send_RD.element_size()
+            regroup_idx = torch.argsort(local_id, stable=True)
+            x_out = recv_RD.index_select(0, regroup_idx)
+            tokens_per_expert = counts_Se.sum(0)
+        self.bytes_sent += sum(in_splits) * x_RD.shape[1] * x_RD.element_size()
         meta = AllToAllMeta(
             local=lmeta,
             in_splits=in_splits,
             out_splits=out_splits,
             regroup_idx=regroup_idx,
-            pad_idx=pad_idx,
-            tokens_per_expert=counts_Se.sum(0),
+            tokens_per_expert=tokens_per_expert,
             num_dropped=lmeta.num_dropped,
+            rows_per_expert=None if C is None else ep * C,
         )
-        return recv_RD.index_select(0, regroup_idx), meta
+        return x_out, meta
 
     def combine(self, y_RD, meta: AllToAllMeta):
         # Undo the regroup: source-major order, as received.
-        y_recv = torch.empty_like(y_RD).index_copy(0, meta.regroup_idx, y_RD)
+        if meta.regroup_idx is None:
+            ep, e, D = self.ep, self.local_experts, y_RD.shape[1]
+            C = meta.local.rows_per_expert
+            y_recv = y_RD.view(e, ep, C, D).transpose(0, 1).reshape(ep * e * C, D)
+        else:
+            y_recv = torch.empty_like(y_RD).index_copy(0, meta.regroup_idx, y_RD)
         back = _all_to_all(y_recv, meta.in_splits, meta.out_splits, self.group)
         self.bytes_sent += sum(meta.out_splits) * y_RD.shape[1] * y_RD.element_size()
-        if meta.pad_idx is not None:
-            back = back.index_select(0, meta.pad_idx)
         return self.local.combine(back, meta.local)

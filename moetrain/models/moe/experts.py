@@ -65,7 +65,9 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights ``w1_EFD``, ``w3_EFD`` (E, F, D), ``w2_EDF``.
 
     ``forward(x_RD, tokens_per_expert_e)`` takes rows already sorted by expert: the first
-    ``tokens_per_expert_e[0]`` rows go to local expert 0, and so on. Backends:
+    ``tokens_per_expert_e[0]`` rows go to local expert 0, and so on. When every expert has
+    the same number of rows (capacity mode), ``rows_per_expert`` gives it as a host int:
+    the split is then known without reading the counts back from the device. Backends:
 
     - ``loop``: one matmul chain per expert (the reference; any device, any dtype).
     - ``grouped_mm``: ``torch._grouped_mm`` over the whole batch with cumulative offsets.
@@ -112,7 +114,8 @@ class GroupedExperts(nn.Module):
             return ExpertBackend.grouped_mm
         return ExpertBackend.loop
 
-    def forward(self, x_RD: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_RD: torch.Tensor, tokens_per_expert_e: torch.Tensor,
+                rows_per_expert: int | None = None) -> torch.Tensor:
         w1_eFD, w3_eFD, w2_eDF = _local(self.w1_EFD), _local(self.w3_EFD), _local(self.w2_EDF)
         num_local = w1_eFD.shape[0]
         if tokens_per_expert_e.numel() != num_local:
@@ -121,20 +124,30 @@ class GroupedExperts(nn.Module):
                 f"weights hold {num_local} local experts: the dispatcher must count rows per LOCAL expert "
                 f"(model.num_experts / parallel.ep)"
             )
+        if rows_per_expert is not None and rows_per_expert * num_local != x_RD.shape[0]:
+            raise ValueError(
+                f"rows_per_expert={rows_per_expert} x {num_local} local experts does not "
+                f"match the {x_RD.shape[0]} dispatched rows"
+            )
         if self.resolve_backend(x_RD) == ExpertBackend.grouped_mm:
             fn = self._forward_grouped_mm
         else:
             fn = self._forward_loop
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(fn, x_RD, tokens_per_expert_e, w1_eFD, w3_eFD, w2_eDF,
-                              use_reentrant=False)
-        return fn(x_RD, tokens_per_expert_e, w1_eFD, w3_eFD, w2_eDF)
+                              rows_per_expert, use_reentrant=False)
+        return fn(x_RD, tokens_per_expert_e, w1_eFD, w3_eFD, w2_eDF, rows_per_expert)
 
     @staticmethod
     def _forward_loop(x_RD: torch.Tensor, counts_e: torch.Tensor, w1_eFD: torch.Tensor,
-                      w3_eFD: torch.Tensor, w2_eDF: torch.Tensor) -> torch.Tensor:
+                      w3_eFD: torch.Tensor, w2_eDF: torch.Tensor,
+                      rows_per_expert: int | None = None) -> torch.Tensor:
+        # The split sizes are host ints: dropless reads the counts back (one sync), a
+        # fixed-size layout knows them.
+        sizes = (counts_e.tolist() if rows_per_expert is None
+                 else [rows_per_expert] * w1_eFD.shape[0])
         outs = []
-        for i, x_rD in enumerate(torch.split(x_RD, counts_e.tolist(), dim=0)):
+        for i, x_rD in enumerate(torch.split(x_RD, sizes, dim=0)):
             h_rF = F.silu(x_rD @ w1_eFD[i].transpose(0, 1)) * (x_rD @ w3_eFD[i].transpose(0, 1))
             outs.append(h_rF @ w2_eDF[i].transpose(0, 1))
         if not outs:  # no local experts
@@ -143,7 +156,9 @@ class GroupedExperts(nn.Module):
 
     def _forward_grouped_mm(self, x_RD: torch.Tensor, counts_e: torch.Tensor,
                             w1_eFD: torch.Tensor, w3_eFD: torch.Tensor,
-                            w2_eDF: torch.Tensor) -> torch.Tensor:
+                            w2_eDF: torch.Tensor,
+                            rows_per_expert: int | None = None) -> torch.Tensor:
+        # The group offsets stay on the device (no host read), whatever the layout.
         dtype = torch.bfloat16 if x_RD.is_cuda else x_RD.dtype
         if not grouped_mm_supported(self.dim, self.hidden, dtype):
             align = 16 // dtype.itemsize

@@ -53,7 +53,7 @@ def test_capacity_drops_exactly_the_overflow_rows():
     assert int(meta.num_dropped) == 6
     dropped = {(t, k) for t in range(6) for k in range(2) if not meta.kept_TK[t, k]}
     assert dropped == {(2, 1), (3, 0), (3, 1), (4, 1), (5, 0), (5, 1)}
-    assert x_RD.shape == (6, 4)  # no padding rows
+    assert x_RD.shape == (6, 4)  # E x C = 3 x 2 rows, every one filled here
     assert x_RD[:, 0].tolist() == [0, 1, 0, 2, 1, 4]
     out = d.combine(x_RD + 1.0, meta)
     # Identity "experts" (+1): kept slots contribute x_t + 1, dropped ones zero.
@@ -65,7 +65,9 @@ def test_capacity_large_enough_drops_nothing():
     d = LocalDispatcher(3, capacity_factor=5.0)
     _, meta = d.dispatch(torch.randn(6, 4), IDS_TK, torch.rand(6, 2))
     assert int(meta.num_dropped) == 0
-    assert meta.tokens_per_expert.tolist() == [5, 4, 3]
+    assert meta.kept_per_expert.tolist() == [5, 4, 3]
+    # The fixed E x C layout: C = ceil(5 * 12 / 3) = 20 rows per expert, zero-filled.
+    assert meta.tokens_per_expert.tolist() == [20, 20, 20] and meta.rows_per_expert == 20
 
 
 def test_combine_backward_reaches_rows_and_weights():
@@ -164,8 +166,8 @@ def test_combine_with_inactive_slots_matches_dense_loop(backend, policy, capacit
                        for t in range(T)])
     assert {(t, k) for t in range(T) for k in range(K) if meta.kept_TK[t, k]} == kept
     assert int(meta.num_dropped) == int(active.sum()) - len(kept)
-    assert meta.tokens_per_expert.tolist() == [sum(ids[tk] == e for tk in kept)
-                                               for e in range(E)]
+    assert meta.kept_per_expert.tolist() == [sum(ids[tk] == e for tk in kept)
+                                             for e in range(E)]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     gout = torch.randn(T, D, generator=g)
     out.backward(gout)
