@@ -35,7 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor, Shard
 
 from moetrain.config.schema import DataParallelMode, FSDPGradSync, ParallelConfig
@@ -95,6 +100,7 @@ def apply_fsdp(
     dp_degree: int,
     param_dtype: torch.dtype | None,
     replicated: tuple[list[nn.Module], DeviceMesh] | None = None,
+    cpu_offload: bool = False,
 ) -> None:
     """Shard experts over edp (when expert-parallel), each block and the root over dp.
 
@@ -106,14 +112,16 @@ def apply_fsdp(
     their gradients summed there and divided by dp, like the experts over edp.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    off = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
+           else OffloadPolicy())
     for module in replicated[0] if replicated is not None else []:
-        fully_shard(module, mesh=replicated[1], mp_policy=mp)
+        fully_shard(module, mesh=replicated[1], mp_policy=mp, offload_policy=off)
         module.set_gradient_divide_factor(float(dp_degree))
         if dist.get_backend() == "gloo" and replicated[1].size() > 1:
             module.set_force_sum_reduction_for_comms(True)
     if edp_mesh is not None:
         for layer in moe_layers:
-            fully_shard(layer.experts, mesh=edp_mesh, mp_policy=mp,
+            fully_shard(layer.experts, mesh=edp_mesh, mp_policy=mp, offload_policy=off,
                         shard_placement_fn=_expert_placement(edp_mesh.size()))
             layer.experts.set_gradient_divide_factor(float(dp_degree))
             # gloo has no PREMUL_SUM: sum, then scale. Not on a 1-rank mesh, where FSDP
@@ -121,8 +129,8 @@ def apply_fsdp(
             if dist.get_backend() == "gloo" and edp_mesh.size() > 1:
                 layer.experts.set_force_sum_reduction_for_comms(True)
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=off)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=off)
 
 
 class GradReplicator:

@@ -433,9 +433,19 @@ def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, *,
                  "grads (fp32)": 4 * _grad_numel(cfg, layout, accum, n_pad, units),
                  "adamw m+v (fp32)": 8 * n_pad}
         host = {}
-        if cfg.optim.offload == OptimOffload.cpu and device != "cpu":
-            # ZeRO-Offload (train/offload.py): the moments and an fp32 master copy of the
-            # local shards live in CPU memory; the device keeps the parameters and grads.
+        if cfg.optim.offload == OptimOffload.cpu and device != "cpu" and fsdp:
+            # ZeRO-Offload under FSDP2's CPUOffloadPolicy: the fp32 parameter and gradient
+            # shards and the moments live in CPU memory and are stepped there in place;
+            # the device keeps the unsharded compute copies (param buffers) and, without a
+            # per-micro-batch sync, the accumulation window's unsharded gradients.
+            window = _grad_numel(cfg, layout, accum, n_pad, units)
+            del parts["adamw m+v (fp32)"], parts["params (fp32)"]
+            parts["grads (fp32)"] = 4 * window if window != n_pad else 0
+            host = {"offload params (fp32)": 4 * n_pad, "offload grads (fp32)": 4 * n_pad,
+                    "offload adam m+v (fp32)": 8 * n_pad}
+        elif cfg.optim.offload == OptimOffload.cpu and device != "cpu":
+            # ZeRO-Offload (train/offload.py) without sharding: the moments and an fp32
+            # master copy live in CPU memory; the device keeps the parameters and grads.
             del parts["adamw m+v (fp32)"]
             host = {"offload master (fp32)": 4 * n, "offload adam m+v (fp32)": 8 * n}
         parts["param buffers"] = _param_buffers(units, layout, fsdp, c, pb, n_pad)

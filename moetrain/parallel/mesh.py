@@ -317,7 +317,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
         return dist.get_rank(), dist.get_world_size(), device
     backend = backend or ("nccl" if cuda else "gloo")
     # device_id binds NCCL eagerly so DeviceMesh can split groups instead of creating them.
-    device_id = device if backend == "nccl" else None
+    device_id = device if "nccl" in backend else None
     if _launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         store = _torchrun_store(rank, world, _timeout())

@@ -147,7 +147,8 @@ def _wire_count_reducers(moe_layers: list[nn.Module], mesh: MoEMesh, layout: Lay
 
 
 def _apply_dp(parts: list[nn.Module], mesh: MoEMesh, layout: Layout, fsdp: bool,
-              tp: TPWiring | None, param_dtype: torch.dtype | None) -> GradReplicator | None:
+              tp: TPWiring | None, param_dtype: torch.dtype | None,
+              cpu_offload: bool = False) -> GradReplicator | None:
     """Data parallelism over this rank's model parts: FSDP2 if ``fsdp``, else a
     GradReplicator when gradients need reducing (dp > 1 or tp > 1).
 
@@ -164,7 +165,8 @@ def _apply_dp(parts: list[nn.Module], mesh: MoEMesh, layout: Layout, fsdp: bool,
             mine = [m for m in replicated if id(m) in in_part]
             apply_fsdp(part, part.moe_layers(), mesh.submesh(MeshAxis.dp), edp_mesh,
                        layout.dp, param_dtype,
-                       replicated=(mine, mesh.submesh(MeshAxis.dp_tp)) if mine else None)
+                       replicated=(mine, mesh.submesh(MeshAxis.dp_tp)) if mine else None,
+                       cpu_offload=cpu_offload)
         return None
     if layout.dp == 1 and tp is None:
         return None
@@ -188,6 +190,7 @@ def parallelize(
     moe_cfg: MoEConfig,
     device: torch.device,
     train: TrainConfig | None = None,
+    cpu_offload: bool = False,
 ) -> ParallelModel:
     """Place ``model`` (built whole on every rank) on the mesh of ``layout``, in the fixed
     order of the module docstring. ``train`` (micro-batch size, sequence length,
@@ -219,7 +222,7 @@ def parallelize(
     fsdp = layout.dp > 1 and par.dp_mode == DataParallelMode.fsdp
     bf16 = (train or TrainConfig()).uses_bf16(device.type)
     param_dtype = torch.bfloat16 if fsdp and bf16 and device.type == "cuda" else None
-    replicator = _apply_dp(parts, mesh, layout, fsdp, tp, param_dtype)
+    replicator = _apply_dp(parts, mesh, layout, fsdp, tp, param_dtype, cpu_offload)
 
     pipeline = None
     if plan is not None:

@@ -63,7 +63,16 @@ def run(cfg: Config) -> object:
                  "sequences per rank: %d micro-batches per step; cap "
                  "train.max_micro_batch_size=%d)", t.micro_batch_size, t.global_batch_size,
                  layout.dp, share, share // t.micro_batch_size, t.max_micro_batch_size)
-    rank, _, device = init_distributed()
+    # ZeRO-Offload keeps FSDP's gradient shards on the CPU: the gradient-norm reduction
+    # then runs on CPU tensors, which need a gloo part of the group beside NCCL.
+    from moetrain.config.schema import OptimOffload
+
+    backend = None
+    if cfg.optim.offload == OptimOffload.cpu:
+        import torch
+
+        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else None
+    rank, _, device = init_distributed(backend)
     try:
         summary = Trainer(cfg, layout, device).fit()
         if rank == 0:

@@ -11,13 +11,16 @@ import math
 import torch
 from torch import nn
 
-from moetrain.config.schema import LRSchedule, OptimConfig
+from moetrain.config.schema import LRSchedule, OptimConfig, OptimOffload
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on norms, biases or the router bias).
 
-    Fused on CUDA (torch's fused AdamW replaces apex's FusedAdam).
+    Fused on CUDA (torch's fused AdamW replaces apex's FusedAdam). With
+    ``optim.offload=cpu``, the same AdamW on the CPU with DeepSpeed's C++ Adam, master
+    weights and moments in CPU memory (``moetrain.train.offload``).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -28,8 +31,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.offload == OptimOffload.cpu:
+        from moetrain.train.offload import CPUOffloadAdamW  # needs the deepspeed extra
+
+        return CPUOffloadAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

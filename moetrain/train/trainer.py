@@ -22,7 +22,7 @@ from torch import nn
 from moetrain import faults
 from moetrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from moetrain.checkpoint.load import CONFIG_FILE, config_to_yaml
-from moetrain.config.schema import Config
+from moetrain.config.schema import Config, OptimOffload
 from moetrain.config.validate import Layout
 from moetrain.data import GlobalBatchSampler, build_data
 from moetrain.metrics import (
@@ -135,7 +135,8 @@ class Trainer:
         model = Transformer(cfg.model, cfg.moe, vocab)
         self.params = count_params(cfg.model, vocab)
         self.pm: ParallelModel = parallelize(model, layout, cfg.parallel, cfg.moe, device,
-                                             train=cfg.train)
+                                             train=cfg.train,
+                                             cpu_offload=cfg.optim.offload == OptimOffload.cpu)
         self.model: nn.Module = self.pm.model
         # One optimizer per model part: this rank's pipeline stages ([model] without PP).
         self.optimizers = [build_optimizer(part, cfg.optim, device) for part in self.pm.parts]
