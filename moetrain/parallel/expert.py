@@ -14,8 +14,9 @@ on this rank (E*C in capacity mode: C rows per expert), n chunks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -38,18 +39,12 @@ def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfi
             experts.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
         if moe_cfg.a2a_overlap_chunks > 1:
             dispatcher = ChunkedAllToAllDispatcher(
-                layer.router.num_experts, group, _experts_of(layer), moe_cfg.a2a_overlap_chunks,
+                layer.router.num_experts, group, moe_cfg.a2a_overlap_chunks,
                 capacity, moe_cfg.kernel_backend, moe_cfg.drop_policy)
         else:
             dispatcher = AllToAllDispatcher(layer.router.num_experts, group, capacity,
                                             moe_cfg.kernel_backend, moe_cfg.drop_policy)
         layer.set_dispatcher(dispatcher)
-
-
-def _experts_of(layer: nn.Module) -> Callable[[], nn.Module]:
-    """The layer's experts module as it is at call time: activation checkpointing and
-    FSDP wrap or replace ``layer.experts`` after EP, and each call must go through them."""
-    return lambda: layer.experts
 
 
 def ep_bytes_sent(moe_layers: list[nn.Module]) -> int:
@@ -182,33 +177,51 @@ def chunk_bounds(counts: torch.Tensor, chunks: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ChunkedMeta:
-    """What :meth:`ChunkedAllToAllDispatcher.combine` needs.
+class ChunkPlan:
+    """How one layer call's rows travel in chunks (built by
+    :meth:`ChunkedAllToAllDispatcher.dispatch`).
 
-    x_RD: this rank's rows in LocalDispatcher order: sorted by global expert (capacity
-        mode: the E x C layout, unfilled rows included).
-    pos_R: position of each of those rows in the send buffer, which is chunk-major,
-        then expert-major.
+    pos_R: position of each of this rank's rows (LocalDispatcher order: sorted by global
+        expert; capacity mode: the E x C layout, unfilled rows included) in the send
+        buffer, which is chunk-major, then expert-major.
     in_splits / out_splits: per chunk, rows sent to / received from each EP rank.
     regroup_idx: per chunk, received (source-major) row -> expert-major position.
     chunk_tokens: per chunk, int64 (e,) rows per local expert.
     chunk_rows: per chunk, the rows of every local expert as a host int (capacity mode),
         or None (dropless).
-    tokens_per_expert, rows_per_expert: zeros and 0: the layer's own expert call between
-        ``dispatch`` and ``combine`` gets no rows (the experts run inside ``combine``).
+    received: the rows each chunk's exchange brought in, kept by the first run so that
+        a recompute of the experts' call (activation checkpointing of the experts module)
+        reuses them instead of exchanging again.
     """
 
-    local: DispatchMeta
-    x_RD: torch.Tensor
     pos_R: torch.Tensor
     in_splits: list[list[int]]
     out_splits: list[list[int]]
     regroup_idx: list[torch.Tensor]
     chunk_tokens: list[torch.Tensor]
     chunk_rows: list[int | None]
+    received: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChunkedMeta:
+    """What the layer and :meth:`ChunkedAllToAllDispatcher.combine` need: the layer's
+    fields of :class:`DispatchMeta`, with ``run`` set.
+
+    local: the local sort's meta (``combine`` undoes that sort).
+    plan: the chunks' splits and row positions (``run`` is ``run_chunks`` bound to it).
+    tokens_per_expert: int64 (e,) rows this rank's local experts receive (all chunks).
+    rows_per_expert: capacity mode: rows of every local expert (all chunks); else None.
+    run: ``run(x_RD, compute)``: the chunked exchanges and the experts, called once
+        inside the experts module's call.
+    """
+
+    local: DispatchMeta
+    plan: ChunkPlan
     tokens_per_expert: torch.Tensor
     num_dropped: torch.Tensor
-    rows_per_expert: int = 0
+    run: Callable[[torch.Tensor, Callable[..., torch.Tensor]], torch.Tensor]
+    rows_per_expert: int | None = None
 
 
 class ChunkedAllToAllDispatcher(AllToAllDispatcher):
@@ -226,23 +239,28 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
     Every expert sees the same rows as without chunks, only in another order, and the
     combine weights are unchanged: with per-row expert MLPs the result is the same.
 
-    The experts run inside :meth:`combine`, once per chunk, through the module that
-    ``get_experts()`` returns (the layer's ``experts``, with whatever wrappers were put
-    around it after EP); :meth:`dispatch` only sorts, exchanges counts and plans the
-    chunks, and returns an empty batch, so the layer's expert call between the two
-    computes nothing.
+    :meth:`dispatch` only sorts locally, exchanges counts and plans the chunks: it returns
+    this rank's sorted rows and a meta whose ``run`` the layer hands to its experts
+    (``GroupedExperts.forward(..., run=meta.run)``). Inside that one call of the experts
+    module, ``run`` exchanges, computes and exchanges back chunk by chunk, and returns
+    the results in the sorted rows' order, which :meth:`combine` un-sorts. One call per
+    layer means that FSDP gathers sharded expert weights once in the forward and once in
+    the backward, whatever the number of chunks.
+
+    Activation checkpointing of the experts module (``parallel.ac=selective``) recomputes
+    that call in the backward: the recompute reuses each chunk's received rows (kept in
+    the plan, about R x D values per layer) and runs no all-to-all.
+    ``moe.recompute_experts`` recomputes each chunk's SwiGLU on its own instead.
     """
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup,
-                 get_experts: Callable[[], nn.Module],
-                 chunks: int, capacity_factor: float | None = None,
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, chunks: int,
+                 capacity_factor: float | None = None,
                  kernel_backend: KernelBackend = KernelBackend.auto,
                  drop_policy: DropPolicy = DropPolicy.probs):
         super().__init__(num_experts, group, capacity_factor, kernel_backend, drop_policy)
         if chunks < 1:
             raise ConfigError(f"moe.a2a_overlap_chunks={chunks!r} is invalid: must be >= 1 "
                               f"(1 = no overlap)")
-        self.get_experts = get_experts
         self.chunks = chunks
 
     @torch.compiler.disable  # host-side splits and async collectives: run eagerly
@@ -287,45 +305,67 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
                                           output_size=sum(out_splits[i]))
             regroup_idx.append(torch.argsort(ids, stable=True))
             chunk_tokens.append(part_nSe[i].sum(0))
+        plan = ChunkPlan(pos_R=pos_R, in_splits=in_splits, out_splits=out_splits,
+                         regroup_idx=regroup_idx, chunk_tokens=chunk_tokens,
+                         chunk_rows=chunk_rows)
         meta = ChunkedMeta(
-            local=lmeta, x_RD=x_RD, pos_R=pos_R,
-            in_splits=in_splits, out_splits=out_splits, regroup_idx=regroup_idx,
-            chunk_tokens=chunk_tokens, chunk_rows=chunk_rows,
-            tokens_per_expert=torch.zeros(e, dtype=torch.int64, device=dev),
-            num_dropped=lmeta.num_dropped,
+            local=lmeta, plan=plan, tokens_per_expert=part_nSe.sum((0, 1)),
+            num_dropped=lmeta.num_dropped, run=functools.partial(self.run_chunks, plan),
+            rows_per_expert=None if C is None else sum(chunk_rows),
         )
-        return x_RD.new_zeros(0, x_RD.shape[1]), meta
+        return x_RD, meta
 
     @torch.compiler.disable
     def combine(self, y_RD, meta: ChunkedMeta):
-        if y_RD.shape[0] != 0:
-            raise ValueError("ChunkedAllToAllDispatcher runs the experts in combine: the "
-                             "rows between dispatch and combine must be the empty batch "
-                             "dispatch returned")
-        return self.local.combine(self.run_chunks(meta, self.get_experts()), meta.local)
+        return self.local.combine(y_RD, meta.local)
 
-    def run_chunks(self, meta: ChunkedMeta, compute) -> torch.Tensor:
+    @torch.compiler.disable  # async collectives and host-side splits: run eagerly
+    def run_chunks(self, plan: ChunkPlan, x_RD: torch.Tensor, compute) -> torch.Tensor:
         """Exchange, ``compute(x_rD, tokens_per_expert_e[, rows_per_expert])`` and exchange
-        back, chunk by chunk; returns the experts' output rows in ``meta.x_RD``'s order."""
-        x_RD, n = meta.x_RD, self.chunks
-        send_SD = torch.empty_like(x_RD).index_copy(0, meta.pos_R, x_RD)
-        sizes = [sum(s) for s in meta.in_splits]
+        back, chunk by chunk; returns the experts' output rows in ``x_RD``'s order.
+
+        A second run of the same plan is a recompute (activation checkpointing): it reuses
+        the received rows and runs no collective; the rows it returns are not used (the
+        recompute only rebuilds the experts' saved activations), so the return exchange
+        is skipped too.
+        """
+        n = self.chunks
+        if len(plan.regroup_idx) != n or x_RD.shape[0] != plan.pos_R.shape[0]:
+            raise ValueError(f"run_chunks got {x_RD.shape[0]} rows for a plan of "
+                             f"{plan.pos_R.shape[0]} rows in {len(plan.regroup_idx)} chunks")
+        replay = len(plan.received) == n
+        send_SD = torch.empty_like(x_RD).index_copy(0, plan.pos_R, x_RD)
+        sizes = [sum(s) for s in plan.in_splits]
         chunks = torch.split(send_SD, sizes, dim=0)
+
+        def start(i):
+            if replay:
+                return None
+            return _Exchange(chunks[i], plan.out_splits[i], plan.in_splits[i], self.group)
+
         to_experts = [None] * n
-        to_experts[0] = _Exchange(chunks[0], meta.out_splits[0], meta.in_splits[0], self.group)
+        to_experts[0] = start(0)
         back = []
         for i in range(n):
             if i + 1 < n:  # in flight while the experts compute chunk i
-                to_experts[i + 1] = _Exchange(chunks[i + 1], meta.out_splits[i + 1],
-                                              meta.in_splits[i + 1], self.group)
-            recv = to_experts[i].wait()
+                to_experts[i + 1] = start(i + 1)
+            if replay:  # the recompute must save what the forward saved: same grad flags
+                recv = plan.received[i].detach().requires_grad_(x_RD.requires_grad)
+            else:
+                recv = to_experts[i].wait()
+                plan.received.append(recv.detach())
             to_experts[i] = None
-            idx = meta.regroup_idx[i]
-            rows = () if meta.chunk_rows[i] is None else (meta.chunk_rows[i],)
-            y = compute(recv.index_select(0, idx), meta.chunk_tokens[i], *rows)
+            idx = plan.regroup_idx[i]
+            rows = () if plan.chunk_rows[i] is None else (plan.chunk_rows[i],)
+            y = compute(recv.index_select(0, idx), plan.chunk_tokens[i], *rows)
             y_recv = torch.empty_like(y).index_copy(0, idx, y)
-            back.append(_Exchange(y_recv, meta.in_splits[i], meta.out_splits[i], self.group))
-        y_SD = torch.cat([b.wait() for b in back])
-        row_bytes = x_RD.shape[1] * x_RD.element_size()
-        self.bytes_sent += (sum(sizes) + sum(sum(s) for s in meta.out_splits)) * row_bytes
-        return y_SD.index_select(0, meta.pos_R)
+            if not replay:
+                back.append(_Exchange(y_recv, plan.in_splits[i], plan.out_splits[i],
+                                      self.group))
+        if replay:
+            y_SD = torch.empty_like(send_SD).requires_grad_(y_recv.requires_grad)
+        else:
+            y_SD = torch.cat([b.wait() for b in back])
+            row_bytes = x_RD.shape[1] * x_RD.element_size()
+            self.bytes_sent += (sum(sizes) + sum(sum(s) for s in plan.out_splits)) * row_bytes
+        return y_SD.index_select(0, plan.pos_R)

@@ -22,6 +22,7 @@ the routing itself (see :class:`LocalDispatcher`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -60,6 +61,10 @@ class DispatchMeta:
         ``tokens_per_expert`` when dropless).
     rows_per_expert: capacity mode: the fixed number of rows of every expert's block, a
         host int, so the experts need no counts on the host; None when dropless.
+    run: None, or ``run(x_RD, compute) -> y_RD`` for a dispatcher that moves the rows to
+        the experts itself, inside the experts' call (``GroupedExperts.forward``'s ``run``;
+        the chunked all-to-all of ``moetrain.parallel.expert``). The layer then passes it
+        to the experts, which call it once with their ``compute``.
     """
 
     row_index_R: torch.Tensor
@@ -73,6 +78,7 @@ class DispatchMeta:
     pos_TK: torch.Tensor | None = None
     kept_per_expert: torch.Tensor | None = None
     rows_per_expert: int | None = None
+    run: Callable[[torch.Tensor, Callable[..., torch.Tensor]], torch.Tensor] | None = None
 
 
 @runtime_checkable
@@ -85,6 +91,10 @@ class Dispatcher(Protocol):
     False. An inactive slot is not dispatched, not counted in ``tokens_per_expert`` or
     ``num_dropped``, and adds exactly zero in ``combine`` (its weight gets a zero gradient);
     its id may be any expert.
+
+    The layer runs ``y_RD = experts(x_RD, meta.tokens_per_expert, meta.rows_per_expert)``
+    between the two, with ``run=meta.run`` when the meta carries one: ``y_RD`` is then
+    in ``x_RD``'s order whatever ``run`` did in between.
     """
 
     def dispatch(
@@ -365,6 +375,7 @@ class AllToAllMeta:
     tokens_per_expert: torch.Tensor  # rows per LOCAL expert after the exchange
     num_dropped: torch.Tensor
     rows_per_expert: int | None = None  # capacity: ep * C rows per local expert (host int)
+    run: None = None  # the experts run where they are called (see DispatchMeta.run)
 
 
 class AllToAllDispatcher:

@@ -7,6 +7,9 @@ SwiGLU (Shazeer, 2020): y = (silu(x W1^T) * (x W3^T)) W2^T.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,6 +58,11 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+ExpertCompute = Callable[..., torch.Tensor]
+"""``compute(x_rD, tokens_per_expert_e, rows_per_expert=None) -> y_rD``: the experts on
+rows sorted by local expert (see :meth:`GroupedExperts.forward`)."""
+
+
 def grouped_mm_supported(dim: int, hidden: int, dtype: torch.dtype) -> bool:
     """``torch._grouped_mm`` needs 16-byte aligned row strides: D and F multiples of 16/itemsize."""
     align = 16 // dtype.itemsize
@@ -81,6 +89,8 @@ class GroupedExperts(nn.Module):
     ``recompute=True`` (``moe.recompute_experts``) keeps only the input rows and re-runs the
     SwiGLU in the backward (non-reentrant ``torch.utils.checkpoint``; Chen et al., 2016):
     its R x F intermediates (about 4 R F values) are not stored; gradients are unchanged.
+    With a dispatcher's ``run`` (see :meth:`forward`) each chunk is recomputed on its own,
+    and no all-to-all is re-run.
 
     Under expert parallelism the weights may be DTensors sharded on dim 0; the local shard
     is used and its dim 0 is the number of local experts e.
@@ -115,8 +125,29 @@ class GroupedExperts(nn.Module):
         return ExpertBackend.loop
 
     def forward(self, x_RD: torch.Tensor, tokens_per_expert_e: torch.Tensor,
-                rows_per_expert: int | None = None) -> torch.Tensor:
-        w1_eFD, w3_eFD, w2_eDF = _local(self.w1_EFD), _local(self.w3_EFD), _local(self.w2_EDF)
+                rows_per_expert: int | None = None,
+                run: Callable[[torch.Tensor, ExpertCompute], torch.Tensor] | None = None,
+                ) -> torch.Tensor:
+        """The experts' output rows, in ``x_RD``'s order.
+
+        ``run``: a dispatcher that moves the rows itself (the chunked all-to-all,
+        ``moe.a2a_overlap_chunks``) passes it through its meta. ``forward`` then returns
+        ``run(x_RD, compute)``, where ``compute(x_rD, tokens_per_expert_e[,
+        rows_per_expert])`` is this module's SwiGLU on the weights it holds during this
+        call; ``run`` may call it any number of times (once per chunk), and the counts
+        given here are not used. So a wrapper around the module (FSDP's all-gather of
+        sharded weights, activation checkpointing) acts once per layer, not per chunk.
+        """
+        weights = (_local(self.w1_EFD), _local(self.w3_EFD), _local(self.w2_EDF))
+        compute = functools.partial(self._compute, weights)
+        if run is not None:
+            return run(x_RD, compute)
+        return compute(x_RD, tokens_per_expert_e, rows_per_expert)
+
+    def _compute(self, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 x_RD: torch.Tensor, tokens_per_expert_e: torch.Tensor,
+                 rows_per_expert: int | None = None) -> torch.Tensor:
+        w1_eFD, w3_eFD, w2_eDF = weights
         num_local = w1_eFD.shape[0]
         if tokens_per_expert_e.numel() != num_local:
             raise ValueError(

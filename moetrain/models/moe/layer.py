@@ -157,7 +157,10 @@ class MoELayer(nn.Module):
             routed = self.router(x_TD)
         extra = () if routed.active_TK is None else (routed.active_TK,)
         x_RD, meta = self.dispatcher.dispatch(x_TD, routed.ids_TK, routed.weights_TK, *extra)
-        y_RD = self.experts(x_RD, meta.tokens_per_expert, meta.rows_per_expert)
+        # A dispatcher that moves rows inside the experts' call (chunked all-to-all)
+        # hands its ``run`` over; the experts' output is in x_RD's order either way.
+        run = {} if meta.run is None else {"run": meta.run}
+        y_RD = self.experts(x_RD, meta.tokens_per_expert, meta.rows_per_expert, **run)
         y_TD = self.dispatcher.combine(y_RD, meta)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
