@@ -416,6 +416,7 @@ class Trainer:
                     self.callbacks.on_validation(self, step, val)
                     if bar is not None:
                         bar.write(f"step {step}: val_loss {val:.4f}")
+                self.ckpt.poll()  # commit a finished async save
                 stopping = (bool(t.stop_at) and step == t.stop_at) or self.stop.requested()
                 if stopping or (cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last)):
                     self.ckpt.save(step, self._state())
