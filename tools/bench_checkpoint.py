@@ -140,8 +140,12 @@ def run_one(a: argparse.Namespace, model: str, mode: str) -> dict:
             commit_s=commit_s,
         )
         if mode == "async" and write_done:
-            # Steps that finished while the write was still in flight.
+            # Steps that finished while the write was still in flight share the CPU with
+            # it: the ratio below (the regression guard) uses the steps after it, if any.
             row["steps_during_write"] = sum(t < write_done[0] for t in after_ends)
+            settled = [dt for dt, t in zip(after, after_ends) if t >= write_done[0]]
+            if settled:
+                row["step_s_after_write"] = statistics.mean(settled)
         latest = trainer.ckpt.latest()
         if mode != "nosave":
             if latest is None:
@@ -156,7 +160,8 @@ def run_one(a: argparse.Namespace, model: str, mode: str) -> dict:
         if owns_group:
             destroy_distributed()
     row["tokens_per_s_before"] = tokens_per_step / row["step_s_before"]
-    row["tokens_per_s_after"] = tokens_per_step / row["step_s_after"]
+    row["tokens_per_s_after"] = tokens_per_step / row.get("step_s_after_write",
+                                                          row["step_s_after"])
     row["ratio_after_before"] = row["tokens_per_s_after"] / row["tokens_per_s_before"]
     return row
 
