@@ -52,3 +52,17 @@ def data_cache(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_overrides(tmp_path, data_cache) -> list[str]:
     return TINY + [f"run.dir={tmp_path / 'run'}", f"data.cache_dir={data_cache}"]
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` (a script, not a package module) as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module while executing
+    spec.loader.exec_module(mod)
+    return mod

@@ -3,26 +3,18 @@ throughputs and ratios are computed from its own sizes and timings (no timing th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
 from moetrain.checkpoint import is_committed
-from tests.conftest import TINY
-
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "bench_checkpoint.py"
+from tests.conftest import TINY, load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("_bench_checkpoint", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_checkpoint")
 
 
 def test_report_matches_the_checkpoints_written(tmp_path, data_cache, capsys, monkeypatch):

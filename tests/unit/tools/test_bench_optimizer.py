@@ -3,22 +3,15 @@ and table are computed from those timings (no timing thresholds)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "bench_optimizer.py"
+from tests.conftest import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("_bench_optimizer", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_optimizer")
 
 
 def test_report_ratios_come_from_the_timings(tmp_path, capsys):
