@@ -11,7 +11,6 @@ import pytest
 from moetrain.testing import find_free_port
 from tests.conftest import TINY
 
-
 CASES = [
     (["parallel.ep=2", "model.num_experts=3"],
      ["model.num_experts=3", "parallel.ep=2", "use parallel.ep in [1]"]),
