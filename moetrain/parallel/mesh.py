@@ -246,6 +246,7 @@ def _fresh_namespace(store: dist.Store, rank: int, world_size: int,
     """
     mine = uuid.uuid4().hex
     deadline = time.monotonic() + timeout.total_seconds()
+    pause = [0.002]  # polling backs off to 0.1 s, so thousands of ranks do not flood the store
 
     def tick(what: str) -> None:
         if time.monotonic() > deadline:
@@ -253,14 +254,22 @@ def _fresh_namespace(store: dist.Store, rank: int, world_size: int,
                 f"rank {rank}: timed out after {timeout.total_seconds():.0f} s agreeing on "
                 f"the workers' store namespace ({what}); a worker did not start: check the "
                 f"other ranks' logs (${TIMEOUT_ENV} sets the timeout)")
-        time.sleep(0.005)
+        time.sleep(pause[0])
+        pause[0] = min(0.1, pause[0] * 1.5)
 
     if rank == 0:
         store.set(f"{_FRESH}/epoch", mine)
         pending = {r: f"{_FRESH}/ack/{r}" for r in range(1, world_size)}
+        if pending:  # until every rank has acknowledged something (perhaps a stale epoch)
+            try:
+                store.wait(list(pending.values()), timedelta(seconds=max(
+                    1.0, deadline - time.monotonic())))
+            except (RuntimeError, TimeoutError):  # DistStoreError: a rank never started
+                time.sleep(max(0.0, deadline - time.monotonic()))
+                tick(f"waiting for ranks {sorted(pending)[:8]}")
         while pending:
-            ready = [r for r, k in pending.items() if store.check([k])]
-            values = store.multi_get([pending[r] for r in ready]) if ready else []
+            ready = list(pending)
+            values = store.multi_get([pending[r] for r in ready])
             for r, value in zip(ready, values):
                 epoch, _, theirs = value.decode().partition(":")
                 if epoch == mine:
