@@ -40,6 +40,8 @@ import logging
 import time
 from pathlib import Path
 
+from typing import Any
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -228,12 +230,26 @@ class CPUOffloadAdamW(DeepSpeedCPUAdam):
         return out[0], out[1]
 
     def load_state_dict(self, state_dict) -> None:
-        """Load, put the moments back in CPU memory (torch's loader moves optimizer state to
-        each parameter's device), and rebuild the master copies from the freshly loaded
-        parameters on the next step."""
-        super().load_state_dict(state_dict)
+        """Load, keeping the moments fp32 in host memory, and rebuild the master copies from
+        the freshly loaded parameters on the next step.
+
+        torch's loader casts optimizer state to each parameter's dtype and device: the
+        moments would land in GPU memory (and be rounded to bf16 next to bf16 parameters)
+        at a resume, exactly where offloading keeps them out. So they bypass it."""
+        moments: dict[Any, dict[str, torch.Tensor]] = {}
+        state = {}
+        for pid, st in state_dict["state"].items():
+            moments[pid] = {k: v for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")}
+            state[pid] = {k: v for k, v in st.items() if k not in moments[pid]}
+        super().load_state_dict({**state_dict, "state": state})
+        ids = (pid for g in state_dict["param_groups"] for pid in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        by_id = dict(zip(ids, params))
         self._masters.clear()
-        for p, state in self.state.items():
-            if "exp_avg" in state:
-                self._moments(p, state)
+        for pid, ms in moments.items():
+            p = by_id[pid]
+            for key, value in ms.items():
+                self.state[p][key] = value.to(dtype=torch.float32)
+            if ms:
+                self._moments(p, self.state[p])
 

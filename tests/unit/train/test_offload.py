@@ -84,6 +84,18 @@ def test_low_precision_params_step_an_fp32_master_copy():
         assert torch.equal(p, master.to(torch.bfloat16))
         assert off.state[p]["exp_avg"].dtype == torch.float32
     del ref
+    # A resume keeps the moments fp32 and in host memory: torch's loader would cast them to
+    # each parameter's dtype (bf16 here) and device.
+    sd = off.state_dict()
+    want = {i: {k: v.clone() for k, v in st.items()} for i, st in sd["state"].items()}
+    fresh = build_optimizer(bf16_model, OptimConfig(lr=1e-2, offload=OptimOffload.cpu),
+                            torch.device("cpu"))
+    fresh.load_state_dict(sd)
+    got = fresh.state_dict()["state"]
+    for i, st in want.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert got[i][key].dtype == torch.float32 and got[i][key].device.type == "cpu"
+            assert torch.equal(got[i][key], st[key]), (i, key)
 
 
 @pytest.fixture(scope="module")
