@@ -32,7 +32,9 @@ parallel region, and libgomp keeps a thread team for every thread that did so. A
 group would leave those teams behind: once OpenMP threads outnumber the CPUs, libgomp stops
 spinning between parallel regions, so every training step after the first checkpoint would
 pay a sleep/wake-up per region (-40% tokens/s with 2 threads on 2 cores). Destroying the group
-joins its worker threads, which frees their teams.
+joins its worker threads, which frees their teams. When training runs on an accelerator
+backend (NCCL), the CPU threads do no training compute, and on a large job a new gloo full
+mesh per checkpoint would cost more: one long-lived DCP group serves every save and load.
 """
 
 from __future__ import annotations
@@ -275,6 +277,7 @@ class CheckpointManager:
         # save or load (_dcp_group), so the background thread of an async save never
         # interleaves with the main thread's collectives.
         self._pg = dist.new_group(backend="gloo")
+        self._dcp_pg = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self._pending: _PendingSave | None = None
         self._verified: set[Path] = set()  # passed verify() in this process (not re-read)
         self._warned_no_manifest = False
@@ -319,17 +322,19 @@ class CheckpointManager:
         if bad:
             raise RuntimeError(f"{what} failed on rank {bad[0][0]}: {bad[0][1]}")
 
-    @staticmethod
-    def _new_dcp_group() -> dist.ProcessGroup:
-        """A gloo group for one DCP save or load; collective (every rank, same order)."""
-        return dist.new_group(backend="gloo")
+    def _new_dcp_group(self) -> dist.ProcessGroup:
+        """A gloo group for one DCP save or load; collective (every rank, same order).
 
-    @staticmethod
-    def _destroy_dcp_group(group: dist.ProcessGroup | None) -> None:
+        The long-lived ``self._dcp_pg`` when training runs on an accelerator backend: its
+        CPU threads do no training compute, and on a large job a new gloo full mesh per
+        checkpoint would cost more than the OpenMP teams it frees."""
+        return self._dcp_pg if self._dcp_pg is not None else dist.new_group(backend="gloo")
+
+    def _destroy_dcp_group(self, group: dist.ProcessGroup | None) -> None:
         """Destroy a group of :meth:`_new_dcp_group` after a barrier every rank passed (its
         last collective finished everywhere). Joining its worker threads frees the OpenMP
         thread teams DCP's large copies created on them (see the module docstring)."""
-        if group is not None:
+        if group is not None and group is not self._dcp_pg:
             dist.destroy_process_group(group)
 
     @contextlib.contextmanager

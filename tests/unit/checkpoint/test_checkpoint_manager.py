@@ -274,3 +274,38 @@ def test_a_failed_write_raises_a_plain_error_and_is_never_loaded(pg, tmp_path, m
     assert any(".tmp-" in p.name for p in tmp_path.iterdir())
     CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep=0))  # cleans up
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000001"]
+
+
+def test_dcp_groups_per_call_on_gloo_and_one_long_lived_group_on_accelerators(
+        pg, tmp_path, monkeypatch):
+    """CPU training (gloo): every DCP save and load gets a new group, destroyed after it.
+    An accelerator backend: one long-lived group, created with the manager, never destroyed
+    by a save or load."""
+    import torch.distributed as dist
+
+    m, opt = _trained(steps=1)
+    state = {"model": ModelOptimizerState(m, opt)}
+    made, destroyed = [], []
+    new_group, destroy = dist.new_group, dist.destroy_process_group
+    monkeypatch.setattr(dist, "new_group", lambda *a, **k: made.append(new_group(*a, **k))
+                        or made[-1])
+    monkeypatch.setattr(dist, "destroy_process_group",
+                        lambda g=None: destroyed.append(g) or destroy(g))
+    gloo = CheckpointManager(CheckpointConfig(dir=str(tmp_path / "gloo"), keep=0))
+    n = len(made)
+    gloo.save(1, state)
+    gloo.load(gloo.latest(), state)
+    assert len(made) == n + 2 and destroyed == made[-2:]
+
+    made.clear()
+    destroyed.clear()
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "cuda:nccl,cpu:gloo")
+    acc = CheckpointManager(CheckpointConfig(dir=str(tmp_path / "acc"), keep=0,
+                                             async_save=True))
+    assert acc._dcp_pg is not None and acc._dcp_pg in made
+    n = len(made)
+    acc.save(1, state)
+    acc.save(2, state)  # commits 1 first
+    acc.close()
+    acc.load(acc.latest(), state)
+    assert len(made) == n and destroyed == []
