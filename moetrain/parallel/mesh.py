@@ -294,15 +294,21 @@ def _fresh_namespace(store: dist.Store, rank: int, world_size: int,
     return dist.PrefixStore(f"{_FRESH}/{epoch}", store)
 
 
+def agent_store(timeout: timedelta) -> dist.Store | None:
+    """A client of the store torchrun's agent hosts for the workers (``MASTER_ADDR:PORT``
+    with ``TORCHELASTIC_USE_AGENT_STORE``), or None when the workers do not share one."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=timeout)
+
+
 def _torchrun_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
     """The store to initialise on under torchrun: a fresh namespace of the agent's store
     when the workers share it (see :func:`_fresh_namespace`); None (plain ``env://``) when
     rank 0 hosts a new store for every launch."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=False, timeout=timeout)
-    return _fresh_namespace(store, rank, world_size, timeout)
+    store = agent_store(timeout)
+    return None if store is None else _fresh_namespace(store, rank, world_size, timeout)
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:

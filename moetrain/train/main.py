@@ -101,15 +101,12 @@ def _write_error_file(message: str) -> None:
 def _agent_store():
     """A client of torchrun's own key-value store (it serves the workers' rendezvous), or
     None outside torchrun: ranks can meet there before and after their process group."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
     import datetime
 
-    import torch.distributed as dist
+    from moetrain.parallel.mesh import agent_store
 
     try:
-        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                             is_master=False, timeout=datetime.timedelta(seconds=5))
+        return agent_store(datetime.timedelta(seconds=5))
     except (KeyError, ValueError, RuntimeError):
         return None
 

@@ -3,24 +3,16 @@ and an upcycled method's token axis continues from its dense phase."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
-
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "compare_schedules.py"
+from tests.conftest import TINY, load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("_compare_schedules", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("compare_schedules")
 
 
 def _rows(path: Path) -> list[dict]:
