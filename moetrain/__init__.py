@@ -1,6 +1,34 @@
 """moetrain: distributed training for sparse Mixture-of-Experts language models."""
 
+import importlib.machinery as _machinery
+import importlib.util as _util
+import sys as _sys
+from pathlib import Path as _Path
+
 __version__ = "0.1.0"
+
+
+def _find_kernels() -> None:
+    """Make ``moetrain.kernels`` importable: the top-level ``kernels/`` folder.
+
+    The folder has no ``__init__.py``, so that run from the checkout (its root on
+    ``sys.path``) it never shadows the PyPI package ``kernels``, which transformers imports.
+    A built wheel copies it to ``moetrain/kernels/``, where the normal search finds it. An
+    editable install maps it to the checkout's folder, but setuptools' editable finder
+    resolves no mapped package without ``__init__.py``; give it that folder here.
+    """
+    name = __name__ + ".kernels"
+    if name in _sys.modules or _machinery.PathFinder.find_spec(name, __path__) is not None:
+        return
+    folder = _Path(__file__).resolve().parent.parent / "kernels"
+    if not (folder / "backend.py").is_file():
+        return  # neither installed nor a checkout: the import fails as it would anyway
+    spec = _machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    _sys.modules[name] = _util.module_from_spec(spec)
+
+
+_find_kernels()
 
 
 def __getattr__(name: str):

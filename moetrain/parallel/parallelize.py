@@ -28,7 +28,7 @@ from moetrain.config.schema import (
     TrainConfig,
 )
 from moetrain.config.validate import Layout
-from moetrain.kernels import use_triton
+from moetrain.kernels.backend import use_triton
 from moetrain.parallel.activation_checkpoint import apply_ac, apply_compile
 from moetrain.parallel.expert import (
     apply_ep,

@@ -106,7 +106,8 @@ def test_fused_router(sigmoid):
 def test_selftest_passes_and_auto_selects_the_kernels_on_cuda():
     """``moe.kernel_backend=auto`` runs the kernels on a GPU where they agree with their
     references (``moetrain.kernels.selftest``)."""
-    from moetrain.kernels import selftest, use_triton
+    from moetrain.kernels import selftest
+    from moetrain.kernels.backend import use_triton
 
     assert selftest.run_selftest(torch.device("cuda")) == []
     selftest.VERDICTS.clear()

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
 from moetrain.config.schema import ConfigError, DropPolicy, KernelBackend
-from moetrain.kernels import use_triton
+from moetrain.kernels.backend import use_triton
 from moetrain.kernels.reference import (
     capacity_keep,
     expert_counts,

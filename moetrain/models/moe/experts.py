@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moetrain.config.schema import ConfigError, ExpertBackend, KernelBackend
-from moetrain.kernels import use_triton
+from moetrain.kernels.backend import use_triton
 
 
 class FeedForward(nn.Module):

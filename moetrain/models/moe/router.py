@@ -26,7 +26,7 @@ from moetrain.config.schema import (
     RouterType,
     ScoreFunc,
 )
-from moetrain.kernels import use_triton
+from moetrain.kernels.backend import use_triton
 from moetrain.models.moe import losses, routing
 
 

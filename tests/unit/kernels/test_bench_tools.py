@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import oracle
+
 TOOLS = Path(__file__).resolve().parents[3] / "tools"
 
 
@@ -166,7 +168,7 @@ def test_targets_are_ratios_to_peers_of_the_same_run():
 def test_megatron_peer_computes_the_same_moe(monkeypatch):
     """megatron-core's MoELayer with the shared weights equals the naive loop (run on CPU
     here by pointing its router's device lookup at the CPU; one-rank gloo group)."""
-    pytest.importorskip("megatron.core")
+    oracle("megatron.core")
     import torch
     import torch.distributed as dist
 

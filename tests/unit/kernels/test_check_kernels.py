@@ -7,17 +7,15 @@ subprocess so that no ``TRITON_INTERPRET`` of this process leaks into it.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
+from tests.conftest import needs
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="needs triton")
+pytestmark = needs("triton")
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import torch
-from moetrain.kernels import use_triton
+from moetrain.kernels.backend import use_triton
 
 from moetrain.config.schema import (
     ConfigError,
@@ -22,9 +22,9 @@ from moetrain.config.schema import (
 )
 from moetrain.models.moe.experts import GroupedExperts
 from moetrain.models.moe.layer import MoELayer
+from tests.conftest import needs
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton is not installed (pip install -e '.[dev]')")
+needs_triton = needs("triton")
 D, F, E, K = 16, 24, 6, 2
 
 

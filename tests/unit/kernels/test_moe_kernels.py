@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
+from tests.conftest import oracle
+
+oracle("triton", module_level=True)
 
 from moetrain.kernels import moe as K
 from moetrain.kernels import ops

@@ -9,9 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
+from tests.conftest import oracle
 
-from moetrain.kernels import ops, selftest, use_triton
+oracle("triton", module_level=True)
+
+from moetrain.kernels import ops, selftest
+from moetrain.kernels.backend import use_triton
 
 from moetrain.config.schema import KernelBackend
 

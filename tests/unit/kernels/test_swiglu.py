@@ -11,7 +11,9 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
+from tests.conftest import oracle
+
+oracle("triton", module_level=True)
 
 from moetrain.kernels import ops
 from moetrain.kernels import reference as ref

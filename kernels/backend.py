@@ -1,19 +1,24 @@
-"""Triton kernels for MoE routing and token movement, shipped as ``moetrain.kernels``.
+"""Which path runs the MoE ops: the Triton kernels or their torch references.
 
-Three layers, as in OLMo-core: :mod:`.moe` and :mod:`.swiglu` hold the raw
-``@triton.jit`` kernels and their launchers (on the JIT layer of :mod:`.jit`), :mod:`.ops`
-the ``autograd.Function`` wrappers, and the model code (router, dispatcher, experts) calls
-the ops. :mod:`.selftest` checks them against the references on a device before ``auto``
-uses them. Each kernel has a pure-torch reference in
-:mod:`.reference`; the references are the oracle in tests and the path used on CPU.
+``moetrain.kernels`` is the checkout's top-level ``kernels/`` folder (pyproject's
+package-dir mapping). Three layers, as in OLMo-core: :mod:`.moe` and :mod:`.swiglu` hold
+the raw ``@triton.jit`` kernels and their launchers (on the JIT layer of :mod:`.jit`),
+:mod:`.ops` the ``autograd.Function`` wrappers, and the model code (router, dispatcher,
+experts) calls the ops. :mod:`.selftest` checks them against the references on a device
+before ``auto`` uses them. Each kernel has a pure-torch reference in :mod:`.reference`; the
+references are the oracle in tests and the path used on CPU.
 
-``moe.kernel_backend`` picks the path (see :func:`use_triton`). Importing this package
-does not import triton; :mod:`.moe` and :mod:`.ops` do.
+The folder has no ``__init__.py``: from the checkout's root (the working directory on
+``sys.path``) a regular package there would shadow the PyPI package ``kernels``, which
+transformers imports. ``moetrain/__init__.py`` makes it importable under an editable install.
+
+``moe.kernel_backend`` picks the path (see :func:`use_triton`). Importing this module does
+not import triton; :mod:`.moe` and :mod:`.ops` do.
 
 Not here: fusing the gather into the first expert GEMM and the combine into the last
-(ScatterMoE; Tan et al., 2024). By the byte count in the README's performance section it
-could save at most ~2% of the fine_grained target, less than a Triton grouped GEMM would
-likely lose to ``torch._grouped_mm``; ``tools/bench_moe_layer.py`` on a GPU settles it.
+(ScatterMoE; Tan et al., 2024). By the byte count in the performance docs it could save at
+most ~2% of the fine_grained target, less than a Triton grouped GEMM would likely lose to
+``torch._grouped_mm``; ``tools/bench_moe_layer.py`` on a GPU settles it.
 """
 
 from __future__ import annotations
