@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 import moetrain
 from moetrain.checkpoint.hf import Target, export_hf
 from moetrain.data import build_data
-from tests.conftest import TINY
+from tests.conftest import TINY, oracle
 from tests.distributed._runs import train
 
-T = pytest.importorskip("transformers")
+T = oracle("transformers", module_level=True)
 
 
 def _val_loss(model, cfg) -> float:

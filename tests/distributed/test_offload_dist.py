@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("deepspeed", reason="optim.offload=cpu needs pip install 'moetrain[deepspeed]'")
+from tests.conftest import oracle
+
+oracle("deepspeed", module_level=True)
 
 from tests.conftest import TINY
 from tests.distributed._runs import step_rows, train

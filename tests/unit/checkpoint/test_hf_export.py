@@ -21,9 +21,9 @@ from moetrain.checkpoint.hf import HFConversionError, Target, choose_target, exp
 from moetrain.checkpoint.load import CONFIG_FILE, CheckpointNotFoundError
 from moetrain.config import ConfigError
 from moetrain.models import Transformer
-from tests.conftest import TINY, compose
+from tests.conftest import TINY, compose, oracle
 
-T = pytest.importorskip("transformers")
+T = oracle("transformers", module_level=True)
 
 _TOOL = Path(__file__).resolve().parents[3] / "tools" / "export_hf.py"
 TOKENS = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(3))

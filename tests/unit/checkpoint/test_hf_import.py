@@ -14,8 +14,9 @@ import torch
 from moetrain.checkpoint.hf import HFConversionError, load_hf_dense
 from moetrain.config.schema import MoEConfig
 from moetrain.models import Transformer
+from tests.conftest import oracle
 
-T = pytest.importorskip("transformers")
+T = oracle("transformers", module_level=True)
 
 V = 97
 SMALL = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,

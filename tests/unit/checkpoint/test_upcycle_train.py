@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from moetrain.checkpoint.upcycle import UpcycleError, build_upcycled, inspect_dense
 from moetrain.models import Transformer
-from tests.conftest import TINY, compose
+from tests.conftest import TINY, compose, oracle
 from tests.distributed._runs import step_rows, train
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -126,8 +126,7 @@ def test_bad_input_fails_before_any_work(dense_ckpt, data_cache, tmp_path, capsy
 def test_hugging_face_llama_upcycles_exactly(tmp_path):
     """A tiny Llama (transformers, saved with save_pretrained, no download) -> MoE: the
     upcycled moetrain model reproduces the Hugging Face logits."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("moetrain.checkpoint.hf", reason="HF import (hf.load_hf_dense) missing")
+    transformers = oracle("transformers")
     vocab = 96
     hf_cfg = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -11,6 +11,7 @@ from moetrain.config.schema import DataConfig
 from moetrain.data import build_data, read_meta
 from moetrain.data.shards import open_split
 from moetrain.data.tokenizer import EOS_TEXT
+from tests.conftest import oracle
 
 _TOOL = Path(__file__).resolve().parents[3] / "tools" / "prepare_data.py"
 
@@ -66,7 +67,7 @@ def test_prepare_data_byte(tmp_path, capsys):
 
 
 def test_prepare_data_bpe(tmp_path):
-    pytest.importorskip("tokenizers", reason="BPE needs the optional 'tokenizers' package")
+    oracle("tokenizers")
     src, docs = _corpus(tmp_path)
     out = tmp_path / "bpe"
     assert _tool().main(["--input", str(src), "--output", str(out), "--tokenizer", "bpe",

@@ -5,6 +5,7 @@ import pytest
 
 from moetrain.data import ByteTokenizer, load_tokenizer
 from moetrain.data.tokenizer import EOS_TEXT
+from tests.conftest import oracle
 
 
 def test_byte_tokenizer_ids_and_round_trip():
@@ -38,7 +39,7 @@ def test_load_tokenizer_checks_meta():
 
 
 def test_bpe_round_trip(tmp_path):
-    pytest.importorskip("tokenizers", reason="BPE needs the optional 'tokenizers' package")
+    oracle("tokenizers")
     from moetrain.data import BPETokenizer, train_bpe
 
     texts = ["the cat sat on the mat. " * 20, "a dög and a 🙂 cat " * 20]

@@ -33,15 +33,13 @@ from moetrain.config.schema import (
 from moetrain.models.moe import losses, routing
 from moetrain.models.moe.dispatcher import LocalDispatcher, expert_capacity
 from moetrain.models.moe.layer import MoELayer
+from tests.conftest import oracle
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
-        from megatron.core import parallel_state
-        from megatron.core.transformer.moe import moe_utils
-except Exception as e:  # noqa: BLE001 - any import failure means: no reference here
-    pytest.skip(f"megatron-core is not importable ({type(e).__name__}: {e}); the parity "
-                f"tests need megatron.core.transformer.moe.moe_utils", allow_module_level=True)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
+    parallel_state = oracle("megatron.core.parallel_state", module_level=True)
+    moe_utils = oracle("megatron.core.transformer.moe.moe_utils", module_level=True)
+
 
 
 from ._ref import dense_gates, identity_gate_router

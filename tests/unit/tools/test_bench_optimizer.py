@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import load_tool
+from tests.conftest import load_tool, oracle
 
 
 def _tool():
@@ -15,7 +15,7 @@ def _tool():
 
 
 def test_report_ratios_come_from_the_timings(tmp_path, capsys):
-    pytest.importorskip("deepspeed", reason="pip install 'moetrain[deepspeed]'")
+    oracle("deepspeed")
     tool = _tool()
     out = tmp_path / "bench.json"
     tool.main(["--sizes", "0.003", "0.002", "--warmup", "1", "--iters", "2",

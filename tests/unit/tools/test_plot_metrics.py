@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import oracle
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -24,7 +26,7 @@ def test_series_and_figure(tmp_path):
     assert series["loss"] == ([1, 2], [5.0, 4.0])
     assert series["val_loss"] == ([2], [4.5])
     assert "mfu" not in series  # None values are skipped
-    pytest.importorskip("matplotlib")
+    oracle("matplotlib")
     out = tmp_path / "m.png"
     assert tool.main([str(tmp_path), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

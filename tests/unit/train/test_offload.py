@@ -19,7 +19,9 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("deepspeed", reason="optim.offload=cpu needs pip install 'moetrain[deepspeed]'")
+from tests.conftest import oracle
+
+oracle("deepspeed", module_level=True)
 
 from moetrain.config.schema import OptimConfig, OptimOffload
 from moetrain.train.optim import build_optimizer, set_lr
