@@ -212,23 +212,23 @@ class ActivationCheckpointing(str, Enum):
 class ModelConfig:
     """Architecture of the decoder-only MoE LM. Presets live in conf/model/."""
 
-    name: str = "tiny"
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    name: str = "tiny"  # preset name (conf/model/<name>.yaml)
+    dim: int = 128  # D: model width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads; head dim = dim / n_heads
     n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
     vocab_size: int | None = None  # None = the tokenizer's vocabulary size
     ffn_hidden: int = 512  # hidden size of dense (non-MoE) SwiGLU MLPs
     max_seq_len: int = 2048  # RoPE table length; train.seq_len must not exceed it
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    tie_embeddings: bool = False
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # std of the normal init (output projections: / sqrt(2 n_layers))
+    tie_embeddings: bool = False  # output layer shares the embedding (not with pp > 1)
     # Biases on the query/key/value projections (Qwen2 has them; Llama, Mistral do not).
     qkv_bias: bool = False
     # --- MoE placement and shape
-    num_experts: int = 8
-    top_k: int = 2
+    num_experts: int = 8  # E: routed experts per MoE layer
+    top_k: int = 2  # K: routed experts per token
     expert_hidden: int = 256  # F: hidden size of one routed expert
     moe_every: int = 1  # every n-th layer is MoE (after the first_dense_layers)
     first_dense_layers: int = 0  # DeepSeekMoE keeps the first k layers dense
@@ -392,15 +392,15 @@ class MoEConfig:
 # ----------------------------------------------------------------------------- optim
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate, after warmup
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, matrices only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     schedule: LRSchedule = LRSchedule.cosine
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear LR warmup, in optimizer steps
     decay_fraction: float = 0.2  # wsd: share of train.steps spent in the final decay
     # cpu: ZeRO-Offload (Ren et al., 2021). The fp32 master weights and Adam moments live in
     # CPU memory and DeepSpeed's SIMD CPU Adam steps them (pip install 'moetrain[deepspeed]').
@@ -455,10 +455,10 @@ class TrainConfig:
     # the pipeline schedule); every user after validate() sees that int.
     micro_batch_size: int | str = "auto"
     max_micro_batch_size: int = 8  # cap of micro_batch_size=auto (activation memory)
-    seq_len: int = 128
+    seq_len: int = 128  # tokens per sequence
     precision: Precision = Precision.auto
     log_every: int = 1  # metrics.jsonl / TensorBoard cadence, in steps
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # rank 0: a tqdm bar on a terminal, else a line per 5% of steps or 10 s
     # A step whose loss or gradient norm is NaN/inf is always skipped (no weight or
     # optimizer update; docs/nonfinite.md). fail_on_nonfinite: stop the run with
     # NonFiniteLossError after max_skipped_steps consecutive skipped steps (false or
@@ -502,7 +502,7 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "${run.dir}/checkpoints"
+    dir: str = "${run.dir}/checkpoints"  # holds the step_NNNNNNN/ checkpoints
     every: int = 100  # save every N optimizer steps (and after the last); 0 disables
     resume: str = "auto"  # auto = latest complete checkpoint in dir; none; or a PATH
     keep: int = 3  # complete checkpoints kept; older ones are deleted; 0 keeps all
@@ -526,7 +526,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
+    tensorboard: bool = True  # scalars and expert-load images in <run.dir>/tensorboard
     heatmap_every: int = 50  # expert-load heatmap image cadence, in steps; 0 disables
     # Peak device FLOP/s used for MFU. 0 = look up the GPU (H100/A100...) or skip on CPU.
     peak_tflops: float = 0.0
@@ -552,9 +552,9 @@ class ParallelConfig:
     """Layout. world = pp * dp * tp; ep is carved out of dp * tp (see parallel/mesh.py)."""
 
     dp: int = -1  # -1 infers world_size / (pp * tp)
-    ep: int = 1
-    tp: int = 1
-    pp: int = 1
+    ep: int = 1  # expert-parallel degree, carved out of dp * tp
+    tp: int = 1  # tensor-parallel degree (innermost: keep it inside a node)
+    pp: int = 1  # pipeline stages (outermost)
     dp_mode: DataParallelMode = DataParallelMode.fsdp
     # Gradient accumulation under FSDP: every_microbatch (reduce-scatter each micro-batch:
     # sharded gradients) | last_microbatch (sync once, but every unit's unsharded fp32
@@ -679,7 +679,7 @@ class InitConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
+    dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"  # every output; Hydra's run dir follows it
 
 
 @dataclass
@@ -698,7 +698,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    seed: int = 0
+    seed: int = 0  # model init, data order and every keyed random draw
     # Extra trainer callbacks by name (moetrain/train/callbacks/). The ones the config
     # needs (router context, expert bias, balance metrics) are always added.
     callbacks: list[str] = field(default_factory=list)

@@ -367,8 +367,7 @@ class Trainer:
         if t.progress and self.rank == 0:  # tqdm on a terminal, plain lines in a log file
             from moetrain.metrics.progress import progress_display
 
-            bar = progress_display(t.steps, self.progress.step, t.log_every,
-                                   end=t.stop_at or t.steps)
+            bar = progress_display(t.steps, self.progress.step, end=t.stop_at or t.steps)
         # Before the baseline validation: schedules set the routers for the current step.
         self.callbacks.on_train_start(self)
         if cfg.eval.every and self.progress.step == 0:

@@ -10,12 +10,19 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from moetrain.config import ConfigError, validate
-from moetrain.metrics.progress import ProgressBar, ProgressLines, format_eta, progress_display
+from moetrain.metrics.progress import (
+    ProgressBar,
+    ProgressLines,
+    format_eta,
+    line_every,
+    progress_display,
+)
 from moetrain.testing import find_free_port
 from tests.conftest import TINY, compose
 from tests.distributed._runs import assert_same_trajectory, step_rows, train
@@ -118,37 +125,67 @@ class _Tty(io.StringIO):
 
 
 def test_progress_lines_cadence_and_format():
+    """Plain lines every 5% of train.steps, after 10 s without one, and at the end."""
     out = io.StringIO()
-    p = progress_display(total=10, initial=0, every=3, end=7, stream=out)
-    assert isinstance(p, ProgressLines)
-    for step in range(1, 8):
+    now = [0.0]
+    p = ProgressLines(total=100, initial=0, every=line_every(100), end=12, stream=out,
+                      clock=lambda: now[0])
+    for step in range(1, 13):
+        now[0] += 15.0 if step == 8 else 1.0  # step 8 comes 11 s after the line at step 5
         p.update(step, 5.0 - step / 10, 1234.5)
     lines = out.getvalue().splitlines()
-    assert [int(re.match(r"step (\d+)/10 \|", ln).group(1)) for ln in lines] == [3, 6, 7]
-    assert lines[0].startswith("step 3/10 | loss 4.7000 | 1,234 tok/s | ETA ")
+    assert [int(re.match(r"step (\d+)/100 \|", ln).group(1)) for ln in lines] == [5, 8, 10, 12]
+    assert lines[0].startswith("step 5/100 | loss 4.5000 | 1,234 tok/s | ETA ")
+    # The ETA extrapolates this invocation's time per step: 5 s for 5 steps, 95 to go.
+    assert lines[0].endswith("ETA 0:01:35")
     assert "\r" not in out.getvalue()
-    assert isinstance(progress_display(10, 0, 3, stream=_Tty()), ProgressBar)
+    assert isinstance(progress_display(10, 0, stream=_Tty()), ProgressBar)
     assert (format_eta(3725.4), format_eta(59.6), format_eta(math.nan)) == (
         "1:02:05", "0:01:00", "?")
 
 
+def test_progress_lines_per_run_length():
+    """A long run of fast steps prints ~20 lines, not one per step; a short one every step."""
+    for total, want in ((300, list(range(15, 301, 15))), (7, list(range(1, 8)))):
+        out = io.StringIO()
+        p = progress_display(total, 0, stream=out)
+        for step in range(1, total + 1):
+            p.update(step, 1.0, 1.0)
+        got = [int(ln.split()[1].split("/")[0]) for ln in out.getvalue().splitlines()]
+        assert got == want
+    # A resumed run keeps the cadence of the whole run and prints its last step.
+    out = io.StringIO()
+    p = progress_display(300, 100, end=212, stream=out)
+    for step in range(101, 213):
+        p.update(step, 1.0, 1.0)
+    got = [int(ln.split()[1].split("/")[0]) for ln in out.getvalue().splitlines()]
+    assert got == [*range(105, 211, 15), 212]
+
+
 def test_progress_lines_through_a_pipe(tmp_path, data_cache):
-    """A 1-process run whose stderr is a pipe prints one line per train.log_every steps
-    (and the last), with the losses metrics.jsonl records, and no carriage return."""
+    """A 1-process run whose stderr is a pipe prints a plain line every 5% of the run (plus
+    any 10 s apart, and the last), with the losses metrics.jsonl records for every step, and
+    no carriage return."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "moetrain.train", *TINY, f"run.dir={run_dir}",
-           f"data.cache_dir={data_cache}", "train.steps=5", "train.log_every=2",
+           f"data.cache_dir={data_cache}", "train.steps=40", "train.log_every=1",
            "train.progress=true", "eval.every=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env(),
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(),
                           check=False)
+    wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "\r" not in out
-    pat = re.compile(r"^step (\d+)/5 \| loss (\S+) \| ([\d,]+) tok/s \| ETA (\d+:\d\d:\d\d)$")
+    pat = re.compile(r"^step (\d+)/40 \| loss (\S+) \| ([\d,]+) tok/s \| ETA (\d+:\d\d:\d\d)$")
     got = [pat.match(ln) for ln in proc.stderr.splitlines() if ln.startswith("step ")]
     assert all(got), proc.stderr
     rows = {r["step"]: r for r in step_rows(_read(run_dir))}
-    assert [int(m.group(1)) for m in got] == [2, 4, 5]
+    assert sorted(rows) == list(range(1, 41))  # metrics.jsonl keeps every step
+    steps = [int(m.group(1)) for m in got]
+    assert set(range(2, 41, 2)) <= set(steps) and steps == sorted(set(steps))
+    # Any other line is a 10-s one: few of them, whatever the machine's speed.
+    assert len(steps) - 20 <= wall / 10 + 1
     for m in got:
         assert float(m.group(2)) == pytest.approx(rows[int(m.group(1))]["loss"], abs=1e-4)
         assert int(m.group(3).replace(",", "")) > 0
