@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from moetrain.checkpoint.manager import MARKER, CheckpointManager, _committed_in, is_committed
 from moetrain.config.schema import Config, ConfigError
 from moetrain.models import Transformer
+from moetrain.models.moe.schedule import build_schedule
 
 __all__ = ["CONFIG_FILE", "CheckpointNotFoundError", "apply_schedule", "config_from_file",
            "config_to_yaml", "load", "load_model_state", "read_config",
@@ -159,13 +160,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", *,
 def apply_schedule(model: Transformer, cfg: Config, step: int) -> None:
     """Set the routers to what ``schedule=<name>`` had set at ``step`` (top_k, temperature,
     gate activation, capacity, EvoMoE phase), as the trainer did before saving that step.
-
-    The values are a pure function of (config, step), defined with the schedule callbacks
-    in ``moetrain.train.callbacks.schedules``: imported here, at call time only."""
-    if str(getattr(cfg.schedule.name, "value", cfg.schedule.name)) == "none":
-        return
-    from moetrain.train.callbacks.schedules import build_schedule
-
+    The values are a pure function of (config, step): ``moetrain.models.moe.schedule``,
+    the same code the trainer's schedule callbacks run."""
     schedule = build_schedule(cfg)
     if schedule is not None and model.moe_layers():
         schedule.apply(model.moe_layers(), step)

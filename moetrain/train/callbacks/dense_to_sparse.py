@@ -31,22 +31,21 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moetrain.config.schema import Anneal, Config, SpawnOptimizer
-from moetrain.models.moe.router import DTSPhase
 from moetrain.models.moe.routing import keyed_uniform
-from moetrain.train.callbacks.schedules import ScheduleCallback, anneal, schedule_steps
+from moetrain.models.moe.schedule import PHASE_CODES, EvoMoESchedule
+from moetrain.train.callbacks.schedules import ScheduleCallback
 
 __all__ = ["PHASE_CODES", "EvoMoECallback", "spawn_experts"]
 
 log = logging.getLogger(__name__)
 
-# schedule/phase in metrics.jsonl and TensorBoard (a number: metrics are scalars).
-PHASE_CODES = {DTSPhase.diversify: 0, DTSPhase.soft: 1, DTSPhase.hard: 2}
 # One mask stream per expert weight matrix.
 _MATRIX_SALT = {"w1_EFD": 0xE1, "w3_EFD": 0xE3, "w2_EDF": 0xE2}
 
 
-class EvoMoECallback(ScheduleCallback):
-    """EvoMoE's phases (module docstring) on every DTS router, and the spawn.
+class EvoMoECallback(ScheduleCallback, EvoMoESchedule):
+    """EvoMoE's phases (module docstring; the values are :class:`EvoMoESchedule`'s) on
+    every DTS router, and the spawn.
 
     State: ``spawned``, whether the spawn is done. It is saved in every checkpoint, so a
     resume after the spawn does not spawn again. A checkpoint without this entry (the
@@ -59,49 +58,19 @@ class EvoMoECallback(ScheduleCallback):
                  tau_end: float, steps: int, top_k: int, gumbel_threshold: float,
                  mask_ratio: float, mask_seed: int,
                  spawn_optimizer: SpawnOptimizer = SpawnOptimizer.copy) -> None:
-        super().__init__()
-        self.diversify_steps, self.hard_step = diversify_steps, hard_step
-        self.kind, self.tau_start, self.tau_end, self.steps = Anneal(kind), tau_start, tau_end, steps
-        self.top_k, self.gumbel_threshold = top_k, gumbel_threshold
+        super().__init__(diversify_steps, hard_step, kind, tau_start, tau_end, steps, top_k,
+                         gumbel_threshold)
         self.mask_ratio, self.mask_seed = mask_ratio, mask_seed
         self.spawn_optimizer = SpawnOptimizer(spawn_optimizer)
         self.spawned = False
 
     @classmethod
-    def from_config(cls, cfg: Config) -> EvoMoECallback:
+    def from_config(cls, cfg: Config, **extra: Any) -> EvoMoECallback:
         s = cfg.schedule
-        steps = schedule_steps(s, cfg.train.steps, offset=s.diversify_steps)
-        hard = s.hard_step if s.hard_step is not None else s.diversify_steps + steps
-        return cls(s.diversify_steps, hard, s.anneal, s.temperature_start, s.temperature_end,
-                   steps, cfg.model.top_k, s.gumbel_threshold, s.mask_ratio,
-                   cfg.seed if s.mask_seed is None else s.mask_seed, s.spawn_optimizer)
-
-    def phase(self, t: int) -> DTSPhase:
-        if t < self.diversify_steps:
-            return DTSPhase.diversify
-        return DTSPhase.soft if t < self.hard_step else DTSPhase.hard
-
-    def values(self, t: int) -> dict[str, float]:
-        phase = self.phase(t)
-        tau = anneal(self.kind, self.tau_start, self.tau_end, t - self.diversify_steps,
-                     self.steps)
-        out = {"phase": PHASE_CODES[phase], "temperature": tau}
-        if phase != DTSPhase.soft:  # the soft phase's k varies per token: see active_k
-            out["top_k"] = 1 if phase == DTSPhase.diversify else self.top_k
-        return out
-
-    def distinct_compiles(self) -> int:
-        return len(PHASE_CODES)
-
-    def apply(self, layers, t):
-        v = self.values(t)
-        for layer in layers:
-            r = layer.router
-            r.phase = self.phase(t)
-            r.temperature = v["temperature"]
-            r.top_k = self.top_k
-            r.gumbel_threshold = self.gumbel_threshold
-        return v
+        return super().from_config(
+            cfg, mask_ratio=s.mask_ratio,
+            mask_seed=cfg.seed if s.mask_seed is None else s.mask_seed,
+            spawn_optimizer=s.spawn_optimizer, **extra)
 
     def _set(self, trainer, t: int) -> None:
         super()._set(trainer, t)

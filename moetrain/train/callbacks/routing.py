@@ -167,12 +167,16 @@ class BalanceMonitorCallback(Callback):
 
 register_callback("routing_context")(
     lambda cfg: RoutingContextCallback(cfg.seed, cfg.train.seq_len))
+
+
 def _expert_bias(cfg: Config) -> ExpertBiasCallback:
     r = cfg.moe.router
     return ExpertBiasCallback(r.bias_update_rate, r.bias_update, r.bias_update_tokens)
 
 
 register_callback("expert_bias")(_expert_bias)
+
+
 def _balance_monitor(cfg: Config) -> BalanceMonitorCallback:
     m = cfg.model
     n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
@@ -182,28 +186,3 @@ def _balance_monitor(cfg: Config) -> BalanceMonitorCallback:
 
 register_callback("balance_monitor")(_balance_monitor)
 
-
-def default_callbacks(cfg: Config) -> list[Callback]:
-    """The callbacks the config needs, then the extra ones named in ``cfg.callbacks``."""
-    from moetrain.config.schema import ConfigError
-    from moetrain.train.callbacks.base import CALLBACKS
-
-    out: list[Callback] = [RoutingContextCallback(cfg.seed, cfg.train.seq_len)]
-    if cfg.moe.router.bias_update_rate > 0:
-        out.append(_expert_bias(cfg))
-    out.append(_balance_monitor(cfg))
-    from moetrain.train.callbacks.schedules import build_schedule
-
-    schedule = build_schedule(cfg)  # schedule=<name>; None for none
-    if schedule is not None:
-        out.append(schedule)
-    have = {cb.name for cb in out}
-    for name in cfg.callbacks:
-        if name in have:
-            continue
-        if name not in CALLBACKS:
-            raise ConfigError(f"callbacks={list(cfg.callbacks)} names {name!r}, which is not a "
-                              f"registered callback: use some of {sorted(CALLBACKS)}")
-        out.append(CALLBACKS[name](cfg))
-        have.add(name)
-    return out
