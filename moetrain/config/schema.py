@@ -121,7 +121,7 @@ class ExpertBackend(str, Enum):
 
 
 class KernelBackend(str, Enum):
-    auto = "auto"  # torch until the kernels have passed tests/gpu on a GPU (kernels/__init__.py)
+    auto = "auto"  # Triton on CUDA once its start-up self-test passes, else torch (kernels/backend.py)
     torch = "torch"
     triton = "triton"
 
@@ -361,7 +361,8 @@ class MoEConfig:
     # Capacity per expert = ceil(capacity_factor * T * K / E); used when dispatch=capacity.
     capacity_factor: float = 1.25
     expert_backend: ExpertBackend = ExpertBackend.auto
-    # Routing/permute/combine kernels: auto = Triton on CUDA when installed, torch otherwise.
+    # Routing/permute/combine kernels: auto = Triton on CUDA once its self-test against the
+    # torch references passes on that device, torch otherwise; triton forces them.
     kernel_backend: KernelBackend = KernelBackend.auto
     # Recompute the routed experts' SwiGLU activations in the backward (torch checkpoint):
     # saves ~4*R*F activation values per MoE layer for ~1/3 more expert FLOPs.
