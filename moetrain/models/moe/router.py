@@ -448,9 +448,10 @@ class SelectiveSinkhornRouter(TopKRouter):
     def ot_step(self) -> bool:
         if not self.training or self.cfg.ssr_prob <= 0:
             return False
-        u = routing.keyed_uniform(torch.tensor([self.context.step]), self.context.seed,
-                                  self.layer_idx, 0x55A)
-        return bool(u.item() < self.cfg.ssr_prob)
+        # Drawn on the host (the same value as keyed_uniform's): no tensor to read back.
+        u = routing.keyed_uniform_host(self.context.step, self.context.seed, self.layer_idx,
+                                       0x55A)
+        return u < self.cfg.ssr_prob
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         if not self.ot_step():
@@ -458,8 +459,9 @@ class SelectiveSinkhornRouter(TopKRouter):
         z_TE = self._z(self._logits(x_TD))
         T, E = z_TE.shape
         cost_TE = z_TE / self.cfg.ssr_epsilon
+        # sync=False: the early exit's scalings, without a host read per iteration.
         _, log_d1 = routing.sinkhorn_log(cost_TE, 1.0, T / E, self.cfg.sinkhorn_iters,
-                                         self.cfg.sinkhorn_tol)
+                                         self.cfg.sinkhorn_tol, sync=False)
         plan_logits_TE = cost_TE + log_d1  # the row scaling cancels in the renormalisation
         ids_TK = torch.topk(plan_logits_TE.detach(), self.top_k, dim=-1).indices
         if self.top_k == 1:  # one weight is not renormalised (to 1.0): the plan's entry

@@ -8,6 +8,7 @@ Legend: T tokens, E experts, K top-k (slots per token), G expert groups, L layer
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +119,7 @@ def expert_choice_select(scores_TE: torch.Tensor, capacity: int
 
 # ----------------------------------------------------------------------------- Sinkhorn
 def sinkhorn_log(cost_TE: torch.Tensor, row_mass: float, col_mass: float,
-                 max_iters: int = 100, tol: float = 1e-4
+                 max_iters: int = 100, tol: float = 1e-4, *, sync: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-domain Sinkhorn on the kernel exp(cost): scalings (log_d0_T, log_d1_E) with
     plan = exp(cost + log_d0[:, None] + log_d1[None, :]) whose rows sum to ``row_mass``
@@ -128,6 +129,11 @@ def sinkhorn_log(cost_TE: torch.Tensor, row_mass: float, col_mass: float,
     on K = exp(cost) until mean|d1 - d1_old| <= tol, with no cap: this is the same
     iteration in the log domain (no overflow for large costs), with the same stopping
     rule on d1 and an iteration cap. Runs in float32 without gradient.
+
+    ``sync=False`` reads nothing back on the host: it runs all ``max_iters`` iterations
+    and freezes the scalings from the one where the stopping rule first holds, so it
+    returns the early exit's scalings bit for bit, without its finite check (non-finite
+    logits give non-finite scalings, as in the other routers).
     """
     with torch.no_grad():
         c = cost_TE.detach().float()
@@ -135,17 +141,23 @@ def sinkhorn_log(cost_TE: torch.Tensor, row_mass: float, col_mass: float,
         log_r, log_c = math.log(row_mass), math.log(col_mass)
         log_d1 = torch.zeros(E, device=c.device)
         log_d0 = torch.zeros(T, device=c.device)
+        done = torch.zeros((), dtype=torch.bool, device=c.device)
         for _ in range(max_iters):
-            log_d0 = log_r - torch.logsumexp(c + log_d1, dim=1)
-            new = log_c - torch.logsumexp(c + log_d0[:, None], dim=0)
+            new_d0 = log_r - torch.logsumexp(c + log_d1, dim=1)
+            new = log_c - torch.logsumexp(c + new_d0[:, None], dim=0)
             err = (new.exp() - log_d1.exp()).abs().mean()
-            log_d1 = new
+            if not sync:  # the iterations after the stopping point change nothing
+                log_d0 = torch.where(done, log_d0, new_d0)
+                log_d1 = torch.where(done, log_d1, new)
+                done = done | (err <= tol)
+                continue
+            log_d0, log_d1 = new_d0, new
             # One host read per iteration, as Megatron-core: the same stopping point, so
             # the same plan. (On a GPU this syncs once per iteration; Sinkhorn routers
             # cost a few ms more per layer than top-k.)
             if err <= tol:
                 break
-        if not (torch.isfinite(log_d0).all() and torch.isfinite(log_d1).all()):
+        if sync and not (torch.isfinite(log_d0).all() and torch.isfinite(log_d1).all()):
             raise FloatingPointError("Sinkhorn scalings are not finite: the router logits "
                                      "hold NaN/inf (lower optim.lr or raise moe.z_loss_coef)")
     return log_d0, log_d1
@@ -206,6 +218,19 @@ def keyed_uniform(keys: torch.Tensor, *salt: int | torch.Tensor) -> torch.Tensor
     h = _fmix32(lo + ((keys.long() >> 32) & _M32) + 0x7F4A7C15)
     # (0, 1) in float32 too: the largest hashes would otherwise round up to 1.0.
     return ((h.double() + 0.5) / 4294967296.0).float().clamp(max=1.0 - 2.0 ** -24)
+
+
+def keyed_uniform_host(key: int, *salt: int) -> float:
+    """:func:`keyed_uniform` of one python-int key and salts, computed on the host in
+    integer arithmetic: the same float32 value, as a Python float. A draw that picks a
+    code path (selective Sinkhorn's step) is then made without a tensor to read back."""
+    h = 0
+    for s in salt:
+        h = _fmix32(h ^ (int(s) & _M32)) + 0x9E3779B9
+    lo = _fmix32((int(key) & _M32) ^ h)
+    h = _fmix32(lo + ((int(key) >> 32) & _M32) + 0x7F4A7C15)
+    u = struct.unpack("f", struct.pack("f", (h + 0.5) / 4294967296.0))[0]  # to float32
+    return min(u, 1.0 - 2.0 ** -24)
 
 
 def keyed_normal(keys: torch.Tensor, *salt: int | torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,10 @@ checks hold the layer to that:
 from __future__ import annotations
 
 import copy
-import importlib.util
-from typing import Self
 
 import pytest
 import torch
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetrain.config.schema import (
     DispatchMode,
@@ -38,71 +34,22 @@ from moetrain.config.schema import (
 )
 from moetrain.models.moe.dispatcher import LocalDispatcher
 from moetrain.models.moe.layer import MoELayer
+from tests._host_reads import HostReads
+from tests.conftest import compose, needs
 
 D, F, E, K, T = 16, 32, 4, 2, 32
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton is not installed (pip install -e '.[dev]')")
-
-
-class _DispatchReads(TorchDispatchMode):
-    """aten operators that read device data on the host or size an output from it."""
-
-    def __init__(self, reads: list[str]) -> None:
-        super().__init__()
-        self.reads = reads
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if torch.Tag.data_dependent_output in func.tags:  # item, int(), bool(), float()
-            self.reads.append(str(func))
-        elif torch.Tag.dynamic_output_shape in func.tags:
-            # Integer indexing and repeat_interleave with a known size read nothing.
-            if func is torch.ops.aten.index.Tensor:
-                read = any(i is not None and i.dtype in (torch.bool, torch.uint8)
-                           for i in args[1])
-            elif func is torch.ops.aten.repeat_interleave.Tensor:
-                read = kwargs.get("output_size") is None
-            else:  # nonzero, masked_select, unique, ...
-                read = True
-            if read:
-                self.reads.append(str(func))
-        return func(*args, **kwargs)
-
-
-class _FunctionReads(TorchFunctionMode):
-    """Host reads that never reach the dispatcher (``tolist`` copies in C++)."""
-
-    def __init__(self, reads: list[str]) -> None:
-        super().__init__()
-        self.reads = reads
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.Tensor.tolist, torch.Tensor.numpy):
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-class HostReads:
-    """Context manager: ``.reads`` lists the host reads made inside it."""
-
-    def __enter__(self) -> Self:
-        self.reads: list[str] = []
-        self._modes = [_FunctionReads(self.reads), _DispatchReads(self.reads)]
-        for m in self._modes:
-            m.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m in reversed(self._modes):
-            m.__exit__(*exc)
+needs_triton = needs("triton")
 
 
 def _layer(policy=DropPolicy.probs, backend=ExpertBackend.loop,
-           router=RouterType.topk, kernel=KernelBackend.torch,
+           router: RouterType | RouterConfig = RouterType.topk, kernel=KernelBackend.torch,
            dispatch=DispatchMode.capacity) -> MoELayer:
+    """A capacity-mode layer that drops rows (factor 0.75); ``router`` is a RouterType
+    (softmax scores, threshold 0.6) or a whole RouterConfig."""
     torch.manual_seed(0)
     mcfg = ModelConfig(dim=D, n_heads=2, num_experts=E, top_k=K, expert_hidden=F)
-    rcfg = RouterConfig(name=router, score_func=ScoreFunc.softmax, threshold=0.6)
+    rcfg = (router if isinstance(router, RouterConfig)
+            else RouterConfig(name=router, score_func=ScoreFunc.softmax, threshold=0.6))
     moe_cfg = MoEConfig(router=rcfg, dispatch=dispatch, capacity_factor=0.75,
                         expert_backend=backend, kernel_backend=kernel, drop_policy=policy,
                         aux_loss_coef=0.01, z_loss_coef=0.001)
@@ -168,6 +115,57 @@ def test_capacity_layer_reads_nothing_on_the_host(policy, backend, router, kerne
         assert int(layer.last_stats.num_routed) < T * K  # some slots are inactive
     if kernel == KernelBackend.triton:  # the kernels give the torch path's numbers
         ref = _run(_layer(policy, backend, router, KernelBackend.torch), _x())
+        for name, want in ref.items():
+            torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# moe/router=<group> (conf/moe/router/) with the overrides that reach the path under test:
+# group-limited selection, keyed noise, selective Sinkhorn's keyed step draw (p = 0.01:
+# top-k at step 0) and its optimal-transport step (p = 1).
+_ROUTER_GROUPS = {
+    "deepseek_v3-grouped": ("deepseek_v3", "moe.router.n_groups=2", "moe.router.topk_groups=1"),
+    "noisy_topk": ("noisy_topk",),
+    "selective_sinkhorn": ("selective_sinkhorn",),
+    "selective_sinkhorn-ot": ("selective_sinkhorn", "moe.router.ssr_prob=1.0"),
+}
+
+
+def _router_group(case: str) -> RouterConfig:
+    name, *overrides = _ROUTER_GROUPS[case]
+    return compose([f"moe/router={name}", *overrides]).moe.router
+
+
+@pytest.mark.parametrize("kernel", [
+    KernelBackend.torch,
+    pytest.param(KernelBackend.triton, marks=[needs_triton]),
+])
+@pytest.mark.parametrize("case", list(_ROUTER_GROUPS))
+def test_capacity_layer_with_each_router_reads_nothing_on_the_host(case, kernel, monkeypatch):
+    if kernel == KernelBackend.triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rcfg = _router_group(case)
+    layer = _layer(router=rcfg, kernel=kernel)
+    assert layer.training  # the training forward: noise and the transport step draw
+    with HostReads() as h:
+        got = _run(layer, _x())
+    assert h.reads == []
+    assert int(layer.last_stats.num_dropped) > 0
+    # The configured path really ran.
+    router = layer.router
+    with torch.no_grad():
+        ids_TK = router(_x().reshape(-1, D)).ids_TK
+    if case == "deepseek_v3-grouped":  # every pick inside the token's one best group
+        group_TK = ids_TK // (E // rcfg.n_groups)
+        assert torch.equal(group_TK, group_TK[:, :1].expand_as(group_TK))
+        assert group_TK.unique().numel() == rcfg.n_groups
+    elif case == "noisy_topk":  # the noise changes some picks; its own loss is trained on
+        clean_TK = router.gate(_x().reshape(-1, D)).topk(K, dim=-1).indices
+        assert not torch.equal(ids_TK, clean_TK)
+        assert float(layer.last_stats.router_loss) > 0
+    else:
+        assert router.ot_step() == case.endswith("-ot")
+    if kernel == KernelBackend.triton:  # the kernels give the torch path's numbers
+        ref = _run(_layer(router=rcfg, kernel=KernelBackend.torch), _x())
         for name, want in ref.items():
             torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5, msg=name)
 

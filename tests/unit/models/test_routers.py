@@ -397,23 +397,44 @@ def test_noisy_topk_training_noise_formula_and_gates():
 
 
 def test_noisy_topk_noise_is_keyed():
+    """The noise of token t at expert e is keyed_normal(key_t * E + e, seed, step, layer,
+    0x5EED): it follows the token's key, not its row. The draws are integer hashing, so
+    the keying is checked bit for bit; the routed scores come from a matmul, whose
+    rounding may depend on a row's place in the batch, so they agree within float32
+    rounding."""
     r = _noisy().train()
+    E = 8
     x = torch.randn(16, 6)
     keys = torch.arange(16) * 3 + 5
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
 
-    def run(seed, step, layer, perm=None):
+    def run(seed, step, layer, rows=None, token_keys=None):
         r.context.set_step(seed, step)
         r.layer_idx = layer
-        xs, ks = (x, keys) if perm is None else (x[perm], keys[perm])
-        r.context.token_keys = ks
-        return r(xs).scores_TE
+        r.context.token_keys = keys if token_keys is None else token_keys
+        return r(x if rows is None else x[rows]).scores_TE.detach()
 
     base = run(1, 7, 2)
     assert torch.equal(run(1, 7, 2), base)
     for other in (run(1, 8, 2), run(2, 7, 2), run(1, 7, 3)):
         assert not torch.allclose(other, base)
-    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(run(1, 7, 2, perm), base[perm])  # noise follows the token's key
+    # The router adds that draw, times softplus(0) + noise_epsilon (W_noise is zero).
+    keys_TE = keys[:, None] * E + torch.arange(E)
+    eps_TE = routing.keyed_normal(keys_TE, 1, 7, 2, 0x5EED)
+    std = math.log(2.0) + 1e-2
+    torch.testing.assert_close(base, torch.softmax(x @ r.gate.weight.T + eps_TE * std, -1))
+    # Permuted keys draw the permuted numbers: the uniforms bit for bit, and the normals
+    # (float32 log and cos of them) within rounding.
+    for box_muller_salt in (1, 2):
+        u_TE = routing.keyed_uniform(keys_TE, 1, 7, 2, 0x5EED, box_muller_salt)
+        assert torch.equal(routing.keyed_uniform(keys_TE[perm], 1, 7, 2, 0x5EED,
+                                                 box_muller_salt), u_TE[perm])
+    torch.testing.assert_close(routing.keyed_normal(keys_TE[perm], 1, 7, 2, 0x5EED),
+                               eps_TE[perm])
+    # So permuted tokens with their keys are routed as before; with the keys left in
+    # place the noise would follow the rows instead.
+    torch.testing.assert_close(run(1, 7, 2, perm, keys[perm]), base[perm])
+    assert not torch.allclose(run(1, 7, 2, perm, keys), base[perm], atol=1e-3)
     # The draws are standard normal.
     eps = routing.keyed_normal(torch.arange(20000), 1, 2, 3)
     assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1.0) < 0.05
