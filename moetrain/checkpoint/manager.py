@@ -2,16 +2,22 @@
 
 Layout under ``checkpoint.dir``::
 
-    step_0000100/              committed: DCP shards + .metadata + config.yaml + COMMITTED
-    step_0000200.tmp-3f9a1c2e/ being written (or left by a crash); never loaded
+    step_0000100/                  committed: DCP shards + .metadata + config.yaml + COMMITTED
+    step_0000200.tmp-3f9a1c2e/     being written (or left by a crash); never loaded
+    step_0000050.tmp-del-7b21c0d4/ withdrawn by retention, being deleted; never loaded
 
 A save writes into ``step_N.tmp-<token>/``. When every rank has finished writing, rank 0
 writes ``COMMITTED`` (step, time, world size), fsyncs it and ``os.replace``s the directory to
 ``step_N/``. Only a directory with the final name *and* the marker counts as a checkpoint, so
 a crash at any point leaves either the previous checkpoint set or the new one, never a
-half-written checkpoint that resume would pick up. Rank 0 owns every filesystem change under
-``checkpoint.dir``; the other ranks meet it at collectives that all ranks reach (no barrier
-sits on one rank's path only), and a failure on rank 0 is broadcast so every rank raises.
+half-written checkpoint that resume would pick up. Retention (``checkpoint.keep``) runs
+after the commit and withdraws an old checkpoint (one rename to a ``.tmp-del-`` name) before
+deleting its files, so a crash leaves no half-deleted checkpoint either; a crash before
+retention has finished leaves the checkpoints it would have deleted until the next commit's
+retention (a restart cannot delete them before it knows which one the resume loads). Rank 0
+owns every filesystem change under ``checkpoint.dir``; the other ranks meet it at
+collectives that all ranks reach (no barrier sits on one rank's path only), and a failure on
+rank 0 is broadcast so every rank raises.
 
 Integrity (docs/checkpoint_integrity.md): before the marker, rank 0 writes ``MANIFEST.json``,
 the size and CRC32 of every other file (each rank hashes a share of them). A load checks the
@@ -544,6 +550,7 @@ class CheckpointManager:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
+            faults.hit("commit", step)
             if final.exists():
                 # Re-saving a step (a resume from an older checkpoint): move the old one aside
                 # under a temporary name, which the stale cleanup would also catch.
@@ -555,6 +562,7 @@ class CheckpointManager:
                 os.replace(tmp, final)
             _fsync_dir(final.parent)
             log.info("checkpoint step %d committed at %s", step, final)
+            faults.hit("committed", step)
             self._apply_retention(final)
             return final
 
@@ -597,22 +605,34 @@ class CheckpointManager:
         """Delete what :func:`retention_victims` selects: all but the ``checkpoint.keep``
         newest steps and the multiples of ``checkpoint.keep_every``, never the one just
         committed (a run resumed from an older step would otherwise delete its own new
-        checkpoint in favour of later steps already in the directory)."""
+        checkpoint in favour of later steps already in the directory).
+
+        Each one is first withdrawn, renamed to ``step_N.tmp-del-<token>`` in one atomic
+        step, then deleted: deleting in place would leave, after a crash, a directory that
+        still counts as committed with some files gone (or, marker gone first, a directory
+        the stale cleanup never removes). The stale cleanup removes what a crash left."""
         found = self.committed()  # oldest commit first
+        step = self.step_of(just_committed)
         doomed = set(retention_victims([self.step_of(p) for p in found], self.cfg.keep,
-                                       self.cfg.keep_every, self.step_of(just_committed)))
+                                       self.cfg.keep_every, step))
         for old in found:
             if self.step_of(old) in doomed and old != just_committed:
                 log.info("checkpoint.keep=%d, keep_every=%d: deleting %s", self.cfg.keep,
                          self.cfg.keep_every, old)
-                shutil.rmtree(old, ignore_errors=True)
+                gone = old.with_name(f"{old.name}{_TMP}del-{uuid.uuid4().hex[:8]}")
+                os.replace(old, gone)
+                _fsync_dir(self.dir)
+                faults.hit("retention", step)
+                shutil.rmtree(gone, ignore_errors=True)
 
     def _clean_stale(self) -> None:
-        """Remove interrupted saves; finish a commit that was interrupted after its marker.
+        """Remove interrupted saves and deletions; finish a commit that was interrupted
+        after its marker.
 
         A temporary directory holding ``COMMITTED`` is complete (the marker is written after
-        every rank finished): when its final name is free it is renamed there. That covers a
-        crash between the two renames of a re-saved step, which moves the old copy aside
+        every rank finished): when its final name is free it is renamed there, unless
+        retention withdrew it (``.tmp-del-``: removed, whatever it still holds). That covers
+        a crash between the two renames of a re-saved step, which moves the old copy aside
         (``.tmp-old-``) first; the new copy is promoted before the old one is considered.
         """
         if not self.dir.is_dir():
@@ -621,6 +641,10 @@ class CheckpointManager:
             base = p.name.split(_TMP)[0]
             if p.is_dir() and _TMP in p.name and _STEP_RE.match(base):
                 final = p.with_name(base)
+                if p.name.startswith(f"{base}{_TMP}del-"):
+                    log.warning("removing %s (left by an interrupted retention)", p)
+                    shutil.rmtree(p, ignore_errors=True)
+                    continue
                 if (p / MARKER).is_file() and not final.exists():
                     log.warning("finishing the interrupted commit of %s as %s", p, final)
                     os.replace(p, final)

@@ -287,7 +287,7 @@ class Trainer:
             loss_sum += loss.detach()
             self.moe_stats.accumulate()
 
-        faults.hit("mid_step", step + 1)
+        faults.hit("mid_step", step + 1, modules=self.pm.parts)
         self.callbacks.on_after_backward(self, step)
         grad_norm_t = self.pm.clip_grad_norm_(cfg.optim.grad_clip)
         loss_t = self._all_reduce_mean(loss_sum / self.accum)

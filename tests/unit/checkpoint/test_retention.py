@@ -4,9 +4,11 @@ checkpoint just written (no training, no process group)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from moetrain.checkpoint import manager
 from moetrain.checkpoint.manager import (
     MARKER,
     CheckpointManager,
@@ -58,3 +60,46 @@ def test_apply_retention_never_deletes_just_committed(tmp_path):
     m = _fake_manager(tmp_path, keep=1, keep_every=0)
     m._apply_retention(tmp_path / step_dir_name(30))
     assert [m.step_of(p) for p in m.committed()] == [30, 60]
+
+
+class _Killed(BaseException):
+    """The process dying mid-deletion (not an Exception: nothing may catch it)."""
+
+
+def _whole_checkpoints(tmp_path, steps) -> None:
+    """Committed ``step_N`` directories as a save leaves them: data, metadata, marker."""
+    for seq, s in enumerate(steps, 1):
+        d = tmp_path / step_dir_name(s)
+        d.mkdir()
+        (d / "__0_0.distcp").write_bytes(b"shard")
+        (d / ".metadata").write_bytes(b"meta")
+        (d / MARKER).write_text(json.dumps({"step": s, "world_size": 1, "seq": seq}))
+
+
+@pytest.mark.parametrize("first", [MARKER, "__0_0.distcp"])
+def test_retention_killed_mid_delete_leaves_only_whole_checkpoints(tmp_path, monkeypatch,
+                                                                  first):
+    """A crash while retention deletes an old checkpoint (after ``first`` of its files is
+    gone) leaves no half-deleted checkpoint: every directory still counted as committed has
+    all its files, and the next start removes the remains, never turning them back into a
+    checkpoint (a data file gone but the marker there) nor leaving them forever (marker
+    gone first: a final-named directory without a marker is never cleaned)."""
+    m = object.__new__(CheckpointManager)
+    m.cfg = CheckpointConfig(dir=str(tmp_path), keep=2)
+    m.dir = tmp_path
+    _whole_checkpoints(tmp_path, (10, 20, 30))
+
+    def killed_after_one_file(path, ignore_errors=False):
+        (Path(path) / first).unlink()
+        raise _Killed
+
+    monkeypatch.setattr(manager.shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(_Killed):
+        m._apply_retention(tmp_path / step_dir_name(30))
+    monkeypatch.undo()
+    for p in m.committed():
+        assert sorted(q.name for q in p.iterdir()) == [".metadata", MARKER, "__0_0.distcp"], p
+    assert [m.step_of(p) for p in m.committed()] == [20, 30]  # 10 is no longer a checkpoint
+    m._clean_stale()  # the restart
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(20), step_dir_name(30)]
+    assert [m.step_of(p) for p in m.committed()] == [20, 30]

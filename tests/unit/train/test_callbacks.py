@@ -253,21 +253,60 @@ def test_bias_enabled_on_resume_starts_from_the_saved_model(tiny_overrides, tmp_
     bias, and the run continues on the saved model (step 4's loss equals a run that never
     stopped, since the bias only moves after step 4's forward)."""
     trainers = _capture_trainers(monkeypatch)
+    at_start: dict[int, dict] = {}  # id(trainer) -> callback states after the resume
+    after: dict[tuple[int, int], dict] = {}  # (id(trainer), step) -> states after the step
+
+    def on_train_start(self, trainer):
+        at_start[id(trainer)] = {"bias": _biases(trainer), "run_LE": self.run_LE.clone(),
+                                 "cbs": {cb.name: cb.state_dict() for cb in trainer.callbacks}}
+
+    monitor_step_end = BalanceMonitorCallback.on_step_end
+
+    def recording_step_end(self, trainer, step, metrics):  # the last callback of a step
+        monitor_step_end(self, trainer, step, metrics)
+        after[id(trainer), step] = {"bias": _biases(trainer), "run_LE": self.run_LE.clone(),
+                                    "counts": trainer.moe_stats.last_counts_LE.clone()}
+
+    monkeypatch.setattr(BalanceMonitorCallback, "on_train_start", on_train_start)
+    monkeypatch.setattr(BalanceMonitorCallback, "on_step_end", recording_step_end)
     base = [o for o in tiny_overrides if not o.startswith("run.dir")]
+    # collapse_fraction=0.9: the monitor's run lengths are non-zero at step 3 (no event).
     plain = base + ["moe/router=aux_free", "moe.aux_loss_coef=0",
-                    "moe.router.bias_update_rate=0", "checkpoint.every=3", "train.steps=6"]
-    run(compose(plain + ["train.stop_at=3", f"run.dir={tmp_path / 'a'}"]))
+                    "moe.router.bias_update_rate=0", "checkpoint.every=3", "train.steps=6",
+                    "logging.collapse_fraction=0.9"]
+    ref_dir, res_dir = tmp_path / "ref", tmp_path / "resumed"
+    run(compose(plain + [f"run.dir={ref_dir}"]))  # the run that never stopped
+    ref = id(trainers[-1])
     assert "callback.expert_bias" not in trainers[-1]._state()
-    ref = _steps(tmp_path / "a")
+    # The same run stopped after its step-3 checkpoint: its directory without step 6.
+    shutil.copytree(ref_dir, res_dir)
+    shutil.rmtree(res_dir / "checkpoints" / "step_0000006")
     caplog.set_level("WARNING")
     on = [o for o in plain if "bias_update_rate" not in o]
-    run(compose(on + [f"run.dir={tmp_path / 'a'}"]))
+    run(compose(on + [f"run.dir={res_dir}"]))
     res = trainers[-1]
     assert "has no state for callback.expert_bias" in caplog.text
-    assert _callback(res, ExpertBiasCallback).updates == 3  # steps 4, 5, 6
-    steps = _steps(tmp_path / "a")
+
+    # After the resume: a fresh expert-bias callback, the saved zero bias, and the balance
+    # monitor's run lengths of step 3 (non-zero, so a missed restore would show).
+    start = at_start[id(res)]
+    assert start["cbs"]["expert_bias"] == {"updates": 0}
+    assert torch.equal(start["bias"], torch.zeros_like(start["bias"]))
+    assert after[ref, 3]["run_LE"].sum() > 0
+    assert torch.equal(start["run_LE"], after[ref, 3]["run_LE"])
+    # Step 4 is the uninterrupted run's step 4: same loss, gradient norm and routing.
+    steps, ref_steps = _steps(res_dir), _steps(ref_dir)
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
-    assert [m["loss"] for m in steps[:3]] == [m["loss"] for m in ref]
+    for key in ("loss", "grad_norm", "aux_loss"):
+        assert steps[3][key] == ref_steps[3][key], key
+    assert torch.equal(after[id(res), 4]["counts"], after[ref, 4]["counts"])
+    assert torch.equal(after[id(res), 4]["run_LE"], after[ref, 4]["run_LE"])
+    # Then the bias moves once per step from there, by the step-4 counts first.
+    assert torch.equal(after[ref, 4]["bias"], torch.zeros_like(start["bias"]))
+    torch.testing.assert_close(after[id(res), 4]["bias"],
+                               bias_delta(after[ref, 4]["counts"], RATE, BiasUpdate.sign),
+                               rtol=0, atol=0)
+    assert _callback(res, ExpertBiasCallback).updates == 3  # steps 4, 5, 6
     assert _biases(res).abs().max() > 0
 
 
