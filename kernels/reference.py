@@ -84,7 +84,10 @@ def capacity_keep(ids_TK: torch.Tensor, num_experts: int, capacity: int,
     - ``slot``: the lowest (k, t): every first choice before any second choice, then by
       token (GShard, Lepikhin et al., 2020, Algorithm 1);
     - ``probs``: the highest router weight ``weights_TK[t, k]``, ties to the lower flat
-      index (Megatron-core's default ``probs`` drop policy).
+      index (Megatron-core's default ``probs`` drop policy);
+    - ``rank``: the lowest choice rank k (every first choice before any second choice),
+      then the highest weight, then the lower token (XMoE's ``_top_idx`` on the priority
+      choice rank + probability).
     One sort of the key expert * N + priority rank: no loop over tokens or experts.
     """
     T, K = ids_TK.shape
@@ -98,10 +101,12 @@ def capacity_keep(ids_TK: torch.Tensor, num_experts: int, capacity: int,
         prio_N = (n_N % K) * T + torch.div(n_N, K, rounding_mode="floor")
     else:
         if weights_TK is None:
-            raise ConfigError("moe.drop_policy=probs needs the router weights: pass "
-                              "weights_TK, or set moe.drop_policy=slot|position")
+            raise ConfigError(f"moe.drop_policy={policy.value} needs the router weights: pass "
+                              f"weights_TK, or set moe.drop_policy=slot|position")
         # descending + stable: equal weights keep flat order (the lower index first).
         best_N = torch.argsort(weights_TK.detach().reshape(-1), descending=True, stable=True)
+        if policy == DropPolicy.rank:  # then a stable sort by choice rank k = n % K
+            best_N = best_N[torch.argsort(best_N % K, stable=True)]
         prio_N = torch.empty_like(n_N).scatter_(0, best_N, n_N)
     order_N = torch.argsort(flat * N + prio_N)  # unique keys: expert, then priority
     counts_E = expert_counts(flat, E + 1)

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "upcycle.json").write_text(json.dumps({
         "dense": str(src.path), "kind": src.kind, "checkpoint": str(path),
         "init": {k: _json(getattr(cfg.init, k)) for k in
-                 ("drop_ratio", "drop_mode", "seed", "router_std", "reuse_optimizer")},
+                 ("drop_ratio", "drop_mode", "seed", "router_std", "router_init",
+                  "reuse_optimizer")},
         "train_overrides": train_args}, indent=2, default=str) + "\n")
     print(f"upcycled {src.path} ({src.kind}) -> {path}\n"
           f"train it with (its checkpoints go beside step 0, so a restart resumes the "

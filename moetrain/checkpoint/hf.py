@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from moetrain.config.recipes import recipe_values
 from moetrain.config.schema import (
     Config,
     GateActivation,
@@ -409,9 +410,11 @@ def _router_routing(router: torch.nn.Module) -> EvalRouting:
         return EvalRouting(ScoreFunc.sigmoid if k == 1 else ScoreFunc.softmax, k, renorm=False,
                            scale=1.0, temperature=temperature, uses_bias=False)
     if name == "dts" and getattr(router, "phase", "hard") != "diversify":
-        # EvoMoE's gate in eval: top-k of the plain logits (no temperature), p renormalised.
+        # EvoMoE's gate in eval: top-k of the plain logits, p renormalised; with Gumbel
+        # gates the weights are softmax(logits / tau) (the order, so the picks, is the same).
+        tau = temperature if getattr(router, "gumbel_gates", False) else 1.0
         return EvalRouting(ScoreFunc.softmax, k, renorm=bool(router.renormalize) and k > 1,
-                           scale=1.0, temperature=1.0, uses_bias=False)
+                           scale=1.0, temperature=tau, uses_bias=False)
     why = {
         "expert_choice": "each expert picks its tokens from the whole batch, so a token's "
                          "experts depend on the other tokens",
@@ -564,7 +567,8 @@ def _hf_config(cfg: Config, vocab: int, target: Target, dtype: torch.dtype,
     dense = [i for i, moe in enumerate(_moe_pattern(m)) if not moe]
     if routing is not None:
         hf["num_experts_per_tok"] = routing.top_k
-        hf["router_aux_loss_coef"] = cfg.moe.aux_loss_coef
+        # the coefficient trained with: the config's, or the router's recipe when null
+        hf["router_aux_loss_coef"] = recipe_values(cfg.moe)["aux_loss_coef"]
         hf["output_router_logits"] = False
     if target == Target.llama:
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)

@@ -29,6 +29,42 @@ from torch.distributed.checkpoint.stateful import Stateful
 __all__ = ["ModelOptimizerState", "ObjectState", "RNGState"]
 
 
+def _fill_fresh_state(optim: torch.optim.Optimizer) -> None:
+    """Give the parameters that have no optimizer state yet, in an optimizer that has
+    stepped, the state they would start with: one zero-gradient, zero-lr step over them
+    alone, with the step count set back to 0 (Adam's moments stay 0, the weights do not
+    move). A parameter that has had no gradient yet (EvoMoE's gate before the spawn, with no
+    z-loss) then still has a tensor in the checkpoint, which the load template (every
+    parameter initialised) asks for; its first real step is that of a fresh state."""
+    if not optim.state:
+        return  # get_state_dict initialises a fresh optimizer itself
+    missing = {p for g in optim.param_groups for p in g["params"]
+               if p.requires_grad and not optim.state.get(p)}
+    if not missing:
+        return
+    grads = {p: p.grad for g in optim.param_groups for p in g["params"]}
+    lrs = [g.get("lr") for g in optim.param_groups]
+    try:
+        for g in optim.param_groups:
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p) if p in missing else None
+            if "lr" in g:
+                g["lr"] = torch.tensor(0.0) if isinstance(g["lr"], torch.Tensor) else 0.0
+        optim.step()
+    finally:
+        for g, lr in zip(optim.param_groups, lrs):
+            if lr is not None:
+                g["lr"] = lr
+        for p, grad in grads.items():
+            p.grad = grad
+    for p in missing:
+        step = optim.state[p].get("step")
+        if isinstance(step, torch.Tensor):
+            step.zero_()
+        elif step is not None:
+            optim.state[p]["step"] = 0
+
+
 def _as_list(x: Any) -> list:
     if x is None:
         return []
@@ -52,7 +88,9 @@ class ModelOptimizerState(Stateful):
 
     An optimizer that has not stepped yet has no state; ``get_state_dict`` initialises it with
     one zero-gradient, zero-lr step so the load template has every tensor. Consequence: calling
-    ``state_dict()`` before the first real step leaves Adam's step count at 1.
+    ``state_dict()`` before the first real step leaves Adam's step count at 1. Parameters
+    that have had no gradient yet in an optimizer that has stepped get their fresh state
+    (:func:`_fill_fresh_state`), so the checkpoint matches that template.
     """
 
     def __init__(
@@ -74,6 +112,7 @@ class ModelOptimizerState(Stateful):
     def _part_state(self, i: int) -> tuple[dict[str, Any], dict[str, Any]]:
         if not self.optimizers:
             return get_model_state_dict(self.models[i], options=self.options), {}
+        _fill_fresh_state(self.optimizers[i])
         return get_state_dict(self.models[i], self.optimizers[i], options=self.options)
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,8 +7,10 @@ Every routed expert of MoE layer i starts as a copy of layer i's dense SwiGLU FF
 (``w1_EFD[e] = w1``, ``w3_EFD[e] = w3``, ``w2_EDF[e] = w2``); attention, norms, embeddings,
 the output and the layers that stay dense are copied. Choices (docs/upcycling.md):
 
-- **Router**: fresh, ``gate ~ N(0, init.router_std^2)`` from a generator seeded by
-  (init.seed, layer); ``expert_bias`` 0; a noisy router's noise projection 0 (as a fresh
+- **Router**: fresh, zero-mean with std ``init.router_std``, from a generator seeded by
+  (init.seed, layer): N(0, std^2), or with Drop-Upcycling (``init.router_init=auto`` and
+  r > 0, or ``uniform``) U(-a, a) with a = std * sqrt(3), the released recipe's
+  ``torch_rand_002``. ``expert_bias`` 0; a noisy router's noise projection 0 (as a fresh
   one). Sparse upcycling initialises it randomly with zero mean.
 - **Exactness**: with identical experts the MoE output is ``sum_k w_k * FFN(x)``, which is
   ``FFN(x)`` when the combine weights sum to 1: renormalised top-k (softmax or sigmoid,
@@ -58,14 +60,15 @@ from moetrain.config.schema import (
     InitConfig,
     ModelConfig,
     MoEConfig,
+    RouterInit,
     RouterType,
 )
 from moetrain.models import Transformer
 
 __all__ = [
     "DenseSource", "UpcycleError", "UpcycledState", "build_upcycled", "drop_upcycle",
-    "exactness_issue", "inspect_dense", "load_into", "num_dropped", "upcycle_into",
-    "upcycle_state_dict",
+    "exactness_issue", "inspect_dense", "load_into", "num_dropped", "router_law",
+    "upcycle_into", "upcycle_state_dict",
 ]
 
 log = logging.getLogger(__name__)
@@ -554,14 +557,29 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], model_cfg: ModelConfig, m
     return UpcycledState(model={k: out[k] for k in wanted}, optim=optim)
 
 
+def router_law(init: InitConfig) -> RouterInit:
+    """``init.router_init`` with ``auto`` resolved: uniform for Drop-Upcycling (its released
+    conversions draw the router with ``torch_rand_002``), normal for plain upcycling."""
+    law = RouterInit(init.router_init)
+    if law == RouterInit.auto:
+        return RouterInit.uniform if init.drop_ratio > 0 else RouterInit.normal
+    return law
+
+
 def _router_init(key: str, spec: tuple[tuple[int, ...], torch.dtype], init: InitConfig
                  ) -> torch.Tensor:
-    """gate ~ N(0, router_std^2) seeded by (seed, layer); every other router tensor 0
+    """The gate, zero-mean with std ``router_std``, seeded by (seed, layer): N(0, std^2),
+    or U(-a, a) with a = std * sqrt(3) (the variance of U(-a, a) is a^2 / 3).
+    Drop-Upcycling's ``torch_rand_002`` is (u - mean(u)) * std * sqrt(12), u ~ U(0, 1): the
+    same law, centred on the sample mean instead of 1/2. Every other router tensor is 0
     (expert_bias; a noisy router's noise projection, zero-initialised as a fresh one)."""
     shape, dtype = spec
     m = _ROUTER_KEY.match(key)
     if m.group(2) == "gate.weight":
         g = torch.Generator().manual_seed(_seed("router", init.seed, int(m.group(1))))
+        if router_law(init) == RouterInit.uniform:
+            a = init.router_std * math.sqrt(3.0)
+            return torch.empty(shape).uniform_(-a, a, generator=g).to(dtype)
         return torch.empty(shape).normal_(0.0, init.router_std, generator=g).to(dtype)
     return torch.zeros(shape, dtype=dtype)
 
@@ -654,6 +672,6 @@ def upcycle_into(parts: nn.Module | Sequence[nn.Module],
     load_into(parts, optimizers, state)
     if verbose:
         log.info("init.from_dense: upcycled %s (%s) into %d experts per MoE layer "
-                 "(drop_ratio=%s, drop_mode=%s, seed=%d%s)", src.path, src.kind,
+                 "(drop_ratio=%s, drop_mode=%s, router %s, seed=%d%s)", src.path, src.kind,
                  model_cfg.num_experts, init.drop_ratio, DropMode(init.drop_mode).value,
-                 init.seed, ", dense optimizer state reused" if state.optim else "")
+                 router_law(init).value, init.seed, ", dense optimizer state reused" if state.optim else "")

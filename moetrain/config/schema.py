@@ -100,6 +100,17 @@ class DropPolicy(str, Enum):
     probs = "probs"  # each expert keeps its highest router weights (Megatron-core default)
     slot = "slot"  # every first choice before any second choice, then by token (GShard)
     position = "position"  # by flat position t*K + k (earlier tokens first)
+    # every first choice before any second choice; within a choice, the highest router
+    # weight (XMoE's main_thresholdGating: priority = choice rank + probability)
+    rank = "rank"
+
+
+class CapacityRule(str, Enum):
+    """Rows one expert accepts in capacity mode (moe.dispatch=capacity), with C = the
+    capacity, cf = moe.capacity_factor, T tokens, K slots per token, E experts."""
+
+    slots = "slots"  # C = ceil(cf * T * K / E) (Switch with K slots; Megatron-core)
+    tokens = "tokens"  # C = max(ceil(cf * T / E), 4) (DeepSpeed/XMoE _capacity, min_capacity 4)
 
 
 class BalanceLoss(str, Enum):
@@ -107,6 +118,8 @@ class BalanceLoss(str, Enum):
 
     switch = "switch"  # Switch/GShard: E * sum_e f_e P_e over the micro-batch (or global batch)
     seq = "seq"  # DeepSeek-V3 sequence-wise: the same per sequence, averaged over sequences
+    xmoe = "xmoe"  # XMoE: E * sum_e mean_t(p_te) * (share of tokens whose top-1 is e)
+    evomoe = "evomoe"  # EvoMoE: E^2 * mean_e(me_e * ce_e), me = mean gate, ce = share chosen
 
 
 class DispatchMode(str, Enum):
@@ -179,6 +192,14 @@ class DropMode(str, Enum):
 
     per_expert = "per_expert"  # one channel set per expert, shared by w1, w3 and w2 (paper)
     per_matrix = "per_matrix"  # an independent set per matrix (the released code)
+
+
+class RouterInit(str, Enum):
+    """Law of an upcycled model's fresh router gate, zero-mean with std init.router_std."""
+
+    auto = "auto"  # uniform with Drop-Upcycling (init.drop_ratio > 0), else normal
+    normal = "normal"  # N(0, std^2) (sparse upcycling: a fresh zero-mean router)
+    uniform = "uniform"  # U(-a, a), a = std * sqrt(3) (Drop-Upcycling's torch_rand_002)
 
 
 # Pipeline schedules of torch.distributed.pipelining. Functional API: OmegaConf matches a
@@ -309,6 +330,9 @@ class RouterConfig:
     importance_coef: float = 1e-2
     load_coef: float = 1e-2
     noise_epsilon: float = 1e-2
+    # noisy_topk: W_g and W_noise start at zero (the paper, App. A; tensor2tensor's
+    # noisy_top_k_gating); false = W_g ~ N(0, model.init_std^2), W_noise zero.
+    noisy_zero_init: bool = True
     # expert_choice (Zhou et al. 2022): each expert takes round(c * T / E) tokens, c = the
     # average number of experts per token.
     ec_capacity_factor: float = 2.0
@@ -320,7 +344,8 @@ class RouterConfig:
     ssr_prob: float = 0.01
     ssr_epsilon: float = 0.05
     # threshold (XMoE): each token takes experts, best first, until their cumulative
-    # probability reaches the threshold; at least 1 and at most max_k (null = model.top_k).
+    # probability reaches the threshold; at least 1 and at most max_k (null =
+    # model.num_experts: no cap, as XMoE's main_thresholdGating).
     threshold: float = 0.9
     max_k: int | None = None
 
@@ -349,7 +374,7 @@ class RouterConfig:
         _require(0 < self.threshold <= 1, "moe.router.threshold", self.threshold,
                  "must be in (0, 1] (cumulative probability)")
         _require(self.max_k is None or self.max_k >= 1, "moe.router.max_k", self.max_k,
-                 "must be >= 1, or null for model.top_k")
+                 "must be >= 1, or null for model.num_experts (no cap)")
 
 
 @dataclass
@@ -358,7 +383,8 @@ class MoEConfig:
 
     router: RouterConfig = field(default_factory=RouterConfig)
     dispatch: DispatchMode = DispatchMode.dropless
-    # Capacity per expert = ceil(capacity_factor * T * K / E); used when dispatch=capacity.
+    # dispatch=capacity: rows per expert = ceil(capacity_factor * T * K / E)
+    # (capacity_rule=slots), or max(ceil(capacity_factor * T / E), 4) (tokens).
     capacity_factor: float = 1.25
     expert_backend: ExpertBackend = ExpertBackend.auto
     # Routing/permute/combine kernels: auto = Triton on CUDA once its self-test against the
@@ -367,14 +393,19 @@ class MoEConfig:
     # Recompute the routed experts' SwiGLU activations in the backward (torch checkpoint):
     # saves ~4*R*F activation values per MoE layer for ~1/3 more expert FLOPs.
     recompute_experts: bool = False
-    # Switch/GShard load-balancing loss coefficient (Switch uses 1e-2).
-    aux_loss_coef: float = 1e-2
-    # ST-MoE router z-loss coefficient (ST-MoE uses 1e-3).
-    z_loss_coef: float = 1e-3
+    # The training recipe: null takes the router's paper recipe (moetrain/config/recipes.py,
+    # docs/routers.md#training-recipes), resolved by validate(); a value set here wins.
+    # Coefficient of the balance loss (0 = logged, not trained on; Switch: 1e-2).
+    aux_loss_coef: float | None = None
+    # Router z-loss coefficient (ST-MoE: 1e-3; 0 = off; null: the recipe's).
+    z_loss_coef: float | None = None
     aux_loss_scope: AuxLossScope = AuxLossScope.micro_batch
-    balance_loss: BalanceLoss = BalanceLoss.switch
-    # Capacity mode: which rows an over-full expert keeps.
-    drop_policy: DropPolicy = DropPolicy.probs
+    # The balance loss that aux_loss_coef weights (null: the recipe's).
+    balance_loss: BalanceLoss | None = None
+    # Capacity mode: which rows an over-full expert keeps (null: the recipe's).
+    drop_policy: DropPolicy | None = None
+    # Capacity mode: rows per expert, counted by slots or by tokens (null: the recipe's).
+    capacity_rule: CapacityRule | None = None
     # Expert parallelism: split each rank's routed rows into this many chunks and overlap
     # the all-to-all of one chunk with the experts' compute on another (Tutel's
     # a2a_ffn_overlap_degree). 1 = one exchange each way, no overlap. Same math either way.
@@ -386,8 +417,10 @@ class MoEConfig:
         _require(isinstance(self.a2a_overlap_chunks, int) and self.a2a_overlap_chunks >= 1,
                  "moe.a2a_overlap_chunks", self.a2a_overlap_chunks,
                  "must be an integer >= 1 (1 = one exchange each way, no overlap)")
-        _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
-        _require(self.z_loss_coef >= 0, "moe.z_loss_coef", self.z_loss_coef, "must be >= 0")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            v = getattr(self, name)
+            _require(v is None or v >= 0, f"moe.{name}", v,
+                     "must be >= 0, or null for the router's recipe")
 
 
 # ----------------------------------------------------------------------------- optim
@@ -628,6 +661,12 @@ class ScheduleConfig:
     gumbel_threshold: float = 1e-3
     # evomoe: first step of hard top-k routing; null = diversify_steps + steps.
     hard_step: int | None = None
+    # evomoe: experts per token k of the hard phase and of evaluation (EvoMoE: top-1, the
+    # argmax of the Gumbel softmax); null = model.top_k.
+    hard_k: int | None = None
+    # evomoe: combine with the Gumbel-softmax values g = softmax((logits + G) / tau) at the
+    # chosen experts instead of softmax(logits) (EvoMoE's --use-gumbel-gates; off there).
+    gumbel_gates: bool = False
 
     def __post_init__(self) -> None:
         _require(self.steps is None or self.steps >= 1, "schedule.steps", self.steps,
@@ -648,6 +687,8 @@ class ScheduleConfig:
                  self.gumbel_threshold, "must be in (0, 1) (EvoMoE uses 0.001)")
         _require(self.hard_step is None or self.hard_step >= 0, "schedule.hard_step",
                  self.hard_step, "must be >= 0, or null for diversify_steps + steps")
+        _require(self.hard_k is None or self.hard_k >= 1, "schedule.hard_k", self.hard_k,
+                 "must be >= 1, or null for model.top_k (EvoMoE: 1)")
 
 
 @dataclass
@@ -665,8 +706,11 @@ class InitConfig:
     drop_mode: DropMode = DropMode.per_expert
     # Seeds the router init and the dropped channels, per (seed, layer, expert).
     seed: int = 0
-    # The fresh router gate is N(0, router_std^2); its expert bias starts at 0.
+    # The fresh router gate has mean 0 and std router_std; its expert bias starts at 0.
     router_std: float = 0.02
+    # Its law: normal, uniform U(-a, a) with a = router_std * sqrt(3) (Drop-Upcycling's
+    # released recipe), or auto = uniform when drop_ratio > 0, else normal.
+    router_init: RouterInit = RouterInit.auto
     # Carry the dense checkpoint's AdamW moments over (copied to every expert like the
     # weights, zero for the router and dropped channels); false = a fresh optimizer.
     reuse_optimizer: bool = False

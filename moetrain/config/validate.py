@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from moetrain.config.recipes import _OVERRIDES, off_recipe_losses, recipe_name, resolve_recipe
 from moetrain.config.schema import (
     AUTO,
     AuxLossScope,
@@ -230,8 +231,26 @@ def _validate_pp(cfg: Config, layout: Layout) -> None:
             f"{rounds * pp * t.micro_batch_size * layout.dp})")
 
 
+def _resolve_recipe(cfg: Config) -> None:
+    """Fill the null training-recipe fields from the router's recipe
+    (moetrain/config/recipes.py) and XMoE's uncapped max_k; warn once when the run trains
+    on a loss the router's paper does not use (research may mix them on purpose)."""
+    moe, r = cfg.moe, cfg.moe.router
+    first = not hasattr(moe, _OVERRIDES)
+    resolve_recipe(moe)
+    if RouterType(r.name) == RouterType.threshold and r.max_k is None:
+        r.max_k = cfg.model.num_experts  # XMoE: every expert may be chosen
+    extra = off_recipe_losses(moe)
+    if first and extra:
+        log.warning("moe.router.name=%s (recipe %s) leaves its paper's recipe: %s. Allowed "
+                    "(research mixes them); to follow the paper, set the coefficient to 0 or "
+                    "null for the recipe (docs/routers.md#training-recipes)",
+                    RouterType(r.name).value, recipe_name(r), "; ".join(extra))
+
+
 def _validate_routing(cfg: Config, layout: Layout) -> None:
     """Rules of the routers and balance losses (moetrain/models/moe/router.py)."""
+    _resolve_recipe(cfg)
     r, m, moe = cfg.moe.router, cfg.model, cfg.moe
     kind = RouterType(r.name)
     E, K = m.num_experts, m.top_k
@@ -278,10 +297,6 @@ def _validate_routing(cfg: Config, layout: Layout) -> None:
             f"moe.router.score_func={ScoreFunc(r.score_func).value} is invalid for "
             f"moe.router.name={kind.value}, which scores with a softmax: set "
             f"moe.router.score_func=softmax, or use moe/router=sigmoid_topk or deepseek_v3")
-    if kind in (RouterType.expert_choice, RouterType.sinkhorn) and moe.aux_loss_coef > 0:
-        log.warning("moe.aux_loss_coef=%s with moe.router.name=%s: this router balances by "
-                    "construction, so the balance loss is logged (aux_loss) but not trained "
-                    "on; set moe.aux_loss_coef=0 to silence this", moe.aux_loss_coef, kind.value)
     if r.bias_update_rate > 0 and kind not in BIAS_ROUTERS:
         raise ConfigError(
             f"moe.router.bias_update_rate={r.bias_update_rate} with moe.router.name={kind.value}:"
@@ -301,9 +316,9 @@ def _validate_routing(cfg: Config, layout: Layout) -> None:
     seq = BalanceLoss(moe.balance_loss) == BalanceLoss.seq
     if seq and AuxLossScope(moe.aux_loss_scope) == AuxLossScope.global_batch:
         raise ConfigError(
-            "moe.balance_loss=seq with moe.aux_loss_scope=global_batch: the sequence-wise loss "
-            "counts each sequence on its own; set moe.aux_loss_scope=micro_batch, or "
-            "moe.balance_loss=switch")
+            f"moe.balance_loss=seq (moe.router.name={kind.value}'s recipe unless set) with "
+            f"moe.aux_loss_scope=global_batch: the sequence-wise loss counts each sequence on "
+            f"its own; set moe.aux_loss_scope=micro_batch, or moe.balance_loss=switch")
 
 
 # Routers whose experts per token are ``top_k`` (schedule=topk anneals it).
@@ -376,6 +391,10 @@ def _validate_schedule(cfg: Config, layout: Layout) -> None:
                 f"model.num_experts = {1.0 / E:.4g}: some token could keep no expert (its "
                 f"Gumbel-softmax values sum to 1); use a threshold below {1.0 / E:.4g} "
                 f"(EvoMoE: 0.001)")
+        if s.hard_k is not None and s.hard_k > E:
+            raise ConfigError(
+                f"schedule.hard_k={s.hard_k} exceeds model.num_experts={E}: use a k in "
+                f"[1, {E}] (EvoMoE: 1), or null for model.top_k")
         if s.hard_step is not None and s.hard_step < s.diversify_steps:
             raise ConfigError(
                 f"schedule.hard_step={s.hard_step} comes before the spawn at "

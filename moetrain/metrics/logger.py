@@ -8,6 +8,11 @@ logged. Per-expert loads stay out of the jsonl (``E * L`` numbers per step would
 they go to TensorBoard as a heatmap image plus per-layer max/min scalars; a one-number summary
 (:func:`moetrain.metrics.heatmap.load_imbalance`) can be passed to ``log_step`` instead.
 Non-finite values are written as ``NaN``/``Infinity`` (Python's json reads them back).
+
+The first line is the run's resolved training recipe, ``{"recipe": {...}}``
+(:func:`moetrain.config.recipes.recipe_record`: router, balance loss and coefficients,
+z-loss, the router's own settings); it has no ``step``. :func:`read_metrics` skips it and
+:func:`read_recipe` returns it. A resumed run rewrites it in place, so it stays first.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from moetrain.config import LoggingConfig
 from moetrain.metrics.heatmap import as_float64, load_heatmap_CHW
 
-__all__ = ["MetricsLogger", "read_metrics", "tensorboard_tag"]
+__all__ = ["MetricsLogger", "read_metrics", "read_recipe", "tensorboard_tag"]
 
 _MOE_PREFIXES = ("aux", "z_loss", "moe_", "router", "expert", "drop", "load", "capacity")
 _PERF_KEYS = ("tokens", "mfu", "step_time", "flops")
@@ -55,8 +60,7 @@ def _scalar(v: Any) -> float | int | bool | None:
     raise TypeError(f"metric value {v!r} of type {type(v).__name__} is not a scalar")
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Parse a metrics.jsonl; blank and undecodable lines (a torn last line) are skipped."""
+def _records(path: str | Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     with open(path) as f:
         for line in f:
@@ -68,6 +72,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def _is_recipe(record: Mapping[str, Any]) -> bool:
+    return "recipe" in record and "step" not in record
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Parse a metrics.jsonl: its step, validation and event rows. Blank and undecodable
+    lines (a torn last line) and the recipe line are skipped (:func:`read_recipe`)."""
+    return [r for r in _records(path) if not _is_recipe(r)]
+
+
+def read_recipe(path: str | Path) -> dict[str, Any] | None:
+    """The training recipe a metrics.jsonl starts with; None for files written before
+    the recipe line existed."""
+    return next((r["recipe"] for r in _records(path) if _is_recipe(r)), None)
 
 
 class MetricsLogger:
@@ -86,13 +106,43 @@ class MetricsLogger:
         self._file: Any = None
         self._writer: Any = None
         self._purge_step: int | None = None
+        self._recipe: dict[str, Any] | None = None
+
+    def set_recipe(self, recipe: Mapping[str, Any]) -> None:
+        """The training recipe to write as the first line, ``{"recipe": recipe}``, when
+        the file is first written (a run that takes no step writes no file)."""
+        self._recipe = dict(recipe)
 
     # ------------------------------------------------------------------ sinks
     def _jsonl(self):
         if self._file is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self._recipe is not None:
+                self._put_recipe_first()
             self._file = open(self.path, "a")  # noqa: SIM115 - kept open across steps
         return self._file
+
+    def _put_recipe_first(self) -> None:
+        """Start the file with the recipe line; an earlier run's recipe line (a resume)
+        is replaced, every other line kept in order (atomic rewrite)."""
+        head = json.dumps({"recipe": self._recipe}) + "\n"
+        lines: list[str] = []
+        if self.path.exists():
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if _is_recipe(json.loads(line)):
+                            continue
+                    except json.JSONDecodeError:
+                        pass
+                    lines.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(head)
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def _tb(self):
         if not self.cfg.tensorboard:

@@ -24,13 +24,23 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from moetrain.config.schema import ConfigError, DispatchMode, DropPolicy, KernelBackend, MoEConfig
+from moetrain.config.recipes import recipe_values
+from moetrain.config.schema import (
+    CapacityRule,
+    ConfigError,
+    DispatchMode,
+    DropPolicy,
+    KernelBackend,
+    MoEConfig,
+)
 from moetrain.models.moe.dispatcher import AllToAllDispatcher, DispatchMeta
 
 
 def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfig) -> None:
     """Keep each rank's E/ep experts and route tokens to them by all-to-all."""
     capacity = moe_cfg.capacity_factor if moe_cfg.dispatch == DispatchMode.capacity else None
+    recipe = recipe_values(moe_cfg)  # the drop policy and capacity rule, as MoELayer's
+    drop, rule = recipe["drop_policy"], recipe["capacity_rule"]
     group = ep_mesh.get_group()
     for layer in moe_layers:
         experts = layer.experts
@@ -40,10 +50,10 @@ def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfi
         if moe_cfg.a2a_overlap_chunks > 1:
             dispatcher = ChunkedAllToAllDispatcher(
                 layer.router.num_experts, group, moe_cfg.a2a_overlap_chunks,
-                capacity, moe_cfg.kernel_backend, moe_cfg.drop_policy)
+                capacity, moe_cfg.kernel_backend, drop, rule)
         else:
             dispatcher = AllToAllDispatcher(layer.router.num_experts, group, capacity,
-                                            moe_cfg.kernel_backend, moe_cfg.drop_policy)
+                                            moe_cfg.kernel_backend, drop, rule)
         layer.set_dispatcher(dispatcher)
 
 
@@ -256,8 +266,10 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
     def __init__(self, num_experts: int, group: dist.ProcessGroup, chunks: int,
                  capacity_factor: float | None = None,
                  kernel_backend: KernelBackend = KernelBackend.auto,
-                 drop_policy: DropPolicy = DropPolicy.probs):
-        super().__init__(num_experts, group, capacity_factor, kernel_backend, drop_policy)
+                 drop_policy: DropPolicy = DropPolicy.probs,
+                 capacity_rule: CapacityRule = CapacityRule.slots):
+        super().__init__(num_experts, group, capacity_factor, kernel_backend, drop_policy,
+                         capacity_rule)
         if chunks < 1:
             raise ConfigError(f"moe.a2a_overlap_chunks={chunks!r} is invalid: must be >= 1 "
                               f"(1 = no overlap)")

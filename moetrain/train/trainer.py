@@ -22,6 +22,7 @@ from torch import nn
 from moetrain import faults
 from moetrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from moetrain.checkpoint.load import CONFIG_FILE, config_to_yaml
+from moetrain.config.recipes import format_recipe, recipe_record
 from moetrain.config.schema import Config, OptimOffload
 from moetrain.config.validate import Layout
 from moetrain.data import GlobalBatchSampler, build_data
@@ -150,6 +151,11 @@ class Trainer:
         self.progress = Progress()
         self.ckpt = CheckpointManager(cfg.checkpoint, files={CONFIG_FILE: config_to_yaml(cfg)})
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, enabled=self.rank == 0)
+        # The resolved training recipe: logged once, and metrics.jsonl's first line.
+        recipe = recipe_record(cfg)
+        self.metrics.set_recipe(recipe)
+        if self.rank == 0:
+            log.info(format_recipe(recipe))
         self.autocast_dtype = torch.bfloat16 if t.uses_bf16(device.type) else None
         self.peak = peak_flops_per_s(device, cfg.logging.peak_tflops)
         self.moe_stats = MoEStatsTracker(self.pm.all_moe_layers, device, layout.ep,

@@ -31,17 +31,25 @@ PP_BASE = [o for o in TINY if not o.startswith(("model.n_heads", "model.n_layers
     "model.n_shared_experts=1", "eval.every=0", "checkpoint.every=3", "checkpoint.keep=0",
 ]
 
+# Each router trains with its recipe (docs/routers.md#training-recipes) unless set here.
+# The coefficients set below make the auxiliary gradients large enough to tell layouts
+# apart (DeepSeek-V3's recipe trains the sequence-wise loss at 1e-4, no z-loss).
+STRONG_AUX = ["moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001"]
 ROUTERS = {
     "topk": ["moe/router=topk"],
-    # auxiliary-loss-free bias (rate 1e-3) plus the default switch loss
-    "deepseek_v3": ["moe/router=deepseek_v3"],
+    # auxiliary-loss-free bias (rate 1e-3) plus the Switch loss and the z-loss
+    "deepseek_v3": ["moe/router=deepseek_v3", "moe.balance_loss=switch"] + STRONG_AUX,
     # DeepSeek-V3's sequence-wise balance loss with the bias
-    "deepseek_v3_seq": ["moe/router=deepseek_v3", "moe.balance_loss=seq"],
+    "deepseek_v3_seq": ["moe/router=deepseek_v3", "moe.balance_loss=seq"] + STRONG_AUX,
+    # its recipe: zero-initialised gates, its own importance and load losses only
     "noisy_topk": ["moe/router=noisy_topk"],
     "expert_choice": ["moe/router=expert_choice"],
     "sinkhorn": ["moe/router=sinkhorn"],
-    # optimal-transport steps on half the (step, layer) draws: several within 6 steps
-    "selective_sinkhorn": ["moe/router=selective_sinkhorn", "moe.router.ssr_prob=0.5"],
+    # optimal-transport steps on half the (step, layer) draws: several within 6 steps; the
+    # losses of topk's recipe, so its trajectory is topk's up to the first transport step
+    "selective_sinkhorn": ["moe/router=selective_sinkhorn", "moe.router.ssr_prob=0.5"]
+                          + STRONG_AUX,
+    # its recipe: 1 to E experts per token, XMoE's top-1 balance loss
     "threshold": ["moe/router=threshold"],
 }
 BIAS_ROUTERS = ("deepseek_v3", "deepseek_v3_seq")
@@ -214,6 +222,8 @@ def _config_error(overrides: list[str], world: int = 1, build_router: bool = Fal
      "moe.router.bias_update_rate"),
     (["moe/router=deepseek_v3", "moe.router.n_groups=3"], 1, "moe.router.n_groups"),
     (["moe.balance_loss=seq", "moe.aux_loss_scope=global_batch"], 1, "moe.aux_loss_scope"),
+    # DeepSeek-V3's recipe is the sequence-wise loss: the same rule, named
+    (["moe/router=deepseek_v3", "moe.aux_loss_scope=global_batch"], 1, "moe.aux_loss_scope"),
 ])
 def test_bad_router_config_fails_in_validation(overrides, world, field):
     msg = _config_error(overrides, world)

@@ -1,5 +1,5 @@
 """Schedules under expert parallelism: EvoMoE (diversify, spawn across the ep ranks, soft
-DTS gate, hard top-k) and top-k annealing on ep=2 x dp=2 (4 processes, FSDP) log the
+DTS gate with Gumbel-softmax combine weights, hard top-1) and top-k annealing on ep=2 x dp=2 (4 processes, FSDP) log the
 1-process per-step losses, gradient norms and routing statistics within 1e-5 relative,
 with the same schedule values each step.
 
@@ -20,9 +20,10 @@ from tests.distributed._runs import assert_same_trajectory, step_rows, train
 BASE = [o for o in TINY if not o.startswith("model.num_experts")] + [
     "model.num_experts=8", "eval.every=0"]
 SCHEDULES = {
-    # diversify steps 1-2, spawn, soft DTS gate steps 3-4 (tau 2.0 -> 1.25), hard from 5
+    # diversify steps 1-2, spawn, soft DTS gate steps 3-4 (tau 2.0 -> 1.25), hard top-1
+    # (evomoe.yaml's hard_k) from 5; the keyed Gumbel noise also weights the experts
     "evomoe": ["moe/router=dts", "schedule=evomoe", "schedule.diversify_steps=2",
-               "schedule.steps=2", "schedule.mask_ratio=0.3"],
+               "schedule.steps=2", "schedule.mask_ratio=0.3", "schedule.gumbel_gates=true"],
     # k = 8, 7, 6, 5, 4, 3 over the 6 steps (linear 8 -> 2 over 6, rounded up)
     "topk": ["schedule=topk", "schedule.steps=6"],
 }
@@ -47,6 +48,6 @@ def test_schedule_ep2_dp2_matches_single_process(schedule, tmp_path, cache):
     active = [r["active_k"] for r in step_rows(ref)]
     if schedule == "topk":
         assert active == [8.0, 7.0, 6.0, 5.0, 4.0, 3.0]
-    else:  # one expert, then a variable number (soft), then exactly model.top_k = 2
-        assert active[:2] == [1.0, 1.0] and active[4:] == [2.0, 2.0]
+    else:  # one expert, then a variable number (soft), then exactly hard_k = 1
+        assert active[:2] == [1.0, 1.0] and active[4:] == [1.0, 1.0]
         assert all(1.0 < k <= 8.0 for k in active[2:4])

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from moetrain.config.schema import ConfigError, DropPolicy, KernelBackend
+from moetrain.config.schema import CapacityRule, ConfigError, DropPolicy, KernelBackend
 from moetrain.kernels.backend import use_triton
 from moetrain.kernels.reference import (
     capacity_keep,
@@ -105,16 +105,29 @@ class Dispatcher(Protocol):
     def combine(self, y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor: ...
 
 
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Rows one expert accepts: ceil(capacity_factor * T * K / E) (Switch, Fedus et al., 2021).
+# DeepSpeed's (and XMoE's) min_capacity: the tokens rule never gives fewer rows.
+MIN_TOKENS_CAPACITY = 4
 
-    K is the slot width, also when some slots are inactive (variable-k routing).
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float,
+                    rule: CapacityRule = CapacityRule.slots) -> int:
+    """Rows one expert accepts (``moe.capacity_rule``):
+
+    - ``slots``: ceil(capacity_factor * T * K / E) (Switch, Fedus et al., 2021, with K
+      slots per token; Megatron-core's ``get_capacity``). K is the slot width, also when
+      some slots are inactive (variable-k routing).
+    - ``tokens``: max(ceil(capacity_factor * T / E), 4), whatever K (DeepSpeed's and XMoE's
+      ``_capacity`` with ``min_capacity`` 4: a router with up to E slots per token, as
+      XMoE's, would otherwise get E times the rows).
 
     A tolerance of 1e-9 keeps float noise (1.1 * 10 = 11.000000000000002) from adding a row.
     """
     if capacity_factor <= 0:
         raise ConfigError(f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0, "
                           f"or use moe.dispatch=dropless")
+    if CapacityRule(rule) == CapacityRule.tokens:
+        c = math.ceil(capacity_factor * num_tokens / num_experts - 1e-9)
+        return max(MIN_TOKENS_CAPACITY, c)
     return max(0, math.ceil(capacity_factor * num_tokens * top_k / num_experts - 1e-9))
 
 
@@ -239,9 +252,11 @@ class LocalDispatcher:
 
     Otherwise each expert keeps :func:`expert_capacity` C of its active rows and the rest
     are dropped: they contribute zero in ``combine``, and the block's residual connection
-    carries those tokens (Switch Transformer, section 2.2). ``drop_policy``
+    carries those tokens (Switch Transformer, section 2.2). ``capacity_rule``
+    (``moe.capacity_rule``) sets C (:func:`expert_capacity`) and ``drop_policy``
     (``moe.drop_policy``) chooses the kept rows: ``probs`` the highest router weights,
-    ``slot`` first choices before second choices (GShard), ``position`` the earliest flat
+    ``slot`` first choices before second choices (GShard), ``rank`` first choices before
+    second choices, then by weight (XMoE), ``position`` the earliest flat
     index t*K+k (:func:`moetrain.kernels.reference.capacity_keep`). x_RD is the fixed
     E x C layout of :func:`capacity_layout`: expert g's kept rows, in flat-index order,
     then zero rows up to C (a SwiGLU expert maps a zero row to zero, and ``combine``
@@ -256,7 +271,8 @@ class LocalDispatcher:
 
     def __init__(self, num_experts: int, capacity_factor: float | None = None,
                  kernel_backend: KernelBackend = KernelBackend.auto,
-                 drop_policy: DropPolicy = DropPolicy.probs) -> None:
+                 drop_policy: DropPolicy = DropPolicy.probs,
+                 capacity_rule: CapacityRule = CapacityRule.slots) -> None:
         if capacity_factor is not None and capacity_factor <= 0:
             raise ConfigError(
                 f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0, or use "
@@ -266,6 +282,7 @@ class LocalDispatcher:
         self.capacity_factor = capacity_factor
         self.kernel_backend = KernelBackend(kernel_backend)
         self.drop_policy = DropPolicy(drop_policy)
+        self.capacity_rule = CapacityRule(capacity_rule)
 
     def dispatch(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -302,7 +319,7 @@ class LocalDispatcher:
     def _dispatch_capacity(self, x_TD, ids_TK, weights_TK, active_TK):
         T, K = ids_TK.shape
         E = self.num_experts
-        C = expert_capacity(T, K, E, self.capacity_factor)
+        C = expert_capacity(T, K, E, self.capacity_factor, self.capacity_rule)
         kernels = use_triton(self.kernel_backend, x_TD)
         lay = capacity_layout(ids_TK, E, C, policy=self.drop_policy, weights_TK=weights_TK,
                               active_TK=active_TK, kernels=kernels)
@@ -397,7 +414,8 @@ class AllToAllDispatcher:
     def __init__(self, num_experts: int, group: dist.ProcessGroup,
                  capacity_factor: float | None = None,
                  kernel_backend: KernelBackend = KernelBackend.auto,
-                 drop_policy: DropPolicy = DropPolicy.probs):
+                 drop_policy: DropPolicy = DropPolicy.probs,
+                 capacity_rule: CapacityRule = CapacityRule.slots):
         self.num_experts = num_experts
         self.group = group
         self.ep = dist.get_world_size(group)
@@ -408,7 +426,8 @@ class AllToAllDispatcher:
             )
         self.local_experts = num_experts // self.ep
         self.capacity_factor = capacity_factor
-        self.local = LocalDispatcher(num_experts, capacity_factor, kernel_backend, drop_policy)
+        self.local = LocalDispatcher(num_experts, capacity_factor, kernel_backend, drop_policy,
+                                     capacity_rule)
         self.bytes_sent = 0  # token bytes sent by dispatch + combine since the last reset
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:

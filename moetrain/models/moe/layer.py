@@ -5,7 +5,9 @@ Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R routed row
 Auxiliary losses are not returned. They ride on the layer's output through
 :class:`AuxLossInjector`, so any backward through the output (a plain loss, gradient
 accumulation, a pipeline stage's backward) also back-propagates
-``aux_loss_scale * (aux_loss_coef * balance + z_loss_coef * z)``.
+``aux_loss_scale * (aux_loss_coef * balance + z_loss_coef * z)``. The balance loss, both
+coefficients and the capacity rule are the router's training recipe unless the config sets
+them (:func:`moetrain.config.recipes.recipe_values`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moetrain.config.recipes import recipe_values
 from moetrain.config.schema import AuxLossScope, BalanceLoss, DispatchMode, ModelConfig, MoEConfig
 from moetrain.models.moe.dispatcher import Dispatcher, LocalDispatcher
 from moetrain.models.moe.experts import FeedForward, GroupedExperts
 from moetrain.models.moe.losses import (
+    evomoe_balance_loss,
     load_balancing_loss,
     router_entropy,
     seq_load_balancing_loss,
+    xmoe_balance_loss,
     z_loss,
 )
 from moetrain.models.moe.router import RouterOutput, build_router
@@ -103,9 +108,10 @@ class MoELayer(nn.Module):
         self.dim = dim
         self.num_experts = model_cfg.num_experts
         self.top_k = model_cfg.top_k
-        self.aux_loss_coef = moe_cfg.aux_loss_coef
-        self.z_loss_coef = moe_cfg.z_loss_coef
-        self.balance_loss = BalanceLoss(moe_cfg.balance_loss)
+        recipe = recipe_values(moe_cfg)  # the config's values, or the router's recipe
+        self.aux_loss_coef = recipe["aux_loss_coef"]
+        self.z_loss_coef = recipe["z_loss_coef"]
+        self.balance_loss = recipe["balance_loss"]
         self.global_scope = AuxLossScope(moe_cfg.aux_loss_scope) == AuxLossScope.global_batch
         self.step_counts: torch.Tensor | None = None  # global-batch counts of this step
         # The accumulated counts each training forward of this step used, so that the
@@ -128,7 +134,8 @@ class MoELayer(nn.Module):
                     if DispatchMode(moe_cfg.dispatch) == DispatchMode.capacity else None)
         self.dispatcher: Dispatcher = LocalDispatcher(model_cfg.num_experts, capacity,
                                                       moe_cfg.kernel_backend,
-                                                      moe_cfg.drop_policy)
+                                                      recipe["drop_policy"],
+                                                      recipe["capacity_rule"])
         self.aux_loss_scale: float = 1.0
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.count_prefix: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -185,15 +192,35 @@ class MoELayer(nn.Module):
     def _losses(self, routed: RouterOutput, counts_E: torch.Tensor,
                 shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         z = z_loss(routed.logits_TE)
-        if self.balance_loss == BalanceLoss.seq:
+        kind = self.balance_loss
+        if kind == BalanceLoss.seq:
             return self._seq_loss(routed, shape), z
-        total = torch.cat([counts_E, counts_E.sum().view(1)])
+        # Each loss is E * sum_e (count_e / n) * mean_t q_te: the counts and their
+        # denominator n are summed over sequence shards (and the step, for global-batch
+        # statistics); the mean q stays local, as P in the Switch loss.
+        T = routed.ids_TK.shape[0]
+        if kind == BalanceLoss.xmoe:  # tokens by their top-1 choice, over T
+            top1_E = _active_counts(routed.scores_TE.detach().argmax(dim=-1, keepdim=True),
+                                    None, self.num_experts)
+            total = torch.cat([top1_E, top1_E.new_full((1,), T)])
+        elif kind == BalanceLoss.evomoe:  # tokens using each expert, over T
+            total = torch.cat([counts_E, counts_E.new_full((1,), T)])
+        else:  # switch: routed rows per expert, over the routed rows
+            total = torch.cat([counts_E, counts_E.sum().view(1)])
         if self.count_reducer is not None:  # tp sequence shards: the whole micro-batch's
             total = self.count_reducer(total)
         if self.global_scope:
             total = self._global_counts(total)
-        balance = load_balancing_loss(routed.scores_TE, routed.ids_TK, self.num_experts,
-                                      counts_E=total[:-1], num_routed=total[-1])
+        if kind == BalanceLoss.xmoe:
+            balance = xmoe_balance_loss(routed.scores_TE, self.num_experts,
+                                        counts_E=total[:-1], num_tokens=total[-1])
+        elif kind == BalanceLoss.evomoe:
+            gates_TE, chosen_TE = _gates(routed, self.num_experts)
+            balance = evomoe_balance_loss(gates_TE, chosen_TE, counts_E=total[:-1],
+                                          num_tokens=total[-1])
+        else:
+            balance = load_balancing_loss(routed.scores_TE, routed.ids_TK, self.num_experts,
+                                          counts_E=total[:-1], num_routed=total[-1])
         return balance, z
 
     @torch.compiler.disable  # Python state per micro-batch: run eagerly, never recompile
@@ -250,6 +277,21 @@ class MoELayer(nn.Module):
             num_unrouted=unrouted,
             num_tokens=counts_E.new_full((), T),  # a fill on the device, no host copy
         )
+
+
+def _gates(routed: RouterOutput, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gates_TE, chosen_TE), float32 (T, E): the combine weight of each expert a token
+    uses (EvoMoE's gates = chosen * softmax(logits), or * the Gumbel softmax with Gumbel
+    gates: the DTS router's weights) and 1 where it uses it, 0 elsewhere. A router lists
+    an expert at most once per token."""
+    ids_TK = routed.ids_TK.long()
+    T = ids_TK.shape[0]
+    hit_TK = (torch.ones_like(ids_TK, dtype=torch.bool) if routed.active_TK is None
+              else routed.active_TK)
+    zeros_TE = torch.zeros(T, num_experts, device=ids_TK.device)
+    chosen_TE = zeros_TE.scatter(1, ids_TK, hit_TK.float())
+    gates_TE = zeros_TE.scatter(1, ids_TK, torch.where(hit_TK, routed.weights_TK.float(), 0.0))
+    return gates_TE, chosen_TE
 
 
 def _active_counts(ids_TK: torch.Tensor, active_TK: torch.Tensor | None,

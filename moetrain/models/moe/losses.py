@@ -43,6 +43,50 @@ def load_balancing_loss(
     return num_experts * (f_E * P_E).sum()
 
 
+def xmoe_balance_loss(scores_TE: torch.Tensor, num_experts: int,
+                      counts_E: torch.Tensor | None = None,
+                      num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """XMoE's balance loss (Yang et al. 2024, arXiv 2403.18926; ysngki/XMoE
+    ``sharded_moe.py::main_thresholdGating``): the Switch loss on each token's top-1 choice,
+    whatever the number of experts the token uses.
+
+        loss = E * sum_e mean_t(p_te) * ce_e,   ce_e = (tokens whose argmax_e p_te = e) / T
+
+    ``counts_E`` / ``num_tokens``: the top-1 counts and T, summed over ranks for
+    global-batch statistics (default: this micro-batch's). 1 at perfect balance.
+    """
+    if counts_E is None:
+        counts_E = expert_counts(scores_TE.detach().argmax(dim=-1, keepdim=True), num_experts)
+    if num_tokens is None:
+        num_tokens = scores_TE.shape[0]
+    return load_balancing_loss(scores_TE, None, num_experts, counts_E, num_tokens)
+
+
+def evomoe_balance_loss(gates_TE: torch.Tensor, chosen_TE: torch.Tensor,
+                        counts_E: torch.Tensor | None = None,
+                        num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """EvoMoE's gate loss (Nie et al. 2021, arXiv 2112.14397; codecaution/EvoMoE
+    ``fairseq/modules/moe/topkgate.py``), with gates = chosen * softmax(logits):
+
+        loss = E^2 * mean_e(me_e * ce_e) = E * sum_e me_e * ce_e
+        me_e = mean_t gates_te           (carries the gradient)
+        ce_e = mean_t chosen_te          (1 where token t uses expert e; no gradient)
+
+    ``gates_TE`` are the chosen experts' probabilities (zero elsewhere). ``counts_E`` /
+    ``num_tokens``: sum_t chosen_te and T, summed over ranks for global statistics.
+    Top-1 routing at perfect balance with gate p gives p; every token on every expert
+    with gates 1/E (dense) gives E.
+    """
+    E = gates_TE.shape[-1]
+    if counts_E is None:
+        counts_E = chosen_TE.detach().float().sum(dim=0)
+    if num_tokens is None:
+        num_tokens = gates_TE.shape[0]
+    ce_E = counts_E.float() / num_tokens
+    me_E = gates_TE.float().mean(dim=0)
+    return E * (me_E * ce_E).sum()
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss (Zoph et al., 2022, ST-MoE, eq. 5): mean_t (logsumexp_e logits_te)^2.
 

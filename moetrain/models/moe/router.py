@@ -324,7 +324,9 @@ class NoisyTopKRouter(Router):
     sum_x G(x)_i and Load_i = sum_x P(x, i) (:func:`losses.prob_in_topk`), CV^2 with the
     population variance. The noise is keyed by (seed, step, layer, token position,
     expert) (:func:`routing.keyed_normal`), so every layout draws the same numbers.
-    W_noise starts at zero, as in the paper.
+    W_noise starts at zero, and so does W_g with ``moe.router.noisy_zero_init`` (the
+    default), as in the paper (App. A) and tensor2tensor's ``noisy_top_k_gating``: the
+    first steps route by the noise alone, std softplus(0) + noise_epsilon.
     """
 
     whole_batch = True  # the importance and load losses sum over the micro-batch
@@ -341,6 +343,8 @@ class NoisyTopKRouter(Router):
     def init_weights(self, init_std: float) -> None:
         super().init_weights(init_std)
         nn.init.zeros_(self.w_noise.weight)
+        if self.cfg.noisy_zero_init:
+            nn.init.zeros_(self.gate.weight)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         clean_TE = self._z(self._logits(x_TD))
@@ -478,14 +482,18 @@ class SelectiveSinkhornRouter(TopKRouter):
 class ThresholdRouter(Router):
     """XMoE threshold routing (Yang et al. 2024, arXiv 2403.18926): softmax scores; each
     token takes experts, best first, until their cumulative probability reaches
-    ``moe.router.threshold`` (at least 1, at most ``moe.router.max_k``, default
-    ``model.top_k``). The weights are the raw probabilities (not renormalised), as in the
-    reference code. The number of experts varies per token: unused slots are inactive.
+    ``moe.router.threshold`` (at least 1, at most ``moe.router.max_k``; by default every
+    expert may be chosen, as ``main_thresholdGating`` in ysngki/XMoE has no cap). The
+    weights are the raw probabilities (not renormalised), as in the reference code. The
+    number of experts varies per token: unused slots are inactive. Its recipe trains on
+    XMoE's top-1 balance loss (``moe.balance_loss=xmoe``) and, with
+    ``moe.dispatch=capacity``, keeps max(ceil(cf * T / E), 4) rows per expert by choice
+    rank (``moe.capacity_rule=tokens``, ``moe.drop_policy=rank``).
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
         super().__init__(dim, num_experts, top_k, cfg)
-        self.max_k = cfg.max_k or top_k
+        self.max_k = cfg.max_k or num_experts
         if self.max_k > num_experts:
             raise ConfigError(
                 f"moe.router.max_k={self.max_k} is invalid: must be <= model.num_experts="
@@ -521,18 +529,25 @@ class DTSRouter(Router):
     softmax. In training, by ``phase`` (set by ``schedule=evomoe``):
 
     - diversify: every token goes to expert 0 with weight 1. The base expert trains alone,
-      and the gate gets no gradient from the LM loss (only the z-loss).
+      and the gate gets no gradient from the LM loss (only from a z-loss, 0 in the recipe).
     - soft: g = softmax((logits + G) / tau), with G ~ Gumbel(0, 1) keyed by (seed, step,
       layer, token, expert) like noisy top-k's noise. Token t uses expert e iff g_te >
       ``gumbel_threshold`` (a variable number per token; at least 1 while the threshold
       is below 1/E). The weight is p_te, not renormalised, as in the reference.
     - hard: the top_k of logits + G. This is the Gumbel-top-k trick (k draws without
-      replacement from p); EvoMoE's hard phase is its k = 1 case, the argmax. The weights
-      are p at the picks, renormalised when ``renormalize`` and k > 1.
+      replacement from p); EvoMoE's hard phase is its k = 1 case, the argmax
+      (``schedule.hard_k``). The weights are p at the picks, renormalised when
+      ``renormalize`` and k > 1.
+
+    ``gumbel_gates`` (EvoMoE's ``--use-gumbel-gates``): the weights are g instead of p, at
+    the same experts (gates = chosen * gumbel_softmax in the reference); the gradient
+    flows through g's logits, G is a constant. Evaluation then weights by the noise-free
+    softmax(logits / tau). The reference draws Gumbel noise in evaluation too; here
+    validation stays deterministic.
 
     Evaluation routes on the top_k of the clean logits in the soft and hard phases, as
-    EvoMoE validates with top-k. In the diversify phase it uses expert 0, the only
-    trained expert.
+    EvoMoE validates with top-k (top-1 there). In the diversify phase it uses expert 0,
+    the only trained expert.
     """
 
     needs_token_keys = True
@@ -541,6 +556,7 @@ class DTSRouter(Router):
         super().__init__(dim, num_experts, top_k, cfg)
         self.phase = DTSPhase.hard
         self.gumbel_threshold = 1e-3
+        self.gumbel_gates = False
 
     @property
     def slots(self) -> int:
@@ -565,17 +581,26 @@ class DTSRouter(Router):
             base_TE[:, 0] = 1.0
             return RouterOutput(ids_TK=ids_TK, weights_TK=torch.ones_like(probs_TE[:, :1]),
                                 scores_TE=base_TE, logits_TE=logits_TE)
+        gates_TE = probs_TE
         if self.training:
             noisy_TE = logits_TE + self.gumbel(T, logits_TE.device)
+            if phase == DTSPhase.soft or self.gumbel_gates:
+                # the Gumbel softmax; with a gradient only where it weights the experts
+                z_TE = noisy_TE if self.gumbel_gates else noisy_TE.detach()
+                g_TE = torch.softmax(z_TE / self.temperature_t, dim=-1)
+                if self.gumbel_gates:
+                    gates_TE = g_TE
             if phase == DTSPhase.soft:
-                g_TE = torch.softmax(noisy_TE.detach() / self.temperature_t, dim=-1)
                 ids_TE = torch.arange(E, device=logits_TE.device).expand(T, E).contiguous()
-                return RouterOutput(ids_TK=ids_TE, weights_TK=probs_TE, scores_TE=probs_TE,
-                                    logits_TE=logits_TE, active_TK=g_TE > self.gumbel_threshold)
+                return RouterOutput(ids_TK=ids_TE, weights_TK=gates_TE, scores_TE=probs_TE,
+                                    logits_TE=logits_TE,
+                                    active_TK=g_TE.detach() > self.gumbel_threshold)
         else:
             noisy_TE = logits_TE
+            if self.gumbel_gates:
+                gates_TE = torch.softmax(logits_TE / self.temperature_t, dim=-1)
         ids_TK = torch.topk(noisy_TE.detach(), self.top_k, dim=-1).indices
-        weights_TK = routing.topk_gates(probs_TE, ids_TK, self.renormalize and self.top_k > 1)
+        weights_TK = routing.topk_gates(gates_TE, ids_TK, self.renormalize and self.top_k > 1)
         return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=probs_TE,
                             logits_TE=logits_TE)
 

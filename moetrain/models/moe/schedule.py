@@ -190,25 +190,32 @@ class EvoMoESchedule(RouterSchedule):
     - diversify_steps <= t < hard_step: the Dense-to-Sparse gate (soft phase), with the
       Gumbel-softmax temperature tau(t) = anneal(tau_start -> tau_end, t -
       diversify_steps, steps);
-    - t >= hard_step: hard top-k of the Gumbel-perturbed logits.
+    - t >= hard_step: hard top-k of the Gumbel-perturbed logits, k = ``top_k``
+      (``schedule.hard_k``, null = model.top_k; EvoMoE's is 1). Evaluation routes on the
+      top k of the clean logits.
 
-    The spawn of the experts at t = diversify_steps changes weights and optimizer state,
-    not router values: it is the trainer callback's (``dense_to_sparse.py``).
+    ``gumbel_gates`` combines with the Gumbel-softmax values instead of softmax(logits)
+    (EvoMoE's ``--use-gumbel-gates``). The spawn of the experts at t = diversify_steps
+    changes weights and optimizer state, not router values: it is the trainer callback's
+    (``dense_to_sparse.py``).
     """
 
     def __init__(self, diversify_steps: int, hard_step: int, kind: Anneal, tau_start: float,
-                 tau_end: float, steps: int, top_k: int, gumbel_threshold: float) -> None:
+                 tau_end: float, steps: int, top_k: int, gumbel_threshold: float,
+                 gumbel_gates: bool = False) -> None:
         self.diversify_steps, self.hard_step = diversify_steps, hard_step
         self.kind, self.tau_start, self.tau_end, self.steps = Anneal(kind), tau_start, tau_end, steps
         self.top_k, self.gumbel_threshold = top_k, gumbel_threshold
+        self.gumbel_gates = bool(gumbel_gates)
 
     @classmethod
     def from_config(cls, cfg: Config, **extra: Any) -> EvoMoESchedule:
         s = cfg.schedule
         steps = schedule_steps(s, cfg.train.steps, offset=s.diversify_steps)
         hard = s.hard_step if s.hard_step is not None else s.diversify_steps + steps
+        k = s.hard_k if s.hard_k is not None else cfg.model.top_k
         return cls(s.diversify_steps, hard, s.anneal, s.temperature_start, s.temperature_end,
-                   steps, cfg.model.top_k, s.gumbel_threshold, **extra)
+                   steps, k, s.gumbel_threshold, gumbel_gates=s.gumbel_gates, **extra)
 
     def phase(self, t: int) -> DTSPhase:
         if t < self.diversify_steps:
@@ -235,6 +242,7 @@ class EvoMoESchedule(RouterSchedule):
             r.temperature = v["temperature"]
             r.top_k = self.top_k
             r.gumbel_threshold = self.gumbel_threshold
+            r.gumbel_gates = self.gumbel_gates
         return v
 
 

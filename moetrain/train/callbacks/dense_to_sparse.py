@@ -8,8 +8,8 @@ weight matrix (F x D for w1_EFD and w3_EFD, D x F for w2_EDF).
 Phases by global step t (optimizer steps done before the step being trained):
 
 - t < diversify_steps: the DTS router sends every token to expert 0 with weight 1, so one
-  base expert trains alone. The public code has no diversify stage; this follows the
-  paper's description.
+  base expert trains alone. The public code has no diversify stage: this stage and the
+  spawn below are moetrain's design after the paper's description (docs/schedules.md).
 - At t = diversify_steps, E experts are spawned from expert 0: expert e = W_0 * M_e, with
   M_e a Bernoulli(1 - mask_ratio) mask keyed by (mask_seed, layer, matrix, e, entry).
   Every layout draws the same masks, and mask_ratio = 0 gives E exact copies. The
@@ -17,7 +17,8 @@ Phases by global step t (optimizer steps done before the step being trained):
 - diversify_steps <= t < hard_step: the DTS gate (soft phase). The Gumbel-softmax
   temperature is tau(t) = anneal(temperature_start -> temperature_end, t -
   diversify_steps, steps).
-- t >= hard_step: hard top-k (model.top_k) of the Gumbel-perturbed logits.
+- t >= hard_step: hard top-k (schedule.hard_k, null = model.top_k; EvoMoE: 1) of the
+  Gumbel-perturbed logits.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ class EvoMoECallback(ScheduleCallback, EvoMoESchedule):
     def __init__(self, diversify_steps: int, hard_step: int, kind: Anneal, tau_start: float,
                  tau_end: float, steps: int, top_k: int, gumbel_threshold: float,
                  mask_ratio: float, mask_seed: int,
-                 spawn_optimizer: SpawnOptimizer = SpawnOptimizer.copy) -> None:
+                 spawn_optimizer: SpawnOptimizer = SpawnOptimizer.copy,
+                 gumbel_gates: bool = False) -> None:
         super().__init__(diversify_steps, hard_step, kind, tau_start, tau_end, steps, top_k,
-                         gumbel_threshold)
+                         gumbel_threshold, gumbel_gates)
         self.mask_ratio, self.mask_seed = mask_ratio, mask_seed
         self.spawn_optimizer = SpawnOptimizer(spawn_optimizer)
         self.spawned = False

@@ -30,6 +30,7 @@ from moetrain.config.schema import (
     ModelConfig,
     MoEConfig,
     RouterConfig,
+    RouterInit,
     RouterType,
     ScoreFunc,
 )
@@ -88,7 +89,7 @@ def test_upcycled_moe_reproduces_dense_logits(target, router):
     ({"top_k": 1}, {"name": RouterType.switch}, {}),  # raw top-1 probability
     ({}, {"renormalize": False}, {}),
     ({}, {"route_scale": 2.5}, {}),
-    ({}, {"name": RouterType.threshold}, {}),
+    ({}, {"name": RouterType.threshold, "max_k": 2}, {}),  # at most 2: p sums below 1
     ({}, {}, {"dispatch": DispatchMode.capacity, "capacity_factor": 0.5}),
 ])
 def test_inexact_router_configs_are_named_and_differ(target, router, moe):
@@ -127,6 +128,37 @@ def test_copies_router_init_and_dtypes():
         assert torch.equal(up[f"layers.{i}.moe.router.expert_bias"], torch.zeros(64))
     assert not torch.equal(up["layers.1.moe.router.gate.weight"],
                            up["layers.2.moe.router.gate.weight"])  # seeded per layer
+
+
+@pytest.mark.parametrize("init", [
+    {"drop_ratio": 0.5},  # auto: Drop-Upcycling's released recipe
+    {"drop_ratio": 0.0, "router_init": RouterInit.uniform},
+])
+def test_uniform_router_init_is_drop_upcyclings_recipe(init):
+    """Drop-Upcycling's conversions draw the router with ``torch_rand_002``: (u - mean(u)) *
+    0.02 * sqrt(12), u ~ U(0, 1), a zero-mean uniform with std 0.02, so on
+    [-0.02 sqrt(3), 0.02 sqrt(3)] = [-0.034641, 0.034641]. 4096 entries per layer: the
+    sample mean's standard error is 0.02 / 64 = 3.1e-4, the sample std's about
+    0.02 sqrt(0.8 / 4096) / 2 = 1.4e-4 (uniform kurtosis 9/5)."""
+    dense = _dense_model()
+    model_cfg = dataclasses.replace(DENSE, first_dense_layers=0, num_experts=128)
+    up = upcycle_state_dict(dense.state_dict(), model_cfg, _moe_cfg(), InitConfig(**init), V)
+    a = 0.02 * math.sqrt(3.0)
+    assert a == pytest.approx(0.034641016, rel=1e-8)
+    for i in range(3):
+        gate = up.model[f"layers.{i}.moe.router.gate.weight"]
+        assert gate.shape == (128, 32) and gate.dtype == torch.float32
+        assert abs(gate.mean().item()) < 5 * 0.02 / 64
+        assert abs(gate.std().item() - 0.02) < 5 * 1.4e-4
+        assert gate.abs().max().item() <= a  # bounded: a normal passes a in 8.3% of draws
+        assert gate.abs().max().item() > 0.99 * a  # and it fills the interval
+        # flat: a uniform's entries fall in each quarter of [-a, a] equally often
+        quarters = torch.histc(gate, bins=4, min=-a, max=a) / gate.numel()
+        torch.testing.assert_close(quarters, torch.full((4,), 0.25), rtol=0, atol=0.03)
+    # the plain-upcycling default stays normal: same std, unbounded tails
+    normal = upcycle_state_dict(dense.state_dict(), model_cfg, _moe_cfg(), InitConfig(), V)
+    gate = normal.model["layers.0.moe.router.gate.weight"]
+    assert (gate.abs() > a).float().mean().item() == pytest.approx(0.0833, abs=0.02)
 
 
 # ----------------------------------------------------------------------------- Drop-Upcycling
@@ -197,8 +229,12 @@ def test_drop_upcycled_experts_differ_and_are_seeded():
     assert not torch.equal(w, c["layers.1.moe.experts.w1_EFD"])  # another seed: other draws
     naive = up(drop_ratio=0.0, seed=1)  # r = 0: plain sparse upcycling
     assert all(torch.equal(naive["layers.1.moe.experts.w1_EFD"][e], dense_w1) for e in range(4))
+    # the router: the same (seed, layer) generator; Drop-Upcycling's law is uniform
+    normal = up(drop_ratio=0.5, seed=1, router_init=RouterInit.normal)
     assert torch.equal(naive["layers.1.moe.router.gate.weight"],
-                       a["layers.1.moe.router.gate.weight"])
+                       normal["layers.1.moe.router.gate.weight"])
+    assert not torch.equal(naive["layers.1.moe.router.gate.weight"],
+                           a["layers.1.moe.router.gate.weight"])
 
 
 # ----------------------------------------------------------------------------- optimizer

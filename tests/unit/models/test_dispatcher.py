@@ -122,7 +122,8 @@ def _kept_by_loop(ids, w, active, E, C, policy):
     T, K = ids.shape
     key = {DropPolicy.position: lambda tk: tk[0] * K + tk[1],
            DropPolicy.slot: lambda tk: (tk[1], tk[0]),
-           DropPolicy.probs: lambda tk: (-float(w[tk]), tk[0] * K + tk[1])}[policy]
+           DropPolicy.probs: lambda tk: (-float(w[tk]), tk[0] * K + tk[1]),
+           DropPolicy.rank: lambda tk: (tk[1], -float(w[tk]), tk[0])}[policy]
     kept = set()
     for e in range(E):
         slots = [(t, k) for t in range(T) for k in range(K) if active[t, k] and ids[t, k] == e]

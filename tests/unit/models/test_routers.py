@@ -351,7 +351,10 @@ def test_prob_in_topk_gradcheck_float64():
 
 
 def _noisy(load=1e-2, importance=1e-2, K=2) -> NoisyTopKRouter:
-    cfg = RouterConfig(name=RouterType.noisy_topk, load_coef=load, importance_coef=importance)
+    # A random W_g (not the default zero init, tested in test_recipes.py), so that the
+    # clean logits order the experts and the tests below can tell them from the noise.
+    cfg = RouterConfig(name=RouterType.noisy_topk, load_coef=load, importance_coef=importance,
+                       noisy_zero_init=False)
     r = _router(cfg, E=8, K=K, D=6)
     assert isinstance(r, NoisyTopKRouter)
     assert torch.count_nonzero(r.w_noise.weight) == 0  # zero init (paper)

@@ -271,7 +271,9 @@ def test_bias_enabled_on_resume_starts_from_the_saved_model(tiny_overrides, tmp_
     monkeypatch.setattr(BalanceMonitorCallback, "on_step_end", recording_step_end)
     base = [o for o in tiny_overrides if not o.startswith("run.dir")]
     # collapse_fraction=0.9: the monitor's run lengths are non-zero at step 3 (no event).
-    plain = base + ["moe/router=aux_free", "moe.aux_loss_coef=0",
+    # No z-loss either way: with bias_update_rate=0 the recipe is plain top-k's (z-loss
+    # 1e-3), with the bias on it is aux_free's (none); both runs train the same losses.
+    plain = base + ["moe/router=aux_free", "moe.aux_loss_coef=0", "moe.z_loss_coef=0",
                     "moe.router.bias_update_rate=0", "checkpoint.every=3", "train.steps=6",
                     "logging.collapse_fraction=0.9"]
     ref_dir, res_dir = tmp_path / "ref", tmp_path / "resumed"

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from moetrain.checkpoint.state import _fill_fresh_state
 from moetrain.config.schema import (
     Anneal,
     ConfigError,
@@ -276,6 +277,44 @@ def test_spawn_copies_or_resets_the_optimizer_state(mode):
     assert torch.equal(st["exp_avg_sq"], v0.expand_as(w1))
 
 
+def test_fresh_optimizer_state_is_adamws_own_first_state():
+    """A gate with no gradient before the spawn gets AdamW's fresh state (step 0, zero
+    moments) when a checkpoint is taken; every later update is bit-identical to AdamW
+    creating it lazily, and no other weight or state changes."""
+    def model_and_opt():
+        torch.manual_seed(0)
+        m = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 2), "gate": torch.nn.Linear(3, 2)})
+        return m, torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1)
+
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for early in (False, True):
+        m, opt = model_and_opt()
+        m["a"](x).square().sum().backward()  # step 0: the gate unused (no gradient)
+        opt.step()
+        a_state = {k: v.clone() for k, v in opt.state[m["a"].weight].items()}
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        if early:
+            opt.zero_grad()
+            _fill_fresh_state(opt)
+            for p in (m["gate"].weight, m["gate"].bias):
+                st = opt.state[p]
+                assert st["step"].item() == 0 and not st["exp_avg"].any()
+                assert not st["exp_avg_sq"].any()
+            assert all(torch.equal(v, a_state[k])
+                       for k, v in opt.state[m["a"].weight].items())  # had state: untouched
+            assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+            assert all(p.grad is None for p in m.parameters())
+            assert opt.param_groups[0]["lr"] == 0.1
+        for _ in range(3):  # then the gate trains
+            opt.zero_grad()
+            (m["a"](x) * m["gate"](x)).sum().backward()
+            opt.step()
+        runs.append({k: v.clone() for k, v in m.state_dict().items()})
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
 # ----------------------------------------------------------------------------- compile
 def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
@@ -338,9 +377,13 @@ SCHEDULES = {
     "capacity": ["schedule=capacity", "moe.dispatch=capacity", "schedule.capacity_start=1.5",
                  "schedule.capacity_end=0.5", "schedule.steps=5"],
     "dts_gate": ["schedule=dts_gate", "schedule.activation=sigmoid", "schedule.steps=5"],
-    # diversify t = 0, 1; spawn; soft t = 2, 3, 4 (tau 2.0, 1.5, 1.0); hard t = 5
+    # diversify t = 0, 1; spawn; soft t = 2, 3, 4 (tau 2.0, 1.5, 1.0); hard top-1 t = 5
     "evomoe": ["moe/router=dts", "schedule=evomoe", "schedule.diversify_steps=2",
                "schedule.steps=3", "schedule.mask_ratio=0.3"],
+    # the same phases with Gumbel-softmax combine weights and a hard top-2
+    "evomoe_gumbel": ["moe/router=dts", "schedule=evomoe", "schedule.diversify_steps=2",
+                      "schedule.steps=3", "schedule.mask_ratio=0.3",
+                      "schedule.gumbel_gates=true", "schedule.hard_k=2"],
 }
 
 
@@ -394,11 +437,13 @@ def test_schedule_resumes_mid_phase(schedule, tiny_overrides, resume_root, monke
         assert [v["schedule/capacity_factor"] for v in schedule_values] == pytest.approx(
             [1.5, 1.3, 1.1, 0.9, 0.7, 0.5], rel=1e-12)
         assert ref[0]["dropped_frac"] < ref[-1]["dropped_frac"]
-    if schedule == "evomoe":
+    if schedule.startswith("evomoe"):
         assert [v["schedule/phase"] for v in schedule_values] == [0, 0, 1, 1, 1, 2]
         assert [v["schedule/temperature"] for v in schedule_values][2:5] == pytest.approx(
             [2.0, 1.5, 1.0])
-        assert [r["active_k"] for r in ref][:2] == [1.0, 1.0] and ref[-1]["active_k"] == 2.0
+        hard_k = 2.0 if schedule == "evomoe_gumbel" else 1.0  # evomoe.yaml: hard_k 1
+        assert [r["active_k"] for r in ref][:2] == [1.0, 1.0]
+        assert ref[-1]["active_k"] == hard_k == schedule_values[-1]["schedule/top_k"]
         cb = next(c for c in trainers[-1].callbacks if isinstance(c, EvoMoECallback))
         assert cb.spawned
         assert cb.state_dict() == {"spawned": 1}
@@ -423,8 +468,9 @@ def test_default_callbacks_add_the_schedule(tiny_overrides):
     cbs = default_callbacks(compose(tiny_overrides + ["moe/router=dts", "schedule=evomoe"]))
     evo = cbs[-1]
     assert isinstance(evo, EvoMoECallback)
-    # evomoe.yaml: diversify 30, tau over 200 steps, hard at 230 (= 30 + 200)
-    assert (evo.diversify_steps, evo.steps, evo.hard_step) == (30, 200, 230)
+    # evomoe.yaml: diversify 30, tau over 200 steps, hard top-1 at 230 (= 30 + 200)
+    assert (evo.diversify_steps, evo.steps, evo.hard_step, evo.top_k) == (30, 200, 230, 1)
+    assert evo.gumbel_gates is False
     assert [evo.phase(t) for t in (29, 30, 229, 230)] == [
         DTSPhase.diversify, DTSPhase.soft, DTSPhase.soft, DTSPhase.hard]
 
@@ -450,6 +496,7 @@ def _config_error(overrides: list[str]) -> str:
     (["moe/router=dts", "schedule=evomoe", "schedule.gumbel_threshold=0.3"],
      "schedule.gumbel_threshold=0.3"),
     (["moe/router=dts", "schedule=evomoe", "schedule.hard_step=10"], "schedule.hard_step=10"),
+    (["moe/router=dts", "schedule=evomoe", "schedule.hard_k=9"], "schedule.hard_k=9"),
     (["moe/router=dts", "schedule=evomoe", "schedule.steps=null", "train.steps=30"],
      "schedule.diversify_steps=30"),
     (["schedule=temperature", "schedule.activation=tanh"], "schedule.activation=tanh"),
@@ -465,6 +512,7 @@ def test_bad_schedule_config_fails_in_validation(overrides, needle):
     ("schedule.temperature_end=0", "schedule.temperature_end"),
     ("schedule.mask_ratio=1.0", "schedule.mask_ratio"),
     ("schedule.k_end=0", "schedule.k_end"),
+    ("schedule.hard_k=0", "schedule.hard_k"),
     ("schedule.name=annealing", "schedule.name"),
 ])
 def test_bad_schedule_values_fail_at_composition(override, field):
