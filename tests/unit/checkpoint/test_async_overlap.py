@@ -50,6 +50,16 @@ def test_steps_complete_while_async_write_is_in_flight(tiny_overrides, tmp_path,
         events.append(("step", self.progress.step, time.perf_counter()))
         if steps_since_first_save() >= 2:
             overlapped.set()
+        if self.progress.step == 7:
+            # The write was released after step 6; on a loaded machine it may outlast step
+            # 7. Let it finish here, so that the poll after step 7 (not the save at step 8)
+            # is what must commit it, whatever the machine's speed.
+            pending = self.ckpt._pending
+            fut = None if pending is None else pending.future
+            fut = getattr(fut, "upload_completion", fut)
+            deadline = time.perf_counter() + GATE_TIMEOUT_S
+            while fut is not None and not fut.done() and time.perf_counter() < deadline:
+                time.sleep(0.01)
         return out
 
     def save(self, step, state, **kw):
