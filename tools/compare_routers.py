@@ -28,15 +28,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
-import shutil
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from moetrain.experiments import (
+    Job,
+    add_common_args,
+    check_common_args,
+    fmt,
+    machine,
+    markdown_table,
+    pyplot,
+    read_run,
+    run_jobs,
+    train_command,
+    window_mean,
+    window_size,
+)
 
 
 @dataclass(frozen=True)
@@ -45,28 +55,30 @@ class Method:
     overrides: tuple[str, ...]
 
 
-# Each method with its paper's balancing. Everything not set here is the default config
-# (moe.aux_loss_coef=0.01 Switch loss, moe.z_loss_coef=1e-3, dropless dispatch).
+# Each method with its paper's balancing: the router's training recipe (balance loss,
+# coefficients, z-loss; docs/routers.md#training-recipes) unless a method sets them.
+# Everything else is the default config (dropless dispatch).
 METHODS: dict[str, Method] = {
-    "topk_aux": Method("softmax top-2, Switch aux loss 1e-2", ("moe/router=topk",)),
-    "topk_noaux": Method("softmax top-2, no balance loss",
+    "topk_aux": Method("softmax top-2, Switch aux loss 1e-2, z-loss 1e-3",
+                       ("moe/router=topk",)),
+    "topk_noaux": Method("softmax top-2, no balance loss, z-loss 1e-3",
                          ("moe/router=topk", "moe.aux_loss_coef=0")),
     "aux_free": Method("sigmoid top-2, expert bias (rate 1e-3), no balance loss",
-                       ("moe/router=aux_free", "moe.aux_loss_coef=0")),
+                       ("moe/router=aux_free",)),
+    # bias_update_rate=0 leaves plain top-k, whose recipe has the losses: set them to 0.
     "aux_free_control": Method("aux_free with bias_update_rate=0 (the control)",
                                ("moe/router=aux_free", "moe.aux_loss_coef=0",
-                                "moe.router.bias_update_rate=0")),
+                                "moe.z_loss_coef=0", "moe.router.bias_update_rate=0")),
     "deepseek_v3": Method("DeepSeek-V3: sigmoid, route_scale 2.5, bias, seq loss 1e-4",
-                          ("moe/router=deepseek_v3", "moe.balance_loss=seq",
-                           "moe.aux_loss_coef=1e-4")),
-    "noisy_topk": Method("noisy top-2, importance + load CV² losses 1e-2 each",
-                         ("moe/router=noisy_topk", "moe.aux_loss_coef=0")),
+                          ("moe/router=deepseek_v3",)),
+    "noisy_topk": Method("noisy top-2 (zero-init gates), importance + load CV² 1e-2 each",
+                         ("moe/router=noisy_topk",)),
     "expert_choice": Method("expert choice, capacity factor 2 (no balance loss)",
                             ("moe/router=expert_choice",)),
     "sinkhorn": Method("S-BASE Sinkhorn top-2 (no balance loss)", ("moe/router=sinkhorn",)),
     "selective_sinkhorn": Method("SSR: OT routing on 1% of steps, no balance loss",
-                                 ("moe/router=selective_sinkhorn", "moe.aux_loss_coef=0")),
-    "threshold": Method("XMoE threshold 0.9, 1-2 experts, Switch aux loss 1e-2",
+                                 ("moe/router=selective_sinkhorn",)),
+    "threshold": Method("XMoE threshold 0.9, 1-8 experts, XMoE top-1 loss 1e-2",
                         ("moe/router=threshold",)),
     "switch": Method("Switch top-1, capacity 1.25, Switch aux loss 1e-2",
                      ("moe/router=switch", "model.top_k=1", "moe.dispatch=capacity",
@@ -82,105 +94,42 @@ BASE: tuple[str, ...] = (
     "logging.tensorboard=false", "logging.heatmap_every=0", "train.progress=false", "seed=0",
 )
 
-WINDOW = 50  # steps averaged for the balance numbers (fewer on short runs: a quarter)
 AUX_FREE_RATIO = 0.8  # "clearly below": aux_free's imbalance < 0.8 x the control's
 METRICS = ("load_imbalance", "load_cv", "dropped_frac", "unrouted_frac", "tokens_per_s")
-
-
-def window_size(train_steps: int) -> int:
-    """Steps averaged: the last 50, or the last quarter of a run of fewer than 200."""
-    return max(1, min(WINDOW, train_steps // 4))
 
 
 def summarize(metrics_path: str | Path) -> dict:
     """The comparison's numbers for one run, from its metrics.jsonl."""
     from moetrain.metrics import read_metrics
 
-    rows = read_metrics(metrics_path)
-    train = [r for r in rows if "loss" in r]
-    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if "val_loss" in r]
-    if not train:
-        raise ValueError(f"{metrics_path} holds no training rows: the run did not train")
+    train, val = read_run(metrics_path)
     n = window_size(len(train))
     out: dict = {"steps": int(train[-1]["step"]), "window": n}
     for key in METRICS:
-        vals = [float(r[key]) for r in train[-n:] if r.get(key) is not None]
-        out[key] = sum(vals) / len(vals) if vals else None
+        out[key] = window_mean(train, key, n)
     out["final_val_loss"] = val[-1][1] if val else None
     out["final_val_step"] = val[-1][0] if val else None
     out["val_curve"] = val
     out["load_imbalance_curve"] = [(int(r["step"]), float(r["load_imbalance"]))
                                    for r in train if "load_imbalance" in r]
-    out["collapse_events"] = sum(r.get("event") == "expert_collapse" for r in rows)
+    out["collapse_events"] = sum(r.get("event") == "expert_collapse"
+                                 for r in read_metrics(metrics_path))
     return out
 
 
-def command(name: str, steps: int, run_dir: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "moetrain.train", *BASE, f"train.steps={steps}",
-            *METHODS[name].overrides, *extra, f"run.dir={run_dir}"]
-
-
-def _complete(run_dir: Path, steps: int) -> bool:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return False
-    from moetrain.metrics import read_metrics
-
-    return any(r.get("step") == steps and "val_loss" in r for r in read_metrics(path))
-
-
-def run_logged(cmd: list[str], run_dir: Path, threads: int, label: str) -> dict:
-    """Run ``cmd`` in a fresh ``run_dir`` with its output in train.log; return and record
-    (timing.json) {"wall_s", "load_avg"}: the 1-minute load average when it ended (above
-    the core count, other processes shared the cores and tokens/s is low). Shared with
-    tools/compare_schedules.py."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    log_path = run_dir / "train.log"
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write(shlex.join(cmd) + "\n")
-        log.flush()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"{label} failed (exit {rc}); its log is {log_path}:\n{tail}")
-    out = {"wall_s": wall, "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    (run_dir / "timing.json").write_text(json.dumps(out) + "\n")
-    return out
-
-
-def train_one(name: str, steps: int, run_dir: Path, extra: list[str], reuse: bool,
-              threads: int = 1) -> dict:
-    """Run one method's training in a subprocess (:func:`run_logged`). With ``reuse``, a
-    finished run is kept and what it recorded is returned."""
-    timing = run_dir / "timing.json"
-    if reuse and _complete(run_dir, steps) and timing.is_file():
-        return json.loads(timing.read_text())
-    return run_logged(command(name, steps, run_dir, extra), run_dir, threads,
-                      f"method {name!r}")
-
-
-def fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def command(name: str, steps: int, run_dir: Path, extra: list[str]) -> tuple[str, ...]:
+    return train_command([*BASE, f"train.steps={steps}", *METHODS[name].overrides, *extra],
+                         run_dir)
 
 
 def table(results: dict[str, dict]) -> str:
     """The markdown table, one row per method in run order."""
-    lines = [
-        ("| method | routing / balancing | val loss | max/mean load | load CV | dropped "
-         "| unrouted | tokens/s |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {METHODS[name].what} | {fmt(r['final_val_loss'], '.3f')} "
-            f"| {fmt(r['load_imbalance'], '.2f')} | {fmt(r['load_cv'], '.3f')} "
-            f"| {fmt(r['dropped_frac'], '.3f')} | {fmt(r['unrouted_frac'], '.3f')} "
-            f"| {fmt(r['tokens_per_s'], ',.0f')} |")
-    return "\n".join(lines)
+    rows = [[name, METHODS[name].what, fmt(r["final_val_loss"], ".3f"),
+             fmt(r["load_imbalance"], ".2f"), fmt(r["load_cv"], ".3f"),
+             fmt(r["dropped_frac"], ".3f"), fmt(r["unrouted_frac"], ".3f"),
+             fmt(r["tokens_per_s"], ",.0f")] for name, r in results.items()]
+    return markdown_table(["method", "routing / balancing", "val loss", "max/mean load",
+                           "load CV", "dropped", "unrouted", "tokens/s"], rows, "llrrrrrr")
 
 
 def aux_free_verdict(results: dict[str, dict]) -> dict | None:
@@ -200,11 +149,7 @@ def aux_free_verdict(results: dict[str, dict]) -> dict | None:
 
 def plot(results: dict[str, dict], out: Path, smooth: int = 10) -> None:
     """Two panels: validation loss vs step, and load imbalance (moving average) vs step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_val, ax_load) = plt.subplots(1, 2, figsize=(12, 4.6))
     colors = plt.get_cmap("tab20").colors
     styles = ("-", "--", "-.", ":")
@@ -233,49 +178,6 @@ def plot(results: dict[str, dict], out: Path, smooth: int = 10) -> None:
     plt.close(fig)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
-
-
-def add_common_args(p: argparse.ArgumentParser, methods, default_out: str) -> None:
-    """The options both comparison tools share."""
-    p.add_argument("--out", default=default_out, help="output directory")
-    p.add_argument("--only", default="", help=f"comma-separated methods: {','.join(methods)}")
-    p.add_argument("--extra", action="append", default=[],
-                   help="Hydra overrides for every run, space-separated (repeatable); "
-                        "they come after the tool's own")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads per run (1: as fast as 2 for this model on 2 cores, and "
-                        "it does not thrash when other processes share the cores)")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep finished runs already under --out (re-tabulate, re-plot)")
-    p.add_argument("--list", action="store_true", help="print the methods and exit")
-
-
-def check_common_args(p: argparse.ArgumentParser, a: argparse.Namespace, methods) -> None:
-    """Validate the shared options; sets ``a.names`` and ``a.extra_overrides``."""
-    if a.threads < 1:
-        p.error(f"--threads={a.threads} is invalid: must be >= 1")
-    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(methods)
-    bad = [n for n in names if n not in methods]
-    if bad:
-        p.error(f"--only names unknown method(s) {', '.join(map(repr, bad))}: choose from "
-                f"{', '.join(methods)}")
-    a.names = list(dict.fromkeys(names))
-    a.extra_overrides = [o for chunk in a.extra for o in shlex.split(chunk)]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,23 +196,22 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in METHODS.items():
             print(f"{name:20s} {m.what}\n{'':20s} {' '.join(m.overrides)}")
         return 0
-    from tqdm import tqdm
-
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    timings: dict[str, dict] = {}
-    bar = tqdm(a.names, desc="routers", unit="run", dynamic_ncols=True)
-    for name in bar:
-        bar.set_postfix(method=name)
-        run_dir = out / "runs" / name
-        timings[name] = train_one(name, a.steps, run_dir, a.extra_overrides, a.reuse,
-                                  a.threads)
-        results[name] = {**summarize(run_dir / "metrics.jsonl"), **timings[name]}
-        r = results[name]
-        bar.write(f"{name}: val loss {fmt(r['final_val_loss'], '.4f')}, max/mean load "
-                  f"{fmt(r['load_imbalance'], '.3f')} ({r['wall_s']:.1f} s)")
-    bar.close()
+    jobs = [Job(name, out / "runs" / name, command(name, a.steps, out / "runs" / name,
+                                                   a.extra_overrides),
+                end_step=a.steps, label=f"method {name!r}") for name in a.names]
+
+    def report_line(job: Job, timing: dict) -> str:
+        r = summarize(job.run_dir / "metrics.jsonl")
+        return (f"{job.name}: val loss {fmt(r['final_val_loss'], '.4f')}, max/mean load "
+                f"{fmt(r['load_imbalance'], '.3f')} ({timing['wall_s']:.1f} s)")
+
+    timings = run_jobs(jobs, parallel=a.jobs, threads=a.threads, reuse=a.reuse,
+                       desc="routers", on_done=report_line)
+    results = {name: {**summarize(out / "runs" / name / "metrics.jsonl"),
+                      **{k: v for k, v in timings[name].items() if k != "reused"}}
+               for name in a.names}
     total = sum(t["wall_s"] for t in timings.values())  # the training subprocesses
     loads = [t["load_avg"] for t in timings.values() if t.get("load_avg") is not None]
     load = sum(loads) / len(loads) if loads else None

@@ -10,7 +10,8 @@ differ. The methods (``--list``):
 - ``scratch``: the top-2 MoE from a fresh initialisation;
 - ``evomoe``: EvoMoE (Nie et al., arXiv 2112.14397), ``moe/router=dts schedule=evomoe``:
   one expert for the first 10% of the steps, spawned into 8, the soft DTS gate with tau
-  2 -> 0.5 over the next 2/3, then hard top-2 (conf/schedule/evomoe.yaml at 300 steps);
+  2 -> 0.5 over the next 2/3, then hard top-2 (conf/schedule/evomoe.yaml at 300 steps,
+  with ``schedule.hard_k=2``: the same final k as the other methods; EvoMoE's is 1);
 - ``temperature``: ``schedule=temperature``, tau 2 -> 0.5 over the first 2/3 of the steps;
 - ``topk``: ``schedule=topk``, k 8 -> 2 over the first 2/3 of the steps. Annealing ends
   before the run does so that the last third trains at top-2, the k the final validation
@@ -21,7 +22,7 @@ differ. The methods (``--list``):
   expert a copy of the FFN, a new router, a fresh optimizer and warmup + cosine LR schedule
   over the rest of the steps;
 - ``drop_upcycle``: the same with Drop-Upcycling (Nakamura et al., arXiv 2502.19261),
-  ``init.drop_ratio=0.5``.
+  ``init.drop_ratio=0.5`` (its router drawn uniform, the released recipe's law).
 
 The two upcycled methods share one dense run (``runs/dense_phase``). Their MoE phase is a
 new run at step 0, so its sampler starts the corpus again: it sees the dense phase's
@@ -55,17 +56,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling compare_routers.py
-
-from compare_routers import BASE as ROUTERS_BASE
-from compare_routers import (
+from moetrain.experiments import (
+    Job,
     add_common_args,
     check_common_args,
     fmt,
     machine,
-    run_logged,
+    markdown_table,
+    pyplot,
+    read_run,
+    run_jobs,
+    train_command,
     window_size,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling compare_routers.py
+from compare_routers import BASE as ROUTERS_BASE
 
 # compare_routers' model and run; the dense FFN gets the experts' size, as upcycling needs,
 # and validation comes twice as often for finer curves (the later override wins).
@@ -93,7 +99,7 @@ METHODS: dict[str, Method] = {
     "evomoe": Method(
         "EvoMoE: 1 expert for 10%, spawn, DTS gate τ 2→0.5, hard top-2 from 77%",
         lambda s: ("moe/router=dts", "schedule=evomoe", f"schedule.diversify_steps={s // 10}",
-                   f"schedule.steps={_anneal_steps(s)}")),
+                   f"schedule.steps={_anneal_steps(s)}", "schedule.hard_k=2")),
     "temperature": Method("softmax τ 2→0.5 over the first 2/3, top-2",
                           lambda s: ("schedule=temperature", f"schedule.steps={_anneal_steps(s)}")),
     "topk": Method("k from E (dense) to top-k over the first 2/3",
@@ -134,9 +140,9 @@ def phases(name: str, steps: int, dense_steps: int, runs: Path) -> list[Phase]:
                   (f"init.from_dense={runs / DENSE_PHASE / 'checkpoints'}",))]
 
 
-def command(phase: Phase, run_dir: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "moetrain.train", *BASE, f"train.steps={phase.steps}",
-            *phase.overrides, *extra, *phase.last, f"run.dir={run_dir}"]
+def command(phase: Phase, run_dir: Path, extra: list[str]) -> tuple[str, ...]:
+    return train_command([*BASE, f"train.steps={phase.steps}", *phase.overrides, *extra,
+                          *phase.last], run_dir)
 
 
 def summarize(metrics_paths: list[str | Path]) -> dict:
@@ -145,8 +151,6 @@ def summarize(metrics_paths: list[str | Path]) -> dict:
     Each phase's tokens continue from the previous phase's last training row, so a
     validation at step s of a phase sits at (tokens before the phase) + s x (tokens per
     step). Rows without ``active_k`` (a dense model) count k = 1."""
-    from moetrain.metrics import read_metrics
-
     offset = 0
     train_s = 0.0
     val_curve: list[tuple[int, float]] = []
@@ -154,18 +158,14 @@ def summarize(metrics_paths: list[str | Path]) -> dict:
     boundaries: list[int] = []
     train: list[dict] = []
     for path in metrics_paths:
-        rows = read_metrics(path)
-        train = [r for r in rows if "loss" in r]
-        if not train:
-            raise ValueError(f"{path} holds no training rows: the run did not train")
+        train, val = read_run(path)
         per_step, rem = divmod(int(train[-1]["tokens"]), int(train[-1]["step"]))
         if rem:
             raise ValueError(f"{path}: tokens {train[-1]['tokens']} at step "
                              f"{train[-1]['step']} is not a whole number of steps")
         if offset:
             boundaries.append(offset)
-        val_curve += [(offset + int(r["step"]) * per_step, float(r["val_loss"]))
-                      for r in rows if "val_loss" in r]
+        val_curve += [(offset + step * per_step, v) for step, v in val]
         k_curve += [(offset + int(r["tokens"]), float(r.get("active_k", 1.0))) for r in train]
         train_s += sum(float(r["step_time_s"]) for r in train)
         offset += int(train[-1]["tokens"])
@@ -183,57 +183,23 @@ def summarize(metrics_paths: list[str | Path]) -> dict:
     }
 
 
-def _complete(run_dir: Path, steps: int, checkpoint: bool) -> bool:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file() or not (run_dir / "timing.json").is_file():
-        return False
-    from moetrain.checkpoint import is_committed, step_dir_name
-    from moetrain.metrics import read_metrics
-
-    if checkpoint and not is_committed(run_dir / "checkpoints" / step_dir_name(steps)):
-        return False
-    return any(r.get("step") == steps and "val_loss" in r for r in read_metrics(path))
-
-
-def train_one(phase: Phase, run_dir: Path, extra: list[str], reuse: bool,
-              threads: int = 1) -> dict:
-    """Run one phase in a subprocess (compare_routers' ``run_logged``); return {"wall_s",
-    "load_avg", "reused"}. With ``reuse``, a finished run is kept and what it recorded is
-    returned."""
-    timing = run_dir / "timing.json"
-    if reuse and _complete(run_dir, phase.end, checkpoint=phase.name == DENSE_PHASE):
-        return {**json.loads(timing.read_text()), "reused": True}
-    out = run_logged(command(phase, run_dir, extra), run_dir, threads, f"run {phase.name!r}")
-    return {**out, "reused": False}
-
-
 def describe(name: str, dense_fraction: float) -> str:
     return METHODS[name].what.format(dense=f"{dense_fraction:.0%}")
 
 
 def table(results: dict[str, dict], dense_fraction: float) -> str:
     """The markdown table, one row per method in run order."""
-    lines = [
-        ("| method | what | val loss | tokens | tokens/s | final k | mean k | max/mean load "
-         "| wall s |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {describe(name, dense_fraction)} | {fmt(r['final_val_loss'], '.3f')} "
-            f"| {r['tokens']:,} | {r['tokens_per_s']:,.0f} | {r['final_active_k']:.2f} "
-            f"| {r['mean_active_k']:.2f} | {fmt(r['load_imbalance'], '.2f')} "
-            f"| {r['wall_s']:.0f} |")
-    return "\n".join(lines)
+    rows = [[name, describe(name, dense_fraction), fmt(r["final_val_loss"], ".3f"),
+             f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}", f"{r['final_active_k']:.2f}",
+             f"{r['mean_active_k']:.2f}", fmt(r["load_imbalance"], ".2f"),
+             f"{r['wall_s']:.0f}"] for name, r in results.items()]
+    return markdown_table(["method", "what", "val loss", "tokens", "tokens/s", "final k",
+                           "mean k", "max/mean load", "wall s"], rows, "llrrrrrrr")
 
 
 def plot(results: dict[str, dict], out: Path) -> None:
     """Two panels against training tokens: validation loss and active k (experts per token)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_val, ax_k) = plt.subplots(1, 2, figsize=(12, 4.6))
     colors = plt.get_cmap("tab10").colors
     styles = ("-", "--", "-.", ":")
@@ -325,23 +291,21 @@ def main(argv: list[str] | None = None) -> int:
                        f"init.from_dense=...")
             print(f"{name:14s} {describe(name, a.dense_fraction)}\n{'':14s} {own}")
         return 0
-    from tqdm import tqdm
-
     out = Path(a.out).resolve()
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    plans = {name: phases(name, a.steps, a.dense_steps, runs) for name in a.names}
+    jobs: dict[str, Job] = {}  # per run directory: a shared phase runs once
+    for plan in plans.values():
+        for i, ph in enumerate(plan):
+            jobs.setdefault(ph.name, Job(
+                ph.name, runs / ph.name, command(ph, runs / ph.name, a.extra_overrides),
+                end_step=ph.end, checkpoint_step=ph.end if ph.name == DENSE_PHASE else None,
+                after=tuple(p.name for p in plan[:i]), label=f"run {ph.name!r}"))
+    timings = run_jobs(list(jobs.values()), parallel=a.jobs, threads=a.threads,
+                       reuse=a.reuse, desc="schedules")
     results: dict[str, dict] = {}
-    timings: dict[str, dict] = {}  # per run directory: each subprocess counted once
-    bar = tqdm(a.names, desc="schedules", unit="method", dynamic_ncols=True)
-    for name in bar:
-        bar.set_postfix(method=name)
-        plan = phases(name, a.steps, a.dense_steps, runs)
-        retrained = False  # a phase trained again: the phases after it must be too
-        for ph in plan:
-            if ph.name not in timings:
-                timings[ph.name] = train_one(ph, runs / ph.name, a.extra_overrides,
-                                             a.reuse and not retrained, a.threads)
-            retrained = retrained or not timings[ph.name]["reused"]
+    for name, plan in plans.items():
         results[name] = {
             **summarize([runs / ph.name / "metrics.jsonl" for ph in plan]),
             "wall_s": sum(timings[ph.name]["wall_s"] for ph in plan),
@@ -349,9 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         "overrides": [*ph.overrides, *ph.last]} for ph in plan],
         }
         r = results[name]
-        bar.write(f"{name}: val loss {fmt(r['final_val_loss'], '.4f')}, {r['tokens']:,} "
-                  f"tokens, final k {r['final_active_k']:.2f} ({r['wall_s']:.1f} s)")
-    bar.close()
+        print(f"{name}: val loss {fmt(r['final_val_loss'], '.4f')}, {r['tokens']:,} "
+              f"tokens, final k {r['final_active_k']:.2f} ({r['wall_s']:.1f} s)")
     total = sum(t["wall_s"] for t in timings.values())  # the training subprocesses
     loads = [t["load_avg"] for t in timings.values() if t.get("load_avg") is not None]
     load = sum(loads) / len(loads) if loads else None

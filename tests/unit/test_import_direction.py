@@ -30,6 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoint": MIDDLE,
     "parallel": MIDDLE | {"data"},  # the memory estimate reads the tokenizer's vocabulary
     "train": MIDDLE | {"data", "metrics", "checkpoint", "parallel"},
+    # experiments.py: training runs as subprocesses and their numbers (the comparison tools)
+    "experiments": MIDDLE | {"data", "metrics", "checkpoint"},
     "moetrain": MIDDLE | {"data", "metrics", "checkpoint", "parallel", "train", "testing"},
 }
 
