@@ -140,14 +140,20 @@ def run_jobs(jobs: Sequence[Job], *, parallel: int = 1, threads: int = 1, reuse:
     pending = list(jobs)
     running: dict[Future, Job] = {}
     error: BaseException | None = None
-    bar = tqdm(total=len(jobs), desc=desc, unit="run", dynamic_ncols=True)
+    # A bar on a terminal; in a log file (no terminal) a plain line per finished job.
+    tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    bar = tqdm(total=len(jobs), desc=desc, unit="run", dynamic_ncols=True, disable=not tty)
 
     def finish(job: Job, timing: dict) -> None:
         done[job.name] = timing
         bar.update(1)
         line = on_done(job, timing) if on_done else None
+        if not tty:
+            how = "reused" if timing.get("reused") else f"{timing.get('wall_s', 0):.0f} s"
+            line = f"{desc} {len(done)}/{len(jobs)}: {job.name} ({how})" + (
+                f" | {line}" if line else "")
         if line:
-            bar.write(line)
+            bar.write(line, file=sys.stderr)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         while (pending and error is None) or running:

@@ -46,7 +46,7 @@ def _span(job: ex.Job) -> list[float]:
     return json.loads((job.run_dir / "span.json").read_text())
 
 
-def test_run_jobs_order_parallelism_and_reuse(tmp_path):
+def test_run_jobs_order_parallelism_and_reuse(tmp_path, capsys):
     a = _job(tmp_path, "a", 1.0)
     b = _job(tmp_path, "b", 0.0, after=["a"])
     c = _job(tmp_path, "c", 0.0)
@@ -59,6 +59,13 @@ def test_run_jobs_order_parallelism_and_reuse(tmp_path):
     assert _span(c)[0] < _span(a)[1]  # c runs beside a
     assert lines.index("a") < lines.index("b")
     assert (a.run_dir / "train.log").read_text().startswith(shlex.join(a.command) + "\n")
+    # Without a terminal: one plain line per finished job, no carriage returns.
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    done_lines = [ln for ln in err.splitlines() if ln.startswith("runs ")]
+    assert [ln.split(":")[0] for ln in done_lines] == ["runs 1/3", "runs 2/3", "runs 3/3"]
+    assert any(ln.startswith("runs ") and ": b (" in ln and ln.endswith("| b done")
+               for ln in done_lines)
     # reuse: finished runs are kept; re-training a job re-trains the jobs after it.
     stamp = {j.name: _span(j) for j in (a, b, c)}
     again = ex.run_jobs([a, b, c], parallel=2, reuse=True)
