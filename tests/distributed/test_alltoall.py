@@ -128,17 +128,22 @@ def test_capacity_matches_reference_with_fixed_size_exchange():
 
 
 def test_drop_policies_and_inactive_slots_match_reference():
-    cases = [(1.0, p, False) for p in DropPolicy]
-    cases += [(None, DropPolicy.probs, True)] + [(1.0, p, True) for p in DropPolicy]
+    policies = list(DropPolicy)
+    cases = [(1.0, p, False) for p in policies]
+    cases += [(None, DropPolicy.probs, True)] + [(1.0, p, True) for p in policies]
     got = _check(cases)
+    n = len(policies)
     # The policies keep different rows here, so each really reached the dispatcher.
-    ys = [got[i][0]["y"] for i in range(3)]
-    assert not torch.equal(ys[0], ys[1]) and not torch.equal(ys[1], ys[2])
-    assert not torch.equal(ys[0], ys[2])
+    ys = {p: got[i][0]["y"] for i, p in enumerate(policies)}
+    distinct = [DropPolicy.probs, DropPolicy.slot, DropPolicy.position]  # differ here
+    for i, a in enumerate(distinct):
+        for b in distinct[i + 1:]:
+            assert not torch.equal(ys[a], ys[b]), (a, b)
     # Inactive slots, dropless: only the 8 active rows are sent, none dropped.
-    assert [g["sent"] for g in got[3]] == [8, 8]
-    assert [g["num_dropped"] for g in got[3]] == [0, 0]
-    assert got[3][0]["received"] == 16
-    for case in got[3:]:
+    dropless_inactive = got[n]
+    assert [g["sent"] for g in dropless_inactive] == [8, 8]
+    assert [g["num_dropped"] for g in dropless_inactive] == [0, 0]
+    assert dropless_inactive[0]["received"] == 16
+    for case in got[n:]:
         for g in case:
             assert not g["y"].isnan().any() and not g["dw"].isnan().any()
