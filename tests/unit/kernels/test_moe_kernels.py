@@ -72,10 +72,14 @@ HAND_KEPT = {
     DropPolicy.slot: [[1, 0], [1, 0], [1, 0], [1, 0]],
     # Expert 0: .9 (2,0) and .8 (3,1); expert 1: .7 (1,0) and .4 (0,1).
     DropPolicy.probs: [[0, 1], [1, 0], [1, 0], [0, 1]],
+    # First choices before second: expert 0 keeps (2,0) .9 and (0,0) .6, expert 1 (1,0) .7
+    # and (3,0) .2; here every expert has exactly C first choices, so it equals slot (the
+    # orders differ in tests/unit/models/test_recipes.py).
+    DropPolicy.rank: [[1, 0], [1, 0], [1, 0], [1, 0]],
 }
 # Dispatched rows: kept flat indices, by expert, in flat order whatever the policy.
 HAND_ROWS = {DropPolicy.position: [0, 3, 1, 2], DropPolicy.slot: [0, 4, 2, 6],
-             DropPolicy.probs: [4, 7, 1, 2]}
+             DropPolicy.probs: [4, 7, 1, 2], DropPolicy.rank: [0, 4, 2, 6]}
 
 
 @pytest.mark.parametrize("policy", list(DropPolicy))
