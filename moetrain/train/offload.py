@@ -39,7 +39,6 @@ import functools
 import logging
 import time
 from pathlib import Path
-
 from typing import Any
 
 import torch
