@@ -280,18 +280,22 @@ def pyplot():
     return plt
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (platform.processor() is often just the architecture on
+    Linux: /proc/cpuinfo says more)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
     import torch
 
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+    return (f"{os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
 
