@@ -97,6 +97,20 @@ RECIPES: dict[str, Recipe] = {
                   "EvoMoE (Nie et al., arXiv 2112.14397); codecaution/EvoMoE fairseq/modules/"
                   "moe/topkgate.py: gate loss E^2 * mean(me * ce) at 1e-2 (GPT script), no "
                   "z-loss"),
+    # configuration_llama_moe_rnn.py: router_aux_loss_coef 0.001, Mixtral's
+    # load_balancing_loss_func (no z-loss). Mixtral's loss pools every layer's tokens and
+    # counts each of the K choices over T tokens: per layer that is K times the Switch
+    # loss here, which is summed over layers (docs/architectures.md#rmoe).
+    "recurrent": Recipe(BalanceLoss.switch, 1e-3, 0.0,
+                        "RMoE (Qiu et al., arXiv 2408.06793); qiuzh20/RMoE llama_moe_rnn/"
+                        "configuration_llama_moe_rnn.py: router_aux_loss_coef 1e-3 on "
+                        "Mixtral's balance loss, no z-loss"),
+    # moe_pretrain_model/tasks/transformer_lm_mixin.py: balance 0.01 on the top-1 choice,
+    # z 0.001; the competition's own losses are moe.router.compete_*_coef.
+    "compete": Recipe(BalanceLoss.xmoe, 1e-2, 1e-3,
+                      "CompeteSMoE (Nguyen et al., arXiv 2505.13380); Fsoft-AIC/CompeteSMoE "
+                      "moe_pretrain_model (LM pretraining): router steps train on the "
+                      "top-1 balance loss 1e-2 and z-loss 1e-3"),
 }
 
 # Routers that balance by construction: a balance loss is logged, never trained on.

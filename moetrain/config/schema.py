@@ -40,6 +40,30 @@ class RouterType(str, Enum):
     selective_sinkhorn = "selective_sinkhorn"  # SSR (arXiv 2511.08972): OT on a fraction p of steps
     threshold = "threshold"  # XMoE (Yang et al. 2024): experts until cumulative p >= threshold
     dts = "dts"  # EvoMoE's DTS gate (Nie et al. 2021): Gumbel-softmax threshold; schedule=evomoe
+    recurrent = "recurrent"  # RMoE (arXiv 2408.06793): a GRU state shared across MoE layers
+    compete = "compete"  # CompeteSMoE (arXiv 2505.13380): experts compete on some steps
+
+
+class RNNCell(str, Enum):
+    """The cell of the recurrent router (moe/router=recurrent, RMoE's moe_router_type)."""
+
+    gru = "gru"  # torch.nn.GRUCell, RMoE's default
+    rnn = "rnn"  # torch.nn.RNNCell with tanh
+
+
+class ChainRouter(str, Enum):
+    """Chain-of-Experts (moe.chain_iterations > 1): routers of the C rounds."""
+
+    per_iteration = "per_iteration"  # one router per round (CoE's use_igate=true, default)
+    shared = "shared"  # the round-0 router scores every round (use_igate=false)
+
+
+class ChainResidual(str, Enum):
+    """Chain-of-Experts residuals: x_t = [x_{t-1} +] MoE_t(x_{t-1}); block out = [h +] x_C."""
+
+    inner = "inner"  # x_t = x_{t-1} + MoE_t(x_{t-1}); out = x_C (CoE's default flags)
+    outer = "outer"  # x_t = MoE_t(x_{t-1}); out = h + x_C (C = 1: the standard block)
+    both = "both"  # x_t = x_{t-1} + MoE_t(x_{t-1}); out = h + x_C
 
 
 class ScheduleName(str, Enum):
@@ -348,6 +372,26 @@ class RouterConfig:
     # model.num_experts: no cap, as XMoE's main_thresholdGating).
     threshold: float = 0.9
     max_k: int | None = None
+    # recurrent (RMoE, arXiv 2408.06793): each MoE layer projects its router input to
+    # rnn_hidden, one cell shared by all layers carries the state from layer to layer, and
+    # a per-layer head gives the logits (qiuzh20/RMoE: moe_router_rnn_hidden_size 256, gru).
+    rnn_hidden: int = 256
+    rnn_cell: RNNCell = RNNCell.gru
+    # compete (CompeteSMoE, arXiv 2505.13380; Fsoft-AIC/CompeteSMoE LM pretraining):
+    # after the first compete_warmup share of train.steps, each (step, MoE layer) competes
+    # with probability compete_rate, at most max_compete_layers layers per step. On a
+    # competition step every expert runs on every token and the router learns the
+    # competition's choice (MSE weighted by compete_router_coef); the diversity and
+    # competition balance losses are weighted by their coefficients.
+    compete_rate: float = 0.07
+    compete_warmup: float = 0.05
+    max_compete_layers: int = 2
+    compete_router_coef: float = 1e-2
+    compete_diversity_coef: float = 1e-2
+    compete_balance_coef: float = 1e-2
+    # hybrid: also an MSE on the router entries at the competition's picks, times theta.
+    compete_hybrid: bool = False
+    compete_theta: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.temperature > 0, "moe.router.temperature", self.temperature, "must be > 0")
@@ -375,6 +419,20 @@ class RouterConfig:
                  "must be in (0, 1] (cumulative probability)")
         _require(self.max_k is None or self.max_k >= 1, "moe.router.max_k", self.max_k,
                  "must be >= 1, or null for model.num_experts (no cap)")
+        _require(isinstance(self.rnn_hidden, int) and self.rnn_hidden >= 1,
+                 "moe.router.rnn_hidden", self.rnn_hidden, "must be an integer >= 1")
+        _require(0 <= self.compete_rate <= 1, "moe.router.compete_rate", self.compete_rate,
+                 "must be in [0, 1] (probability that a layer competes on a step)")
+        _require(0 <= self.compete_warmup <= 1, "moe.router.compete_warmup",
+                 self.compete_warmup, "must be in [0, 1] (share of train.steps without "
+                 "competition)")
+        _require(isinstance(self.max_compete_layers, int) and self.max_compete_layers >= 1,
+                 "moe.router.max_compete_layers", self.max_compete_layers,
+                 "must be an integer >= 1 (MoE layers that may compete in one step)")
+        for name in ("compete_router_coef", "compete_diversity_coef", "compete_balance_coef",
+                     "compete_theta"):
+            _require(getattr(self, name) >= 0, f"moe.router.{name}", getattr(self, name),
+                     "must be >= 0")
 
 
 @dataclass
@@ -410,6 +468,14 @@ class MoEConfig:
     # the all-to-all of one chunk with the experts' compute on another (Tutel's
     # a2a_ffn_overlap_degree). 1 = one exchange each way, no overlap. Same math either way.
     a2a_overlap_chunks: int = 1
+    # Chain-of-Experts (Wang et al., arXiv 2506.18945; ZihanWang314/CoE): C sequential
+    # rounds of route -> dispatch -> experts -> combine inside each MoE layer, the experts
+    # (and shared experts) reused every round. 1 = the standard MoE layer.
+    chain_iterations: int = 1
+    chain_router: ChainRouter = ChainRouter.per_iteration
+    # null: inner for chain_iterations > 1 (CoE's default flags: the block's output is x_C,
+    # h is not added back), outer for 1 (the standard pre-norm block).
+    chain_residual: ChainResidual | None = None
 
     def __post_init__(self) -> None:
         _require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
@@ -417,6 +483,9 @@ class MoEConfig:
         _require(isinstance(self.a2a_overlap_chunks, int) and self.a2a_overlap_chunks >= 1,
                  "moe.a2a_overlap_chunks", self.a2a_overlap_chunks,
                  "must be an integer >= 1 (1 = one exchange each way, no overlap)")
+        _require(isinstance(self.chain_iterations, int) and self.chain_iterations >= 1,
+                 "moe.chain_iterations", self.chain_iterations,
+                 "must be an integer >= 1 (1 = the standard MoE layer; CoE uses 2)")
         for name in ("aux_loss_coef", "z_loss_coef"):
             v = getattr(self, name)
             _require(v is None or v >= 0, f"moe.{name}", v,

@@ -323,7 +323,8 @@ def _validate_routing(cfg: Config, layout: Layout) -> None:
 
 # Routers whose experts per token are ``top_k`` (schedule=topk anneals it).
 TOPK_SCHEDULE_ROUTERS = (RouterType.topk, RouterType.deepseek_v3, RouterType.noisy_topk,
-                         RouterType.sinkhorn, RouterType.selective_sinkhorn)
+                         RouterType.sinkhorn, RouterType.selective_sinkhorn,
+                         RouterType.recurrent, RouterType.compete)
 
 
 def _validate_schedule(cfg: Config, layout: Layout) -> None:
@@ -407,6 +408,41 @@ def _validate_schedule(cfg: Config, layout: Layout) -> None:
                 f"or set schedule.steps")
 
 
+def _validate_architectures(cfg: Config, layout: Layout) -> None:
+    """Chain-of-Experts (moe.chain_iterations), RMoE (moe/router=recurrent) and
+    CompeteSMoE (moe/router=compete): the combinations the MoE layer carries."""
+    moe, r, par = cfg.moe, cfg.moe.router, cfg.parallel
+    kind = RouterType(r.name)
+    C = moe.chain_iterations
+    etp = layout.tp > 1 and ExpertTP(par.expert_tp) == ExpertTP.etp
+    residual = moe.chain_residual
+    if C > 1 and kind in (RouterType.recurrent, RouterType.compete, RouterType.dts):
+        raise ConfigError(
+            f"moe.chain_iterations={C} with moe.router.name={kind.value}: a chain of experts "
+            f"runs a plain router per round; set moe.chain_iterations=1, or use moe/router="
+            f"topk (CoE's router)")
+    if C > 1 and r.bias_update_rate > 0:
+        raise ConfigError(
+            f"moe.chain_iterations={C} with moe.router.bias_update_rate={r.bias_update_rate}: "
+            f"the expert-bias update counts one routing per layer; set "
+            f"moe.router.bias_update_rate=0 or moe.chain_iterations=1")
+    if etp and (C > 1 or (residual is not None and residual != "outer")):
+        raise ConfigError(
+            f"moe.chain_iterations={C} (moe.chain_residual={residual}) with "
+            f"parallel.expert_tp=etp: each round would need the previous round's output "
+            f"all-reduced over tp; set parallel.expert_tp=ep")
+    if etp and kind in (RouterType.recurrent, RouterType.compete):
+        raise ConfigError(
+            f"moe.router.name={kind.value} with parallel.expert_tp=etp and parallel.tp="
+            f"{layout.tp}: the router state (recurrent) and the experts' full outputs "
+            f"(compete) are per token on the rank's own sequence shard; set "
+            f"parallel.expert_tp=ep")
+    if kind == RouterType.compete and r.compete_rate > 0:
+        if int(r.compete_warmup * cfg.train.steps) >= cfg.train.steps:
+            log.warning("moe.router.compete_warmup=%s of train.steps=%d leaves no "
+                        "competition step", r.compete_warmup, cfg.train.steps)
+
+
 def _validate_init(cfg: Config) -> None:
     """Upcycling (init.from_dense) needs an MoE layer to upcycle into; the dense model's
     own checks (path, shapes) run when it is read (moetrain/checkpoint/upcycle.py)."""
@@ -481,6 +517,7 @@ def validate(cfg: Config, world_size: int) -> Layout:
     _validate_pp(cfg, layout)
     _validate_grad_sync(cfg.parallel, layout)
     _validate_routing(cfg, layout)
+    _validate_architectures(cfg, layout)
     _validate_schedule(cfg, layout)
     _validate_init(cfg)
     return layout

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moetrain.config.schema import ModelConfig, MoEConfig
+from moetrain.config.schema import ModelConfig, MoEConfig, RouterType
 from moetrain.models.attention import Attention
 from moetrain.models.moe.experts import FeedForward
 from moetrain.models.moe.layer import MoELayer
+from moetrain.models.moe.router import CompeteRouter, build_rnn_cell, rnn_cell_step
 from moetrain.models.norms import build_norm, init_norm
 from moetrain.models.rope import precompute_rope
 
@@ -48,9 +49,14 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(model_cfg)
         self.ffn_norm = build_norm(model_cfg.dim, model_cfg.norm_eps)
         self.moe_enabled = model_cfg.is_moe_layer(layer_idx)
+        # RMoE: a router state crosses every block (dense ones pass it through).
+        self.recurrent = RouterType(moe_cfg.router.name) == RouterType.recurrent
         if self.moe_enabled:
             self.moe = MoELayer(model_cfg.dim, model_cfg, moe_cfg)
-            self.moe.router.layer_idx = layer_idx  # keys the router's random draws
+            self.moe.set_layer_idx(layer_idx)  # keys the routers' random draws
+            if isinstance(self.moe.router, CompeteRouter):  # its per-step cap spans layers
+                self.moe.router.moe_layer_ids = tuple(
+                    i for i in range(model_cfg.n_layers) if model_cfg.is_moe_layer(i))
         else:
             self.feed_forward = FeedForward(model_cfg.dim, model_cfg.ffn_hidden)
 
@@ -61,11 +67,24 @@ class TransformerBlock(nn.Module):
         ffn = self.moe if self.moe_enabled else self.feed_forward
         ffn.init_weights(init_std, out_std)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor,
-                sin_SHd: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor,
+                router_state: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output; with a recurrent router (``self.recurrent``) the pair
+        (output, router state after this block). The state is an input of the block, so
+        an activation-checkpoint recompute sees the same state."""
         h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SHd, sin_SHd)
-        ffn = self.moe if self.moe_enabled else self.feed_forward
-        return h + ffn(self.ffn_norm(h))
+        if not self.moe_enabled:
+            out = h + self.feed_forward(self.ffn_norm(h))
+            return (out, router_state) if self.recurrent else out
+        if self.recurrent:
+            y = self.moe(self.ffn_norm(h), router_state=router_state)
+            router_state, self.moe.state_out = self.moe.state_out, None
+        else:
+            y = self.moe(self.ffn_norm(h))
+        # Chain-of-Experts' inner residual (its default): the output is x_C alone.
+        out = h + y if self.moe.adds_block_residual else y
+        return (out, router_state) if self.recurrent else out
 
 
 class Transformer(nn.Module):
@@ -97,6 +116,15 @@ class Transformer(nn.Module):
         self.output: nn.Linear | None = nn.Linear(model_cfg.dim, vocab_size, bias=False)
         if model_cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # RMoE: the one cell every MoE layer's recurrent router shares (saved once, as
+        # ``router_rnn.*``; a pipeline stage holds a copy, its gradients summed over stages).
+        self.router_state_dim = 0
+        if RouterType(moe_cfg.router.name) == RouterType.recurrent:
+            self.router_rnn: nn.Module | None = build_rnn_cell(moe_cfg.router)
+            self.router_state_dim = moe_cfg.router.rnn_hidden
+        else:
+            self.router_rnn = None
+        self.bind_router_cells()
         # RoPE tables are derived state: non-persistent, rebuilt by init_weights().
         cos, sin = precompute_rope(self.head_dim, model_cfg.max_seq_len, model_cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -123,13 +151,39 @@ class Transformer(nn.Module):
             nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
         for block in self.layers.values():
             block.init_weights(std, out_std)
+        if self.router_rnn is not None:
+            # RMoE's cell init is UNVERIFIED (its config leaves init_method undefined):
+            # torch's GRUCell/RNNCell default, U(-1/sqrt(H), 1/sqrt(H)) for every tensor.
+            bound = 1.0 / math.sqrt(self.router_state_dim)
+            for p in self.router_rnn.parameters():
+                nn.init.uniform_(p, -bound, bound)
         init_norm(self.norm)
         # A tied output on a stage without the embedding still needs its own init.
         if self.output is not None and (not cfg.tie_embeddings or self.tok_embeddings is None):
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
 
+    def bind_router_cells(self) -> None:
+        """Hand this module's ``router_rnn`` to the recurrent routers of its layers (after
+        a pipeline split, each stage's own copy)."""
+        if self.router_rnn is None:
+            return
+        for layer in self.moe_layers():
+            layer.router.bind_cell(self.router_rnn)
+
+    @property
+    def boundary_dim(self) -> int:
+        """Width of the hidden states between pipeline stages: D, plus the recurrent
+        router's state H (RMoE), carried beside them (see :meth:`forward`)."""
+        return self.model_cfg.dim + self.router_state_dim
+
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
+        state = None
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(tokens_BS)
+        elif self.router_state_dim:  # a later pipeline stage: hidden states and state
+            h, state = _split_state(tokens_BS, self.model_cfg.dim)
+        else:
+            h = tokens_BS
         S = h.shape[1]
         if S > self.rope_cos.shape[0]:
             raise ValueError(
@@ -138,7 +192,12 @@ class Transformer(nn.Module):
             )
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         for block in self.layers.values():
-            h = block(h, cos, sin)
+            if self.router_state_dim:
+                h, state = block(h, cos, sin, state)
+            else:
+                h = block(h, cos, sin)
+        if self.output is None and self.router_state_dim:  # hand the state to the next stage
+            return _join_state(h, state, self.router_state_dim)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
@@ -163,6 +222,39 @@ class Transformer(nn.Module):
                 n = n * self.model_cfg.top_k // self.model_cfg.num_experts
             total += n
         return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _join_state(h_BSD: torch.Tensor, state_TH: torch.Tensor | None, H: int) -> torch.Tensor:
+    """(B, S, D + H): the hidden states with the router state (T, H) of the same tokens
+    appended on the feature dim (zeros before the first MoE layer). Under TP, h is a
+    sequence-sharded DTensor and the state holds this rank's tokens: the result is a
+    DTensor of the same layout."""
+    local = _local(h_BSD)
+    B, S_loc = local.shape[:2]
+    if state_TH is None:
+        state_TH = local.new_zeros(B * S_loc, H)
+    joined = torch.cat([local, state_TH.to(local.dtype).view(B, S_loc, H)], dim=-1)
+    if local is h_BSD:
+        return joined
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(joined, h_BSD.device_mesh, h_BSD.placements, run_check=False)
+
+
+def _split_state(x: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo :func:`_join_state`: (hidden states (B, S, D), router state (T, H))."""
+    local = _local(x)
+    h, state = local[..., :D], local[..., D:]
+    state_TH = state.reshape(-1, state.shape[-1])
+    if local is x:
+        return h, state_TH
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(h, x.device_mesh, x.placements, run_check=False), state_TH
 
 
 @dataclass(frozen=True)

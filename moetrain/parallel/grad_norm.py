@@ -26,16 +26,21 @@ def _group_key(g: torch.Tensor):
 
 @torch.no_grad()
 def clip_grad_norm_(
-    params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None
+    params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None,
+    uncounted: list[nn.Parameter] = (),
 ) -> torch.Tensor:
     """Clip in place to ``max_norm`` (0 = no clipping); return the total L2 norm.
+
+    ``uncounted``: parameters among ``params`` that are copies of another counted one
+    (tied weights on several pipeline stages): clipped, not counted in the norm.
 
     No host sync: the clip coefficient stays on the device (``min(1, max_norm / norm)``,
     as torch's ``clip_grad_norm_``), so the optimizer step is queued behind it.
     """
+    skip = {id(p) for p in uncounted}
     grads = [p.grad for p in params if p.grad is not None]
     groups: dict = {}
-    for g in grads:
+    for g in (p.grad for p in params if p.grad is not None and id(p) not in skip):
         groups.setdefault(_group_key(g), []).append(g)
     sq = None
     for gs in groups.values():

@@ -117,7 +117,12 @@ class ParallelModel:
             align_grad_placements(self.params)
         if self.replicator is not None:
             self.replicator.sync()
-        return clip_grad_norm_(self.params, max_norm, pp_group=self.pp_group)
+        uncounted = []
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_grads()
+            uncounted = self.pipeline.uncounted_params()
+        return clip_grad_norm_(self.params, max_norm, pp_group=self.pp_group,
+                               uncounted=uncounted)
 
     def ep_bytes_sent(self) -> int:
         return ep_bytes_sent(self.moe_layers)
@@ -142,8 +147,9 @@ def _wire_count_reducers(moe_layers: list[nn.Module], mesh: MoEMesh, layout: Lay
         for layer in moe_layers:
             layer.seq_shards = layout.tp
             layer.seq_shard_rank = mesh.local_rank(MeshAxis.tp)
-            layer.router.seq_gather = SequenceGather(mesh.group(MeshAxis.tp), layout.tp,
-                                                     layer.seq_shard_rank)
+            for router in layer.routers:  # every chain round's
+                router.seq_gather = SequenceGather(mesh.group(MeshAxis.tp), layout.tp,
+                                                   layer.seq_shard_rank)
 
 
 def _apply_dp(parts: list[nn.Module], mesh: MoEMesh, layout: Layout, fsdp: bool,
@@ -217,6 +223,10 @@ def parallelize(
     # become the roots of FSDP.
     plan = apply_pp(model, layout, par, mesh, train) if layout.pp > 1 else None
     parts = plan.parts if plan is not None else [model]
+    if tp is not None:  # each stage's copy of RMoE's shared cell sees this rank's tokens
+        tp.replicated += [p.router_rnn for p in parts
+                          if getattr(p, "router_rnn", None) is not None
+                          and all(p.router_rnn is not m for m in tp.replicated)]
     moe_layers = [layer for part in parts for layer in part.moe_layers()]
     # 6. Data parallelism. FSDP gathers bf16 parameters on CUDA when the run is bf16.
     fsdp = layout.dp > 1 and par.dp_mode == DataParallelMode.fsdp

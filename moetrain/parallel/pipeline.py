@@ -222,6 +222,7 @@ def split_model(model: nn.Module, split: Sequence[int], stage_ids: Sequence[int]
             part.tok_embeddings = embed
         if s == n_stages - 1:
             part.norm, part.output = norm, output
+        part.bind_router_cells()  # RMoE: the stage's own copy of the shared cell
         parts.append(part)
     return parts
 
@@ -296,6 +297,10 @@ def _example(shape: tuple[int, ...], dtype: torch.dtype, tp_mesh: DeviceMesh | N
     return out.requires_grad_(requires_grad)
 
 
+def _local_of(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _in_backward() -> bool:
     """True while the autograd engine runs (e.g. an activation-checkpoint recompute)."""
     return torch._C._current_graph_task_id() != -1
@@ -332,7 +337,9 @@ class Pipeline:
         m, S = self.shape
         stages = []
         for part, s in zip(parts, stage_ids):
-            hidden = (m, S, part.model_cfg.dim)  # sequence-sharded under TP
+            # sequence-sharded under TP; with a recurrent router (RMoE) its state rides
+            # beside the hidden states (Transformer.boundary_dim)
+            hidden = (m, S, part.boundary_dim)
             logits = (m, S, part.vocab_size)  # vocabulary-sharded under TP
             x_shape, x_dim = ((m, S), None) if s == 0 else (hidden, 1)
             y_shape, y_dim = (logits, 2) if s == n_stages - 1 else (hidden, 1)
@@ -369,6 +376,43 @@ class Pipeline:
         for part in parts:
             for layer in part.moe_layers():
                 layer.register_forward_hook(self._record_stats)
+        # Modules every stage holds a copy of (RMoE's shared router cell), like tied
+        # weights: their gradients are summed over the copies (sync_tied_grads).
+        self.tied = [part.router_rnn for part in parts
+                     if getattr(part, "router_rnn", None) is not None]
+        self.owns_tied = bool(self.tied) and 0 in stage_ids
+
+    @torch.no_grad()
+    def sync_tied_grads(self) -> None:
+        """Sum the gradients of the tied copies over this rank's stages and the pp group,
+        and give every copy the sum (a copy on a stage without MoE layers, or that got no
+        gradient, adds zero), so each copy takes the same optimizer step. Called once
+        the data-parallel reduction is done (:meth:`ParallelModel.clip_grad_norm_`)."""
+        if not self.tied:
+            return
+        for name, _ in self.tied[0].named_parameters():
+            params = [dict(m.named_parameters())[name] for m in self.tied]
+            local = [_local_of(p) for p in params]
+            total = torch.zeros_like(local[0])
+            for p in params:
+                if p.grad is not None:
+                    total += _local_of(p.grad)
+            dist.all_reduce(total, group=self.group)
+            for p in params:
+                if isinstance(p, DTensor):
+                    p.grad = DTensor.from_local(total.clone(), p.device_mesh, p.placements,
+                                                shape=p.shape, stride=p.stride(),
+                                                run_check=False)
+                else:
+                    p.grad = total.clone()
+
+    def uncounted_params(self) -> list[nn.Parameter]:
+        """Tied copies whose gradients the global norm must not count again: all but
+        stage 0's copy."""
+        if not self.tied:
+            return []
+        keep = self.tied[0] if self.owns_tied else None
+        return [p for m in self.tied if m is not keep for p in m.parameters()]
 
     # The loss of one micro-batch on the last stage. Scaled like the 1-process
     # `(loss / accum).backward()`; the unscaled value is kept for logging.

@@ -104,6 +104,10 @@ class Dispatcher(Protocol):
 
     def combine(self, y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor: ...
 
+    def dense(self, x_TD: torch.Tensor, experts: Callable) -> torch.Tensor:
+        """(E, T, D): every expert's output on every token of ``x_TD`` (a dense step)."""
+        ...
+
 
 # DeepSpeed's (and XMoE's) min_capacity: the tokens rule never gives fewer rows.
 MIN_TOKENS_CAPACITY = 4
@@ -349,6 +353,14 @@ class LocalDispatcher:
         )
         return x_RD, meta
 
+    def dense(self, x_TD: torch.Tensor, experts: Callable) -> torch.Tensor:
+        """Every expert's output on every token, (E, T, D): a dense step (CompeteSMoE's
+        competition). Nothing is dropped, whatever the capacity factor."""
+        T = x_TD.shape[0]
+        counts = torch.full((self.num_experts,), T, dtype=torch.int64, device=x_TD.device)
+        y = experts(x_TD.repeat(self.num_experts, 1), counts, T)
+        return y.view(self.num_experts, T, -1)
+
     def combine(self, y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         if meta.pos_TK is not None:
             from moetrain.kernels import ops
@@ -476,6 +488,26 @@ class AllToAllDispatcher:
             rows_per_expert=None if C is None else ep * C,
         )
         return x_out, meta
+
+    def dense(self, x_TD: torch.Tensor, experts: Callable) -> torch.Tensor:
+        """Every expert's output on this rank's tokens, (E, T, D) (CompeteSMoE's dense
+        step under EP): the ep ranks' tokens are all-gathered, each rank runs its e local
+        experts on all ep * T of them, and one all-to-all returns each rank's (e, T, D)
+        block to the token's owner. Autograd runs through both (the gather's backward is
+        a reduce-scatter). Sent per rank: (ep - 1) * T * D values in the gather and
+        (ep - 1) * e * T * D back, against (ep - 1)/ep * T * K * D each way on a routed
+        step. Nothing is dropped, whatever the capacity factor. Every rank must hold the
+        same T (equal micro-batch shapes)."""
+        ep, e = self.ep, self.local_experts
+        T, D = x_TD.shape
+        X = funcol.wait_tensor(funcol.all_gather_tensor_autograd(x_TD.contiguous(), 0,
+                                                                 self.group))
+        counts = torch.full((e,), ep * T, dtype=torch.int64, device=x_TD.device)
+        y = experts(X.repeat(e, 1), counts, ep * T)  # (e, ep, T, D), local expert major
+        y = y.view(e, ep, T, D).transpose(0, 1).reshape(ep * e * T, D)  # owner major
+        back = _all_to_all(y, [e * T] * ep, [e * T] * ep, self.group)
+        self.bytes_sent += (ep - 1) * (T * D + e * T * D) * x_TD.element_size()
+        return back.view(ep * e, T, D)  # [source rank][local expert] = global expert
 
     def combine(self, y_RD, meta: AllToAllMeta):
         # Undo the regroup: source-major order, as received.

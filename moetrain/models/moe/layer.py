@@ -16,12 +16,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config.recipes import recipe_values
-from moetrain.config.schema import AuxLossScope, BalanceLoss, DispatchMode, ModelConfig, MoEConfig
+from moetrain.config.schema import (
+    AuxLossScope,
+    BalanceLoss,
+    ChainResidual,
+    ChainRouter,
+    DispatchMode,
+    ModelConfig,
+    MoEConfig,
+    RouterType,
+)
 from moetrain.models.moe.dispatcher import Dispatcher, LocalDispatcher
 from moetrain.models.moe.experts import FeedForward, GroupedExperts
+from moetrain.models.moe import losses as losses_mod
 from moetrain.models.moe.losses import (
     evomoe_balance_loss,
     load_balancing_loss,
@@ -30,7 +41,7 @@ from moetrain.models.moe.losses import (
     xmoe_balance_loss,
     z_loss,
 )
-from moetrain.models.moe.router import RouterOutput, build_router
+from moetrain.models.moe.router import CompeteRouter, RouterOutput, build_router
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -113,16 +124,36 @@ class MoELayer(nn.Module):
         self.z_loss_coef = recipe["z_loss_coef"]
         self.balance_loss = recipe["balance_loss"]
         self.global_scope = AuxLossScope(moe_cfg.aux_loss_scope) == AuxLossScope.global_batch
-        self.step_counts: torch.Tensor | None = None  # global-batch counts of this step
-        # The accumulated counts each training forward of this step used, so that the
-        # recompute of micro-batch j (pipeline schedules run later forwards first) uses
-        # the same f; ``micro_index`` is set by the routing-context callback.
-        self.step_history: list[torch.Tensor] = []
+        # Global-batch counts of this step, per chain round (one entry without a chain).
+        self.round_counts: list[torch.Tensor | None] = []
+        # The accumulated counts each training forward of this step used, per round, so
+        # that the recompute of micro-batch j (pipeline schedules run later forwards
+        # first) uses the same f; ``micro_index`` is set by the routing-context callback.
+        self.round_history: list[list[torch.Tensor]] = []
         self.micro_index: int | None = None
         self.seq_shards = 1  # tp ranks that each hold a shard of every sequence
         self.seq_shard_rank = 0
         self.router = build_router(dim, model_cfg.num_experts, model_cfg.top_k, moe_cfg.router)
         self.router.kernel_backend = moe_cfg.kernel_backend  # fused Triton top-k when selected
+        # Chain-of-Experts: C rounds; rounds 1.. have their own routers (per_iteration),
+        # which share round 0's routing context (step, seed, token keys).
+        self.chain_iterations = moe_cfg.chain_iterations
+        residual = moe_cfg.chain_residual or (ChainResidual.inner if self.chain_iterations > 1
+                                              else ChainResidual.outer)
+        self.chain_residual = ChainResidual(residual)
+        self.inner_residual = self.chain_residual != ChainResidual.outer
+        # False: the block's output is this layer's output alone (CoE's inner residual:
+        # x_C, where x_0 is the normalised input); True: the block adds its residual h.
+        self.adds_block_residual = self.chain_residual != ChainResidual.inner
+        self.chain_routers = nn.ModuleList()
+        if (self.chain_iterations > 1
+                and ChainRouter(moe_cfg.chain_router) == ChainRouter.per_iteration):
+            for _ in range(self.chain_iterations - 1):
+                r = build_router(dim, model_cfg.num_experts, model_cfg.top_k, moe_cfg.router)
+                r.kernel_backend = moe_cfg.kernel_backend
+                r.context = self.router.context
+                self.chain_routers.append(r)
+        self.is_compete = RouterType(moe_cfg.router.name) == RouterType.compete
         self.experts = GroupedExperts(model_cfg.num_experts, dim, model_cfg.expert_hidden,
                                       moe_cfg.expert_backend, moe_cfg.recompute_experts)
         self.experts.kernel_backend = moe_cfg.kernel_backend  # fused SwiGLU on grouped_mm
@@ -140,61 +171,167 @@ class MoELayer(nn.Module):
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.count_prefix: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.last_stats: MoEStats | None = None
+        # Per chain round (C > 1): each round's statistics of the last forward.
+        self.last_round_stats: list[MoEStats] = []
+        self.competed = False  # the last training forward was a competition step
+        # The recurrent router's new state after the last forward (handed to the block).
+        self.state_out: torch.Tensor | None = None
+
+    @property
+    def routers(self) -> list[nn.Module]:
+        """The router of each distinct chain round (round 0's first)."""
+        return [self.router, *self.chain_routers]
+
+    def round_router(self, t: int) -> nn.Module:
+        return self.router if t == 0 or not len(self.chain_routers) else self.chain_routers[t - 1]
+
+    def set_layer_idx(self, layer_idx: int) -> None:
+        """Key the routers' random draws: round t of layer i draws as layer i + t * 2^16."""
+        for t, r in enumerate(self.routers):
+            r.layer_idx = layer_idx + (t << 16)
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
 
     def init_weights(self, init_std: float, out_std: float) -> None:
-        self.router.init_weights(init_std)
+        for r in self.routers:
+            r.init_weights(init_std)
         self.experts.init_weights(init_std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(init_std, out_std)
 
     def reset_step_counts(self) -> None:
         """Start a new optimizer step's global-batch counts."""
-        self.step_counts = None
-        self.step_history = []
+        self.round_counts = [None] * self.chain_iterations
+        self.round_history = [[] for _ in range(self.chain_iterations)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def step_counts(self) -> torch.Tensor | None:
+        """Round 0's global-batch counts of this step."""
+        return self.round_counts[0] if self.round_counts else None
+
+    def forward(self, x: torch.Tensor, router_state: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output for ``x`` (B, S, D) or (T, D).
+
+        ``router_state``: the recurrent router's state from the previous MoE layer (T, H)
+        (None: zeros); its new state is left in ``state_out``. With a chain (CoE) the
+        rounds run in order, each routing the previous round's output.
+        """
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
-        if getattr(self.router, "seq_gather", None) is not None and self.router.whole_batch:
-            routed: RouterOutput = self.router.forward_gathered(x_TD, shape[0])
+        if self.is_compete and self.router.competes():
+            out_TD, aux = self._compete(x_TD)
+            self.competed = True
         else:
-            routed = self.router(x_TD)
-        extra = () if routed.active_TK is None else (routed.active_TK,)
-        x_RD, meta = self.dispatcher.dispatch(x_TD, routed.ids_TK, routed.weights_TK, *extra)
-        # A dispatcher that moves rows inside the experts' call (chunked all-to-all)
-        # hands its ``run`` over; the experts' output is in x_RD's order either way.
-        run = {} if meta.run is None else {"run": meta.run}
-        y_RD = self.experts(x_RD, meta.tokens_per_expert, meta.rows_per_expert, **run)
-        y_TD = self.dispatcher.combine(y_RD, meta)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
-        out = y_TD.view(shape)
-
-        counts_E = _active_counts(routed.ids_TK, routed.active_TK, self.num_experts)
-        balance, z = self._losses(routed, counts_E, shape)
-        self._record_stats(routed, counts_E, balance, z, meta.num_dropped)
-        if torch.is_grad_enabled():
-            terms = []
-            if self.z_loss_coef > 0:
-                terms.append(self.z_loss_coef * z)
-            if self.aux_loss_coef > 0 and getattr(self.router, "uses_balance_loss", True):
-                terms.append(self.aux_loss_coef * balance)
-            if routed.router_loss is not None:
-                terms.append(routed.router_loss)
-            aux = sum(terms[1:], terms[0]) if terms else None
-            if aux is not None and aux.requires_grad:
-                out = AuxLossInjector.apply(out, aux, self.aux_loss_scale)
+            self.competed = False
+            out_TD, aux = self._chain(x_TD, shape, router_state)
+        out = out_TD.view(shape)
+        if aux is not None and aux.requires_grad:
+            out = AuxLossInjector.apply(out, aux, self.aux_loss_scale)
         return out
 
-    def _losses(self, routed: RouterOutput, counts_E: torch.Tensor,
-                shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, router: nn.Module, x_TD: torch.Tensor, batch: int,
+               state_TH: torch.Tensor | None) -> RouterOutput:
+        if getattr(router, "recurrent", False):
+            return router(x_TD, state_TH)
+        if getattr(router, "seq_gather", None) is not None and router.whole_batch:
+            return router.forward_gathered(x_TD, batch)
+        return router(x_TD)
+
+    def _chain(self, x_TD: torch.Tensor, shape: torch.Size,
+               state_TH: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The C rounds of route -> dispatch -> experts -> combine (+ shared experts)."""
+        terms: list[torch.Tensor] = []
+        stats: list[MoEStats] = []
+        cur_TD = x_TD
+        for t in range(self.chain_iterations):
+            router = self.round_router(t)
+            routed = self._route(router, cur_TD, shape[0], state_TH)
+            if routed.state_TH is not None:
+                state_TH = routed.state_TH
+            extra = () if routed.active_TK is None else (routed.active_TK,)
+            x_RD, meta = self.dispatcher.dispatch(cur_TD, routed.ids_TK, routed.weights_TK,
+                                                  *extra)
+            # A dispatcher that moves rows inside the experts' call (chunked all-to-all)
+            # hands its ``run`` over; the experts' output is in x_RD's order either way.
+            run = {} if meta.run is None else {"run": meta.run}
+            y_RD = self.experts(x_RD, meta.tokens_per_expert, meta.rows_per_expert, **run)
+            y_TD = self.dispatcher.combine(y_RD, meta)
+            if self.shared_experts is not None:  # re-run every round (CoE's official code)
+                y_TD = y_TD + self.shared_experts(cur_TD)
+            cur_TD = cur_TD + y_TD if self.inner_residual else y_TD
+
+            counts_E = _active_counts(routed.ids_TK, routed.active_TK, self.num_experts)
+            balance, z = self._losses(routed, counts_E, shape, router, t)
+            stats.append(self._stats(routed, counts_E, balance, z, meta.num_dropped))
+            if torch.is_grad_enabled():
+                if self.z_loss_coef > 0:
+                    terms.append(self.z_loss_coef * z)
+                if self.aux_loss_coef > 0 and getattr(router, "uses_balance_loss", True):
+                    terms.append(self.aux_loss_coef * balance)
+                if routed.router_loss is not None:
+                    terms.append(routed.router_loss)
+        self.state_out = state_TH
+        self._record(stats)
+        aux = sum(terms[1:], terms[0]) if terms else None
+        return cur_TD, aux
+
+    def _compete(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A CompeteSMoE competition step (arXiv 2505.13380; Fsoft-AIC/CompeteSMoE
+        ``competesmoe.py``): every expert runs on every token (``dispatcher.dense``; under
+        EP the tokens are all-gathered to every expert rank). The neural response
+        a_te = mean_d softplus(o_te) picks the top-k experts, weighted a_S / sum a_S (the
+        gradient reaches the experts through the weights too). The router learns the
+        choice: MSE(softmax(logits), stopgrad softmax(a)) over T * E entries (hybrid: plus
+        theta * the MSE at the picks). The diversity loss is the mean cosine similarity of
+        each token's selected outputs (k x k, diagonal zeroed, mean over T * k * k), and
+        the competition balance term is the top-1 balance loss on softmax(a) (not
+        detached). The router's own balance and z-losses are not computed on this step."""
+        router: CompeteRouter = self.router
+        cfg = router.cfg
+        T, E, K = x_TD.shape[0], self.num_experts, router.top_k
+        logits_TE = router._logits(x_TD)
+        gate_TE = torch.softmax(logits_TE, dim=-1)
+        o_ETD = self.dispatcher.dense(x_TD, self.experts)
+        a_TE = F.softplus(o_ETD.float()).mean(dim=-1).transpose(0, 1)  # (T, E)
+        aff_TE = torch.softmax(a_TE, dim=-1)
+        top_TK, ids_TK = torch.topk(a_TE, K, dim=-1)
+        weights_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
+        idx_TKD = ids_TK[:, :, None].expand(T, K, o_ETD.shape[-1])
+        sel_TKD = o_ETD.transpose(0, 1).gather(1, idx_TKD)  # (T, K, D): the picks' outputs
+        y_TD = (weights_TK[:, :, None].to(sel_TKD.dtype) * sel_TKD).sum(dim=1)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        out_TD = x_TD + y_TD if self.inner_residual else y_TD
+
+        target_TE = aff_TE.detach()
+        router_loss = F.mse_loss(gate_TE, target_TE)
+        if cfg.compete_hybrid:
+            router_loss = router_loss + cfg.compete_theta * F.mse_loss(
+                gate_TE.gather(1, ids_TK), target_TE.gather(1, ids_TK))
+        diversity = diversity_loss(sel_TKD)
+        counts_E = _active_counts(ids_TK[:, :1], None, E)  # the top-1 picks
+        balance = losses_mod.xmoe_balance_loss(aff_TE, E, counts_E=counts_E, num_tokens=T)
+        aux = (cfg.compete_router_coef * router_loss + cfg.compete_diversity_coef * diversity
+               + cfg.compete_balance_coef * balance)
+        routed = RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=aff_TE,
+                              logits_TE=logits_TE, router_loss=aux.detach())
+        all_E = _active_counts(ids_TK, None, E)
+        zero = torch.zeros((), device=x_TD.device)
+        self._record([self._stats(routed, all_E, balance, zero,
+                                  torch.zeros((), dtype=torch.int64, device=x_TD.device))])
+        self.state_out = None
+        self.last_compete = {"router_loss": router_loss.detach(),
+                             "diversity_loss": diversity.detach(),
+                             "balance_loss": balance.detach()}
+        return out_TD, aux
+
+    def _losses(self, routed: RouterOutput, counts_E: torch.Tensor, shape: torch.Size,
+                router: nn.Module, t: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         z = z_loss(routed.logits_TE)
         kind = self.balance_loss
         if kind == BalanceLoss.seq:
-            return self._seq_loss(routed, shape), z
+            return self._seq_loss(routed, shape, router.top_k), z
         # Each loss is E * sum_e (count_e / n) * mean_t q_te: the counts and their
         # denominator n are summed over sequence shards (and the step, for global-batch
         # statistics); the mean q stays local, as P in the Switch loss.
@@ -210,7 +347,7 @@ class MoELayer(nn.Module):
         if self.count_reducer is not None:  # tp sequence shards: the whole micro-batch's
             total = self.count_reducer(total)
         if self.global_scope:
-            total = self._global_counts(total)
+            total = self._global_counts(total, t)
         if kind == BalanceLoss.xmoe:
             balance = xmoe_balance_loss(routed.scores_TE, self.num_experts,
                                         counts_E=total[:-1], num_tokens=total[-1])
@@ -224,30 +361,34 @@ class MoELayer(nn.Module):
         return balance, z
 
     @torch.compiler.disable  # Python state per micro-batch: run eagerly, never recompile
-    def _global_counts(self, total: torch.Tensor) -> torch.Tensor:
-        """The running counts this micro-batch's f uses (see the class docstring)."""
+    def _global_counts(self, total: torch.Tensor, t: int = 0) -> torch.Tensor:
+        """The running counts this micro-batch's f uses in chain round ``t`` (see the
+        class docstring)."""
         training = self.training and torch.is_grad_enabled()
+        if len(self.round_counts) != self.chain_iterations:
+            self.reset_step_counts()
+        history, counts = self.round_history[t], self.round_counts[t]
         # A recompute (activation checkpointing) runs inside the backward: it reuses the
         # counts its forward used and runs no collective (every rank recomputes alike).
         if training and torch._C._current_graph_task_id() != -1:
             j = self.micro_index
-            if j is not None and j < len(self.step_history):
-                return self.step_history[j]
-            if self.step_counts is not None:
-                return self.step_counts
+            if j is not None and j < len(history):
+                return history[j]
+            if counts is not None:
+                return counts
         prefix, round_total = (self.count_prefix(total) if self.count_prefix is not None
                                else (total, total))
         if not training:
             return prefix
-        used = prefix if self.step_counts is None else self.step_counts + prefix
-        self.step_counts = round_total if self.step_counts is None else self.step_counts + round_total
-        self.step_history.append(used)
+        used = prefix if counts is None else counts + prefix
+        self.round_counts[t] = round_total if counts is None else counts + round_total
+        history.append(used)
         return used
 
-    def _seq_loss(self, routed: RouterOutput, shape: torch.Size) -> torch.Tensor:
+    def _seq_loss(self, routed: RouterOutput, shape: torch.Size, K: int) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise loss: f from the unbiased top-k before any drop."""
         B, S = shape[0], shape[1] if len(shape) == 3 else 1
-        E, K = self.num_experts, self.router.top_k
+        E = self.num_experts
         ids_TK = torch.topk(routed.scores_TE.detach(), K, dim=-1).indices
         ones = torch.ones_like(ids_TK, dtype=torch.int64)
         counts_BE = torch.zeros(B, E, dtype=torch.int64, device=ids_TK.device)
@@ -258,14 +399,14 @@ class MoELayer(nn.Module):
         return seq_load_balancing_loss(scores_BSE, counts_BE, K, seq_len=S * self.seq_shards)
 
     @torch.no_grad()
-    def _record_stats(self, routed: RouterOutput, counts_E: torch.Tensor, balance: torch.Tensor,
-                      z: torch.Tensor, num_dropped: torch.Tensor) -> None:
+    def _stats(self, routed: RouterOutput, counts_E: torch.Tensor, balance: torch.Tensor,
+               z: torch.Tensor, num_dropped: torch.Tensor) -> MoEStats:
         T = routed.ids_TK.shape[0]
         if routed.active_TK is None:
             unrouted = torch.zeros((), dtype=torch.int64, device=counts_E.device)
         else:
             unrouted = (~routed.active_TK.any(dim=-1)).sum()
-        self.last_stats = MoEStats(
+        return MoEStats(
             load_E=counts_E.float(),
             aux_loss=balance.detach(),
             z_loss=z.detach(),
@@ -277,6 +418,35 @@ class MoELayer(nn.Module):
             num_unrouted=unrouted,
             num_tokens=counts_E.new_full((), T),  # a fill on the device, no host copy
         )
+
+    @torch.no_grad()
+    def _record(self, stats: list[MoEStats]) -> None:
+        """The layer's statistics: with C rounds, the loads, losses, drops and routed rows
+        summed over the rounds (the routed rows per token are then C * K, the expert
+        evaluations MFU counts), the entropy and unrouted tokens averaged over them."""
+        self.last_round_stats = stats if len(stats) > 1 else []
+        if len(stats) == 1:
+            self.last_stats = stats[0]
+            return
+        C = len(stats)
+
+        def total(name):
+            return sum((getattr(s, name) for s in stats[1:]), getattr(stats[0], name))
+
+        self.last_stats = MoEStats(
+            load_E=total("load_E"), aux_loss=total("aux_loss"), z_loss=total("z_loss"),
+            num_dropped=total("num_dropped"), num_routed=total("num_routed"),
+            entropy=total("entropy") / C, router_loss=total("router_loss"),
+            num_unrouted=total("num_unrouted") // C, num_tokens=stats[0].num_tokens)
+
+
+def diversity_loss(sel_TKD: torch.Tensor) -> torch.Tensor:
+    """CompeteSMoE's diversity loss: the mean over T * K * K of the cosine similarity
+    between a token's selected expert outputs, the diagonal zeroed (signed, not abs)."""
+    u_TKD = F.normalize(sel_TKD.float(), dim=-1)
+    sim_TKK = u_TKD @ u_TKD.transpose(1, 2)
+    K = sim_TKK.shape[-1]
+    return (sim_TKK * (1 - torch.eye(K, device=sim_TKK.device))).mean()
 
 
 def _gates(routed: RouterOutput, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from moetrain.config.schema import (
     ConfigError,
     GateActivation,
     KernelBackend,
+    RNNCell,
     RouterConfig,
     RouterType,
     ScoreFunc,
@@ -45,6 +46,8 @@ class RouterOutput:
         per token (threshold, expert-choice); None when every slot is used.
     router_loss: the router's own balance loss, already weighted (noisy top-k's
         importance and load losses); None for routers without one.
+    state_TH: the recurrent router's new state (RMoE), handed to the next MoE layer;
+        None for the other routers.
     """
 
     ids_TK: torch.Tensor
@@ -53,6 +56,7 @@ class RouterOutput:
     logits_TE: torch.Tensor
     active_TK: torch.Tensor | None = None
     router_loss: torch.Tensor | None = None
+    state_TH: torch.Tensor | None = None
 
 
 @dataclass
@@ -67,6 +71,7 @@ class RoutingContext:
     seed: int = 0
     step: int = 0
     token_keys: torch.Tensor | None = None
+    total_steps: int = 0  # train.steps (the competition schedule's warm-up is a share of it)
     # The same step and seed as int64 0-dim tensors, updated in place: keyed draws read
     # these, so a compiled router does not specialise (and recompile) on the step.
     step_t: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
@@ -137,6 +142,7 @@ class Router(nn.Module):
     uses_balance_loss = True
     whole_batch = False
     needs_token_keys = False  # its training forward draws per-token noise
+    recurrent = False  # takes and returns a state carried across MoE layers (RMoE)
 
     def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
         super().__init__()
@@ -603,6 +609,122 @@ class DTSRouter(Router):
         weights_TK = routing.topk_gates(gates_TE, ids_TK, self.renormalize and self.top_k > 1)
         return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=probs_TE,
                             logits_TE=logits_TE)
+
+
+@register_router(RouterType.recurrent)
+class RecurrentRouter(Router):
+    """RMoE's layerwise recurrent router (Qiu et al. 2024, arXiv 2408.06793; the reference
+    code is qiuzh20/RMoE ``llama_moe_rnn/llama_moe_modeling.py``).
+
+        x'_l = u_l W1_l^T              W1_l (H, D): ``proj``, per layer, no bias
+        h_l  = cell(x'_l, h_{l-1})      one GRU (or tanh RNN) cell shared by every MoE layer
+        logits_l = h_l W2_l^T          W2_l (E, H): ``head``, per layer, no bias
+
+    then softmax top-k with the weights renormalised (Mixtral). The logits come from h_l
+    only. h_0 = 0 at the first MoE layer, and h_l goes to the next MoE layer without a
+    detach, so the LM loss reaches earlier layers' routers through it. The cell belongs to
+    the model (``Transformer.router_rnn``: saved once, its gradients summed over every
+    layer and pipeline stage that uses it); :meth:`bind_cell` hands it to the router.
+    Everything runs in float32 with autocast off, like every gate. The state is
+    token-local, so sequence shards need no gather.
+    """
+
+    recurrent = True
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
+        super().__init__(dim, num_experts, top_k, cfg)
+        del self.gate  # the logits come from the state: no D -> E gate
+        self.hidden = cfg.rnn_hidden
+        self.proj = nn.Linear(dim, self.hidden, bias=False)
+        self.head = nn.Linear(self.hidden, num_experts, bias=False)
+        self._cell: list[nn.Module] = []  # a plain list: the model registers the cell
+
+    def bind_cell(self, cell: nn.Module) -> None:
+        self._cell[:] = [cell]
+
+    @property
+    def cell(self) -> nn.Module:
+        if not self._cell:
+            raise RuntimeError(
+                f"the recurrent router of layer {self.layer_idx} has no cell: the model "
+                f"binds its shared router_rnn (Transformer.bind_router_cells)")
+        return self._cell[0]
+
+    def init_weights(self, init_std: float) -> None:
+        nn.init.normal_(self.proj.weight, mean=0.0, std=init_std)
+        nn.init.normal_(self.head.weight, mean=0.0, std=init_std)
+        with torch.no_grad():
+            self.expert_bias.zero_()
+            self.temperature_t.fill_(self._temperature)
+
+    def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the recurrent router's logits need its state: call forward")
+
+    def forward(self, x_TD: torch.Tensor, state_TH: torch.Tensor | None = None) -> RouterOutput:
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            u_TH = F.linear(x_TD.float(), self.proj.weight.float())
+            if state_TH is None:
+                state_TH = torch.zeros_like(u_TH)
+            h_TH = rnn_cell_step(self.cell, u_TH, state_TH.float())
+            logits_TE = F.linear(h_TH, self.head.weight.float())
+        z_TE = self._z(logits_TE)
+        raw_TE = routing.score(z_TE, self.score_func)
+        ids_TK = routing.topk_select(raw_TE, self.top_k, self.expert_bias, 1, 1,
+                                     self.cfg.group_score)
+        weights_TK = routing.topk_gates(raw_TE, ids_TK, self.renormalize and self.top_k > 1,
+                                        self.route_scale)
+        scores_TE = (raw_TE if self.score_func == ScoreFunc.softmax
+                     else routing.sigmoid_probs(z_TE))
+        return RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE,
+                            logits_TE=z_TE, state_TH=h_TH)
+
+
+def build_rnn_cell(cfg: RouterConfig) -> nn.Module:
+    """The recurrent router's shared cell: ``nn.GRUCell`` or a tanh ``nn.RNNCell``,
+    input = hidden = ``moe.router.rnn_hidden``."""
+    H = cfg.rnn_hidden
+    if RNNCell(cfg.rnn_cell) == RNNCell.gru:
+        return nn.GRUCell(H, H)
+    return nn.RNNCell(H, H, nonlinearity="tanh")
+
+
+def rnn_cell_step(cell: nn.Module, x_TH: torch.Tensor, h_TH: torch.Tensor) -> torch.Tensor:
+    """One step of ``cell``, returned in float32. The cell module itself is called (so a
+    wrapper's hooks, e.g. FSDP's all-gather of its weights, run), in its weights' dtype:
+    float32 unless FSDP computes in bf16."""
+    dtype = cell.weight_ih.dtype
+    return cell(x_TH.to(dtype), h_TH.to(dtype)).float()
+
+
+@register_router(RouterType.compete)
+class CompeteRouter(TopKRouter):
+    """CompeteSMoE's router (Nguyen et al. 2025, arXiv 2505.13380; the reference code is
+    Fsoft-AIC/CompeteSMoE ``moe_model/model/moe/competesmoe.py``): a softmax top-k router
+    (weights renormalised) that on competition steps hands the choice to the experts.
+
+    :meth:`competes` says whether this layer competes now: on training forwards with
+    gradients, at the (step, layer) pairs of :func:`routing.compete_schedule`, drawn from
+    (seed, step, layer) like every random draw here, so every rank, layout and resume
+    agrees. The competition itself runs in :meth:`MoELayer._compete` (it needs every
+    expert). ``force`` (tests, tools) overrides the schedule: True competes on every
+    training forward, False never.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
+        super().__init__(dim, num_experts, top_k, cfg)
+        self.moe_layer_ids: tuple[int, ...] = ()  # every MoE layer of the model (the cap)
+        self.force: bool | None = None
+
+    def competes(self) -> bool:
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        if self.force is not None:
+            return self.force
+        ctx, cfg = self.context, self.cfg
+        layers = self.moe_layer_ids or (self.layer_idx,)
+        pairs = routing.compete_schedule(ctx.seed, ctx.total_steps, layers, cfg.compete_rate,
+                                         cfg.compete_warmup, cfg.max_compete_layers)
+        return (ctx.step, self.layer_idx) in pairs
 
 
 def build_router(dim: int, num_experts: int, top_k: int, cfg: RouterConfig) -> Router:

@@ -7,6 +7,8 @@ Legend: T tokens, E experts, K top-k (slots per token), G expert groups, L layer
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import struct
 
@@ -238,3 +240,45 @@ def keyed_normal(keys: torch.Tensor, *salt: int | torch.Tensor) -> torch.Tensor:
     u1 = keyed_uniform(keys, *salt, 1)
     u2 = keyed_uniform(keys, *salt, 2)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+
+@functools.lru_cache(maxsize=16)
+def compete_schedule(seed: int, total_steps: int, layers: tuple[int, ...], rate: float,
+                     warmup: float, max_layers: int) -> frozenset[tuple[int, int]]:
+    """CompeteSMoE's competition steps: the (step, layer) pairs whose layer competes.
+
+    The logic of Fsoft-AIC/CompeteSMoE ``set_total_steps`` (moe_pretrain_model/layers/
+    moe/competesmoe.py), with its draws keyed by (seed, step, layer) instead of rank 0's
+    generator: no step before ``int(warmup * total_steps)`` competes. For each MoE layer
+    in order, each later step flags with probability ``rate``; a flag on a step where
+    ``max_layers`` earlier layers already compete moves to the nearest step, searching
+    left first (down to the first step after the warm-up) then right, that has room and
+    no flag of this layer yet; with no such step it is dropped. As in the reference, the
+    direct placement does not check for a flag this layer already moved there (the two
+    then count as one). Pure in its arguments, so every rank and every resume agrees.
+    """
+    start = int(warmup * total_steps)
+    n = total_steps - start
+    if n <= 0 or rate <= 0:
+        return frozenset()
+    used = [0] * n  # competing layers per step, over the layers placed so far
+    pairs = []
+    steps = torch.arange(start, total_steps, dtype=torch.int64)
+    for layer in layers:
+        draws = (keyed_uniform(steps, seed, layer, 0xC0E) < rate).nonzero().flatten().tolist()
+        flag = [False] * n
+        freq = list(used)
+        for i in draws:
+            if freq[i] < max_layers:
+                flag[i] = True
+                freq[i] += 1
+                continue
+            for j in itertools.chain(range(i - 1, -1, -1), range(i + 1, n)):
+                if freq[j] < max_layers and not flag[j]:
+                    flag[j] = True
+                    freq[j] += 1
+                    break
+        for i in (i for i, f in enumerate(flag) if f):
+            used[i] += 1
+            pairs.append((start + i, layer))
+    return frozenset(pairs)

@@ -120,9 +120,9 @@ class TemperatureSchedule(RouterSchedule):
 
     def apply(self, layers, t):
         v = self.values(t)
-        for layer in layers:
-            layer.router.temperature = v["temperature"]
-            layer.router.score_activation = self.activation
+        for router in _routers(layers):
+            router.temperature = v["temperature"]
+            router.score_activation = self.activation
         return v
 
 
@@ -149,8 +149,8 @@ class TopKSchedule(RouterSchedule):
 
     def apply(self, layers, t):
         v = self.values(t)
-        for layer in layers:
-            layer.router.top_k = v["top_k"]
+        for router in _routers(layers):
+            router.top_k = v["top_k"]
         return v
 
 
@@ -244,6 +244,11 @@ class EvoMoESchedule(RouterSchedule):
             r.gumbel_threshold = self.gumbel_threshold
             r.gumbel_gates = self.gumbel_gates
         return v
+
+
+def _routers(layers) -> list:
+    """Every router of ``layers``: each chain round's (moe.chain_iterations) included."""
+    return [r for layer in layers for r in getattr(layer, "routers", [layer.router])]
 
 
 # schedule=<name> -> its schedule (temperature and dts_gate differ in the gate activation).

@@ -36,7 +36,7 @@ def build_schedule(cfg: Config) -> ScheduleCallback | None:
 
 def default_callbacks(cfg: Config) -> list[Callback]:
     """The callbacks the config needs, then the extra ones named in ``cfg.callbacks``."""
-    out: list[Callback] = [RoutingContextCallback(cfg.seed, cfg.train.seq_len)]
+    out: list[Callback] = [RoutingContextCallback(cfg.seed, cfg.train.seq_len, cfg.train.steps)]
     if cfg.moe.router.bias_update_rate > 0:
         out.append(CALLBACKS["expert_bias"](cfg))
     out.append(CALLBACKS["balance_monitor"](cfg))

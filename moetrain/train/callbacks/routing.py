@@ -33,8 +33,9 @@ class RoutingContextCallback(Callback):
 
     name = "routing_context"
 
-    def __init__(self, seed: int, seq_len: int) -> None:
+    def __init__(self, seed: int, seq_len: int, total_steps: int = 0) -> None:
         self.seed, self.seq_len = seed, seq_len
+        self.total_steps = total_steps  # train.steps (CompeteSMoE's schedule)
         self.keys: list[torch.Tensor] = []  # per micro-batch, on the device
         self.count: dict[tuple[int, bool], int] = {}
         self.hooked: set[int] = set()
@@ -57,6 +58,7 @@ class RoutingContextCallback(Callback):
                 self.keys.append(keys.to(trainer.device, non_blocking=True))
         for layer in layers:
             layer.router.context.set_step(self.seed, step)
+            layer.router.context.total_steps = self.total_steps
             layer.reset_step_counts()
 
     def _pre_forward(self, layer, args) -> None:
@@ -166,7 +168,7 @@ class BalanceMonitorCallback(Callback):
 
 
 register_callback("routing_context")(
-    lambda cfg: RoutingContextCallback(cfg.seed, cfg.train.seq_len))
+    lambda cfg: RoutingContextCallback(cfg.seed, cfg.train.seq_len, cfg.train.steps))
 
 
 def _expert_bias(cfg: Config) -> ExpertBiasCallback:
