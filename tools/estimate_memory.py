@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     lay, t = est.layout, cfg.train
     from moetrain.models import count_params
 
-    counts = count_params(cfg.model, vocab)
+    counts = count_params(cfg.model, vocab, cfg.moe)
     print(f"model {cfg.model.name}: {counts.total / 1e9:.2f}B parameters, "
           f"{counts.active / 1e9:.2f}B active; micro-batch {t.micro_batch_size} x {t.seq_len} "
           f"tokens, precision {cfg.train.precision.value}, ac={cfg.parallel.ac.value}")

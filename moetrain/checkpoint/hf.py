@@ -394,8 +394,9 @@ def _router_routing(router: torch.nn.Module) -> EvalRouting:
             f"/ tau) (the activation dense-to-sparse gate); no Hugging Face router applies "
             f"an activation to its logits")
     temperature = float(router.temperature)
-    if name in ("topk", "deepseek_v3", "selective_sinkhorn", "switch"):
-        # Selective Sinkhorn routes by optimal transport only on some training steps.
+    if name in ("topk", "deepseek_v3", "selective_sinkhorn", "switch", "compete"):
+        # Selective Sinkhorn routes by optimal transport only on some training steps, and
+        # CompeteSMoE's experts compete only on training steps: both route by top-k here.
         per = (2 if GroupScore(r.group_score) == GroupScore.top2_sum
                else max(1, k // r.topk_groups))
         return EvalRouting(
@@ -422,11 +423,13 @@ def _router_routing(router: torch.nn.Module) -> EvalRouting:
                      "threshold)",
         "dts": "schedule=evomoe is in its diversify phase at this step (every token to "
                "expert 0); export a checkpoint from after schedule.diversify_steps",
+        "recurrent": "its logits come from a GRU state carried from each MoE layer to the "
+                     "next (RMoE), which no Hugging Face MoE class computes",
     }.get(name, "it is not a fixed top-k router")
     raise HFConversionError(
         f"moe.router.name={name} cannot be exported: {why}; no Hugging Face MoE "
         f"architecture routes that way. Exportable routers: topk, switch, deepseek_v3, "
-        f"noisy_topk, sinkhorn, selective_sinkhorn, dts (after its diversify phase)")
+        f"noisy_topk, sinkhorn, selective_sinkhorn, compete, dts (after its diversify phase)")
 
 
 def eval_routing(model: torch.nn.Module) -> EvalRouting | None:
@@ -463,6 +466,12 @@ def _check(cfg: Config, routing: EvalRouting | None, bias_used: bool,
         if target == Target.qwen2 and not m.qkv_bias:
             return "model.qkv_bias=false: Qwen2 always has q/k/v biases (use llama)"
         return None
+    chain = cfg.moe.chain_iterations
+    residual = cfg.moe.chain_residual or ("inner" if chain > 1 else "outer")
+    if moe and (chain > 1 or residual != "outer"):
+        return (f"moe.chain_iterations={chain} (moe.chain_residual={residual}): a "
+                f"Chain-of-Experts layer routes and runs its experts {chain} times in "
+                f"sequence, which no Hugging Face MoE class computes")
     if not moe:
         return (f"the model has no MoE layers (model.first_dense_layers="
                 f"{m.first_dense_layers} = model.n_layers): export it as llama or qwen2")

@@ -98,6 +98,7 @@ class Transformer(nn.Module):
     def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, vocab_size: int) -> None:
         super().__init__()
         self.model_cfg = model_cfg
+        self.moe_cfg = moe_cfg
         self.vocab_size = vocab_size
         self.head_dim = model_cfg.dim // model_cfg.n_heads
         # torch's default per-module inits would advance the RNG; fork it so that
@@ -271,8 +272,43 @@ class ParamCount:
     embedding: int
 
 
-def count_params(model_cfg: ModelConfig, vocab_size: int) -> ParamCount:
-    """Closed-form parameter counts of ``Transformer(model_cfg, _, vocab_size)``."""
+def router_params(model_cfg: ModelConfig, moe_cfg: MoEConfig | None) -> tuple[int, int]:
+    """(parameters, multiply-accumulates per token) of one MoE layer's routers: the gate
+    (E x D) of each distinct chain round, or RMoE's per-layer projection (H x D) and head
+    (E x H) plus one step of the shared cell (its parameters are counted once per model:
+    :func:`rnn_params`). The MACs count every chain round."""
+    D, E = model_cfg.dim, model_cfg.num_experts
+    if moe_cfg is None:
+        return E * D, E * D
+    C = moe_cfg.chain_iterations
+    if RouterType(moe_cfg.router.name) == RouterType.recurrent:
+        H = moe_cfg.router.rnn_hidden
+        gates = 3 if moe_cfg.router.rnn_cell == "gru" else 1
+        return H * D + E * H, H * D + 2 * gates * H * H + E * H
+    distinct = C if moe_cfg.chain_router == "per_iteration" else 1
+    return distinct * E * D, C * E * D
+
+
+def rnn_params(moe_cfg: MoEConfig | None) -> int:
+    """Parameters of RMoE's shared router cell (0 without it): 2 * g * (H^2 + H), g = 3
+    gates for a GRU, 1 for a tanh RNN."""
+    if moe_cfg is None or RouterType(moe_cfg.router.name) != RouterType.recurrent:
+        return 0
+    H = moe_cfg.router.rnn_hidden
+    gates = 3 if moe_cfg.router.rnn_cell == "gru" else 1
+    return 2 * gates * (H * H + H)
+
+
+def count_params(model_cfg: ModelConfig, vocab_size: int,
+                 moe_cfg: MoEConfig | None = None) -> ParamCount:
+    """Closed-form parameter counts of ``Transformer(model_cfg, moe_cfg, vocab_size)``.
+
+    ``active`` counts what one token's forward multiplies by, once per use: a chain of
+    experts (``moe.chain_iterations=C``) uses its router, shared experts and K routed
+    experts C times, and RMoE's router its projection, one cell step and its head; so
+    ``6 * (active - embedding)`` stays the training FLOPs per token. ``moe_cfg=None`` is
+    the standard layer.
+    """
     D, L = model_cfg.dim, model_cfg.n_layers
     hd = D // model_cfg.n_heads
     kv = model_cfg.n_kv_heads or model_cfg.n_heads
@@ -281,14 +317,16 @@ def count_params(model_cfg: ModelConfig, vocab_size: int) -> ParamCount:
         attn += (model_cfg.n_heads + 2 * kv) * hd
     dense_ffn = 3 * D * model_cfg.ffn_hidden
     E, K, F = model_cfg.num_experts, model_cfg.top_k, model_cfg.expert_hidden
+    C = moe_cfg.chain_iterations if moe_cfg is not None else 1
     expert = 3 * D * F
     shared = model_cfg.n_shared_experts * expert
-    router = E * D
-    total = active = 0
+    router, router_macs = router_params(model_cfg, moe_cfg)
+    total = rnn_params(moe_cfg)
+    active = 0
     for i in range(L):
         if model_cfg.is_moe_layer(i):
             total += attn + router + shared + E * expert
-            active += attn + router + shared + K * expert
+            active += attn + router_macs + C * (shared + K * expert)
         else:
             total += attn + dense_ffn
             active += attn + dense_ffn

@@ -84,6 +84,7 @@ from moetrain.config.schema import (
     FSDPGradSync,
     KernelBackend,
     OptimOffload,
+    RouterType,
 )
 from moetrain.config.validate import Layout, validate
 from moetrain.parallel.fsdp import expert_fsdp_shard_dim, grad_sync_mode
@@ -189,7 +190,8 @@ def _stage_layers(cfg: Config, vocab_size: int, layout: Layout) -> list[set[int]
 
     v = cfg.parallel.pp_virtual_stages
     n_stages = layout.pp * v
-    starts = stage_split(cfg.model, vocab_size, cfg.train.seq_len, n_stages, cfg.parallel.pp_split)
+    starts = stage_split(cfg.model, vocab_size, cfg.train.seq_len, n_stages, cfg.parallel.pp_split,
+                         cfg.moe)
     bounds = [*starts, L]
     out = []
     for r in range(layout.pp):
@@ -232,7 +234,8 @@ def _fsdp_rows(p: ParamInfo, cfg: Config, layout: Layout,
     if p.expert and (layout.ep > 1 or tp_routes_shard):
         return layout.edp, c["edp"], "edp"
     name = f".{p.name}"
-    if layout.tp > 1 and (".moe.router." in name
+    if layout.tp > 1 and (".moe.router." in name or ".moe.chain_routers." in name
+                          or name.startswith(".router_rnn.")
                           or (tp_routes_shard and ".moe.shared_experts." in name)):
         return layout.dp * layout.tp, c["dp_tp"], "dp_tp"
     return layout.dp, c["dp"], "dp"
@@ -250,7 +253,7 @@ def _rank_numel(params: list[ParamInfo], cfg: Config, layout: Layout, held: set[
     fsdp = _fsdp(cfg, layout)
     unpadded = padded = 0
     for p in params:
-        if p.layer not in held:
+        if p.layer not in held and not p.name.startswith("router_rnn."):  # on every stage
             continue
         if p.name == "output.weight" and cfg.model.tie_embeddings and -1 in held:
             continue  # one tensor with the embedding on this rank
@@ -331,9 +334,10 @@ def _dtypes(cfg: Config, layout: Layout, device: str) -> tuple[int, int, int]:
 
 
 def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
-                imbalance: float) -> tuple[dict[str, float], float]:
+                imbalance: float, competes: bool = False) -> tuple[dict[str, float], float]:
     """Bytes one micro-batch leaves saved in layer ``i``, by region (see module doc), and
-    the routed rows this rank's experts receive (0 for a dense layer)."""
+    the routed rows this rank's experts receive (0 for a dense layer). ``competes``: the
+    layer runs a CompeteSMoE competition step (every expert on every token)."""
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
     t = layout.tp
     c, r, _ = _dtypes(cfg, layout, device)
@@ -349,14 +353,20 @@ def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
         out["mlp"] = (2 * c if casts else r) * T * D + 4 * c * T * m.ffn_hidden / t
         return out, 0.0
     E, K, F = m.num_experts, m.top_k, m.expert_hidden
+    C = moe.chain_iterations  # a chain of experts keeps every round's activations
     tokens = T if etp else Ts  # tokens this rank routes
     rows = tokens * K
     if DispatchMode(moe.dispatch) == DispatchMode.capacity:
         rows *= moe.capacity_factor if layout.ep > 1 else min(1.0, moe.capacity_factor)
     else:
         rows *= imbalance
+    if competes:  # CompeteSMoE's competition step: every expert on every token
+        rows = tokens * E
+    rows *= C
     # fp32 input; fp32 logits, scores and loss terms; top-k weights, ids, dispatch indices
-    out["router"] = 4 * tokens * D + tokens * (12 * E + 40 * K)
+    out["router"] = C * (4 * tokens * D + tokens * (12 * E + 40 * K))
+    if RouterType(moe.router.name) == RouterType.recurrent:  # input, gate values, state
+        out["router"] += 4 * tokens * 6 * moe.router.rnn_hidden
     # One cast of the rows for w1 and w3 (grouped_mm, CUDA); the loop backend (CPU) casts
     # each expert's rows once per matmul.
     out["experts_in"] = (2 if casts and device != "cuda" else 1) * c * rows * D
@@ -368,12 +378,12 @@ def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
     out["experts_mid"] = (3 if fused else 4) * c * rows * (F / t if etp else F)
     # The torch combine keeps the fp32 weighted rows; the fused kernel only the rows.
     out["combine"] = (c * rows * D * (2 if layout.ep > 1 else 1)
-                      + (0 if kernels else 4 * tokens * K * D))
+                      + (0 if kernels else 4 * C * tokens * K * D))
     if m.n_shared_experts:
         Fs = m.n_shared_experts * F
         # The fp32 norm output is already held by the router when nothing is cast.
         shared_in = (2 * c if casts else (0 if r == 4 else r)) * tokens * D
-        out["shared"] = shared_in + 4 * c * tokens * Fs / (t if etp else 1)
+        out["shared"] = C * (shared_in + 4 * c * tokens * Fs / (t if etp else 1))
     return out, rows
 
 
@@ -452,8 +462,14 @@ def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, *,
         layer_ids = sorted(i for i in held if 0 <= i < cfg.model.n_layers)
         kept = work = 0.0
         a2a = 0.0
+        # CompeteSMoE: the worst step runs max_compete_layers layers densely.
+        compete = (RouterType(cfg.moe.router.name) == RouterType.compete
+                   and cfg.moe.router.compete_rate > 0)
+        dense_left = cfg.moe.router.max_compete_layers if compete else 0
         for i in layer_ids:
-            acts, rows = _layer_acts(cfg, layout, i, T, device, imbalance)
+            competes = dense_left > 0 and cfg.model.is_moe_layer(i)
+            dense_left -= competes
+            acts, rows = _layer_acts(cfg, layout, i, T, device, imbalance, competes)
             k, w = _ac_split(cfg, acts, r * T / layout.tp * cfg.model.dim)
             kept += k
             work = max(work, w)
@@ -483,7 +499,7 @@ def _fsdp_units(params, cfg, layout, held, coords) -> dict[str, int]:
     routers over dp x tp)."""
     units: dict[str, int] = {}
     for p in params:
-        if p.layer not in held:
+        if p.layer not in held and not p.name.startswith("router_rnn."):  # on every stage
             continue
         if p.name == "output.weight" and cfg.model.tie_embeddings and -1 in held:
             continue  # one tensor with the embedding
@@ -565,7 +581,7 @@ def _step_cost(cfg: Config, est: MemoryEstimate, vocab: int, *, peak_tflops: flo
     lay, m, t = est.layout, cfg.model, cfg.train
     c = 2
     tokens = t.global_batch_size * t.seq_len
-    active = count_params(m, vocab).active
+    active = count_params(m, vocab, cfg.moe).active
     compute = 6 * active * tokens / lay.world_size / (peak_tflops * 1e12 * mfu)
     accum = t.global_batch_size // (t.micro_batch_size * lay.dp)
     T = t.micro_batch_size * t.seq_len
@@ -581,10 +597,12 @@ def _step_cost(cfg: Config, est: MemoryEstimate, vocab: int, *, peak_tflops: flo
         comm += accum * vol / bw(lay.tp)
     if lay.ep > 1:  # dispatch + combine, forward and backward (again under full AC)
         n = 6 if ActivationCheckpointing(cfg.parallel.ac) == ActivationCheckpointing.full else 4
-        vol = n * moe_layers * c * T / lay.tp * m.top_k * m.dim * (lay.ep - 1) / lay.ep
+        # a chain of experts exchanges its rows once per round
+        chain = cfg.moe.chain_iterations
+        vol = n * chain * moe_layers * c * T / lay.tp * m.top_k * m.dim * (lay.ep - 1) / lay.ep
         # The routed experts' FLOPs on this rank (6 per weight and row; 8 with the forward
         # recomputed), which chunked all-to-all (moe.a2a_overlap_chunks) runs under.
-        per_row = 3 * m.dim * m.expert_hidden * m.top_k * moe_layers * lay.pp
+        per_row = 3 * m.dim * m.expert_hidden * m.top_k * chain * moe_layers * lay.pp
         flops = (8 if n == 6 else 6) * per_row
         experts_s = flops * tokens / lay.world_size / (peak_tflops * 1e12 * mfu)
         comm += a2a_exposed_s(accum * vol / bw(lay.ep), experts_s, cfg.moe.a2a_overlap_chunks)

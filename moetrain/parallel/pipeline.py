@@ -57,8 +57,15 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.tensor import DTensor, Shard
 
-from moetrain.config.schema import ModelConfig, ParallelConfig, PipelineSchedule, TrainConfig
+from moetrain.config.schema import (
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    PipelineSchedule,
+    TrainConfig,
+)
 from moetrain.config.validate import Layout
+from moetrain.models.transformer import rnn_params, router_params
 from moetrain.parallel.mesh import MeshAxis, MoEMesh
 from moetrain.parallel.tensor import local_loss, loss_context
 
@@ -93,14 +100,18 @@ class StageCost:
     flops: int
 
 
-def pipeline_costs(model_cfg: ModelConfig, vocab_size: int,
-                   seq_len: int) -> tuple[StageCost, list[StageCost], StageCost]:
+def pipeline_costs(model_cfg: ModelConfig, vocab_size: int, seq_len: int,
+                   moe_cfg: MoEConfig | None = None,
+                   ) -> tuple[StageCost, list[StageCost], StageCost]:
     """(embedding, [each layer], final norm + output + loss) costs.
 
     Forward FLOPs per token: 2 per multiply-accumulate of every GEMM; attention adds
     4 * seq_len * dim (scores and the weighted sum); an MoE layer counts its router, its
-    shared experts and only top_k routed experts, while its parameters count all E. The
-    embedding is a lookup (no FLOPs). Parameter totals equal ``count_params``.
+    shared experts and only top_k routed experts, times ``moe.chain_iterations`` (a chain
+    of experts runs them C times), while its parameters count all E. RMoE's router counts
+    its projection, one cell step and its head; its shared cell's parameters go to the
+    embedding's piece (every stage holds a copy; the split counts it once). The embedding
+    is a lookup (no FLOPs). Parameter totals equal ``count_params``.
     """
     m = model_cfg
     D, H = m.dim, m.n_heads
@@ -110,15 +121,17 @@ def pipeline_costs(model_cfg: ModelConfig, vocab_size: int,
     attn = StageCost(params=attn_w + qkv_b + 2 * D,
                      flops=2 * attn_w + 4 * seq_len * D)  # + 2 norms
     expert = 3 * D * m.expert_hidden
-    router, shared = m.num_experts * D, m.n_shared_experts * expert
+    router, router_macs = router_params(m, moe_cfg)
+    C = moe_cfg.chain_iterations if moe_cfg is not None else 1
+    shared = m.n_shared_experts * expert
     moe = StageCost(params=router + shared + m.num_experts * expert,
-                    flops=2 * (router + shared + m.top_k * expert))
+                    flops=2 * (router_macs + C * (shared + m.top_k * expert)))
     dense = StageCost(params=3 * D * m.ffn_hidden, flops=2 * 3 * D * m.ffn_hidden)
     layers = []
     for i in range(m.n_layers):
         ffn = moe if m.is_moe_layer(i) else dense
         layers.append(StageCost(attn.params + ffn.params, attn.flops + ffn.flops))
-    head = StageCost(params=vocab_size * D, flops=0)
+    head = StageCost(params=vocab_size * D + rnn_params(moe_cfg), flops=0)
     out = 0 if m.tie_embeddings else vocab_size * D
     tail = StageCost(params=D + out, flops=2 * vocab_size * D + LOSS_FLOPS_PER_LOGIT * vocab_size)
     return head, layers, tail
@@ -173,9 +186,9 @@ def balanced_split(layer_costs: Sequence[float], n_stages: int, head: float = 0.
 
 
 def default_split(model_cfg: ModelConfig, vocab_size: int, seq_len: int,
-                  n_stages: int) -> list[int]:
+                  n_stages: int, moe_cfg: MoEConfig | None = None) -> list[int]:
     """The balanced split: cost = params share + forward-FLOPs share (see module doc)."""
-    head, layers, tail = pipeline_costs(model_cfg, vocab_size, seq_len)
+    head, layers, tail = pipeline_costs(model_cfg, vocab_size, seq_len, moe_cfg)
     pieces = [head, *layers, tail]
     P = sum(c.params for c in pieces)
     Fl = sum(c.flops for c in pieces)
@@ -187,11 +200,11 @@ def default_split(model_cfg: ModelConfig, vocab_size: int, seq_len: int,
 
 
 def stage_split(model_cfg: ModelConfig, vocab_size: int, seq_len: int, n_stages: int,
-                pp_split: Sequence[int] | None) -> list[int]:
+                pp_split: Sequence[int] | None, moe_cfg: MoEConfig | None = None) -> list[int]:
     """``parallel.pp_split`` if set, else the balanced default."""
     if pp_split is not None:
         return list(pp_split)
-    return default_split(model_cfg, vocab_size, seq_len, n_stages)
+    return default_split(model_cfg, vocab_size, seq_len, n_stages, moe_cfg)
 
 
 def stage_ids_of(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
@@ -245,7 +258,7 @@ def apply_pp(model: nn.Module, layout: Layout, par: ParallelConfig, mesh: MoEMes
                          "call parallelize(..., train=cfg.train)")
     n_stages = layout.pp * par.pp_virtual_stages
     split = stage_split(model.model_cfg, model.vocab_size, train.seq_len, n_stages,
-                        par.pp_split)
+                        par.pp_split, model.moe_cfg)
     stage_ids = stage_ids_of(mesh.local_rank(MeshAxis.pp), layout.pp, par.pp_virtual_stages)
     return PipelinePlan(split_model(model, split, stage_ids), stage_ids, n_stages, split)
 

@@ -18,13 +18,18 @@ class MoEStatsTracker:
     """
 
     def __init__(self, moe_layers: list, device: torch.device, ep: int = 1,
-                 num_experts: int | None = None):
+                 num_experts: int | None = None, chain_iterations: int = 1,
+                 compete: bool = False):
         # Every MoE layer of the model in layer order; under pipeline parallelism the layers
         # held by other stages are None (their rows stay zero here and are summed over pp).
         self.layers = moe_layers
         self.num_experts = num_experts or next(
             (m.router.num_experts for m in moe_layers if m is not None), 0)
         self.ep = ep
+        # Chain-of-Experts: each round's load and balance loss are also logged per layer
+        # (moe/layer{i}/round{t}/...); CompeteSMoE: the layers that competed.
+        self.rounds = chain_iterations
+        self.compete = compete
         self.device = device
         self.last_load_LE: torch.Tensor | None = None
         # The step's routed rows per layer and expert, summed over micro-batches, data- and
@@ -37,8 +42,13 @@ class MoEStatsTracker:
         # float64: exact counts past 2^24 rows per step (the bias update compares them).
         self.load_LE = torch.zeros(n, e, device=self.device, dtype=torch.float64)
         # columns: aux_loss, z_loss, entropy, dropped, routed, micro-batches, router_loss,
-        # unrouted tokens, tokens
-        self.scalars_LC = torch.zeros(n, 9, device=self.device, dtype=torch.float64)
+        # unrouted tokens, tokens, competition forwards
+        self.scalars_LC = torch.zeros(n, 10, device=self.device, dtype=torch.float64)
+        # per chain round (moe.chain_iterations > 1): routed rows per expert, balance loss
+        self.round_LRE = torch.zeros(n, self.rounds if self.rounds > 1 else 0, e,
+                                     device=self.device, dtype=torch.float64)
+        self.round_aux_LR = torch.zeros(n, self.round_LRE.shape[1], device=self.device,
+                                        dtype=torch.float64)
 
     def accumulate(self, only=None) -> None:
         """Add each layer's last micro-batch statistics (only layer ``only`` if given)."""
@@ -54,7 +64,12 @@ class MoEStatsTracker:
                 s.num_dropped.float(), s.num_routed.float(),
                 torch.ones((), device=self.device), s.router_loss.float(),
                 s.num_unrouted.float(), s.num_tokens.float(),
+                torch.full((), float(getattr(layer, "competed", False)), device=self.device),
             ])
+            for t, r in enumerate(getattr(layer, "last_round_stats", [])[:self.rounds]):
+                if self.round_LRE.shape[1]:
+                    self.round_LRE[i, t] += r.load_E.double()
+                    self.round_aux_LR[i, t] += r.aux_loss.double()
 
     def _bias_spread_L(self) -> torch.Tensor:
         """max - min of each layer's expert bias (0 off this pipeline stage: the sum over
@@ -80,7 +95,9 @@ class MoEStatsTracker:
         # The bias spread is identical on the ranks of a stage: pre-divided so the dp sum
         # gives it back; other stages' layers hold 0 here and come with the pp sum.
         spread_L1 = self._bias_spread_L()[:, None].double() / max(world, 1)
-        packed = torch.cat([self.load_LE, self.scalars_LC, spread_L1], dim=1)
+        L = len(self.layers)
+        packed = torch.cat([self.load_LE, self.scalars_LC, spread_L1,
+                            self.round_LRE.reshape(L, -1), self.round_aux_LR], dim=1)
         if world > 1:
             dist.all_reduce(packed, group=group)
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
@@ -97,8 +114,16 @@ class MoEStatsTracker:
             "load_cv": frac_LE.std(dim=1, unbiased=False) * e,
             "router_entropy": s[:, 2] / n_mb,
             "dropped_frac": s[:, 3] / s[:, 4].clamp_min(1),
-            "expert_bias_spread": s[:, 9],
+            "expert_bias_spread": s[:, 10],
         }
+        R = self.round_LRE.shape[1]
+        if R:  # Chain-of-Experts: each round's load imbalance and balance loss
+            rounds = s[:, 11:]
+            load_LRE = rounds[:, :R * e].reshape(-1, R, e)
+            frac_LRE = load_LRE / load_LRE.sum(dim=2, keepdim=True).clamp_min(1)
+            for t in range(R):
+                per_layer[f"round{t}/load_imbalance"] = frac_LRE[:, t].max(dim=1).values * e
+                per_layer[f"round{t}/aux_loss"] = rounds[:, R * e + t] / n_mb
         names = ["aux_loss", "z_loss", "router_loss", "router_entropy", "dropped_frac",
                  "unrouted_frac", "load_imbalance", "load_cv", "expert_bias_spread",
                  "active_k"]
@@ -116,6 +141,9 @@ class MoEStatsTracker:
             # per token MFU counts (a schedule's k, or a variable-k router's mean)
             (s[:, 4] / s[:, 8].clamp_min(1)).mean(),
         ]
+        if self.compete:  # MoE layers that competed this step (CompeteSMoE)
+            names.append("competed_layers")
+            values.append((s[:, 9] / n_mb).sum())
         for key, v_L in per_layer.items():
             names += [f"moe/layer{i}/{key}" for i in range(v_L.shape[0])]
             values += list(v_L.unbind(0))

@@ -134,7 +134,7 @@ class Trainer:
         # keeps each rank's shard. So the initial weights do not depend on the layout.
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg.model, cfg.moe, vocab)
-        self.params = count_params(cfg.model, vocab)
+        self.params = count_params(cfg.model, vocab, cfg.moe)
         self.pm: ParallelModel = parallelize(model, layout, cfg.parallel, cfg.moe, device,
                                              train=cfg.train,
                                              cpu_offload=cfg.optim.offload == OptimOffload.cpu)
@@ -159,7 +159,8 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if t.uses_bf16(device.type) else None
         self.peak = peak_flops_per_s(device, cfg.logging.peak_tflops)
         self.moe_stats = MoEStatsTracker(self.pm.all_moe_layers, device, layout.ep,
-                                         cfg.model.num_experts)
+                                         cfg.model.num_experts, cfg.moe.chain_iterations,
+                                         cfg.moe.router.name == "compete")
         self.callbacks = CallbackList(default_callbacks(cfg))
         self.flops_per_token = model_flops_per_token(
             self.params.active - self.params.embedding, cfg.model.n_layers, cfg.model.dim, t.seq_len
@@ -396,7 +397,8 @@ class Trainer:
                 out.update(tokens=self.progress.tokens, tokens_per_s=tps, step_time_s=dt)
                 if "active_k" in out:  # MFU counts the routed experts per token of the step
                     self.flops_per_token = flops_per_token_at_k(
-                        self.flops_per_token_top_k, cfg.model.top_k, out["active_k"],
+                        self.flops_per_token_top_k,
+                        cfg.model.top_k * cfg.moe.chain_iterations, out["active_k"],
                         self.n_moe_layers, cfg.model.dim, cfg.model.expert_hidden)
                 util = mfu(tps / self.layout.world_size, self.flops_per_token, self.peak)
                 if util is not None:

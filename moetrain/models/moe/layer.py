@@ -12,6 +12,7 @@ them (:func:`moetrain.config.recipes.recipe_values`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -318,8 +319,10 @@ class MoELayer(nn.Module):
                               logits_TE=logits_TE, router_loss=aux.detach())
         all_E = _active_counts(ids_TK, None, E)
         zero = torch.zeros((), device=x_TD.device)
-        self._record([self._stats(routed, all_E, balance, zero,
-                                  torch.zeros((), dtype=torch.int64, device=x_TD.device))])
+        stats = self._stats(routed, all_E, balance, zero,
+                            torch.zeros((), dtype=torch.int64, device=x_TD.device))
+        # The load counts the top-k picks; the compute (MFU's routed rows) is E per token.
+        self._record([dataclasses.replace(stats, num_routed=all_E.new_full((), T * E))])
         self.state_out = None
         self.last_compete = {"router_loss": router_loss.detach(),
                              "diversity_loss": diversity.detach(),
@@ -421,9 +424,11 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def _record(self, stats: list[MoEStats]) -> None:
-        """The layer's statistics: with C rounds, the loads, losses, drops and routed rows
-        summed over the rounds (the routed rows per token are then C * K, the expert
-        evaluations MFU counts), the entropy and unrouted tokens averaged over them."""
+        """The layer's statistics: with C rounds, the loads, drops, routed rows and the
+        router's own loss summed over the rounds (the routed rows per token are then C * K,
+        the expert evaluations MFU counts); the balance and z-losses (1.0 = balanced),
+        the entropy and the unrouted tokens averaged over them. Each round's own are in
+        ``last_round_stats``."""
         self.last_round_stats = stats if len(stats) > 1 else []
         if len(stats) == 1:
             self.last_stats = stats[0]
@@ -434,7 +439,7 @@ class MoELayer(nn.Module):
             return sum((getattr(s, name) for s in stats[1:]), getattr(stats[0], name))
 
         self.last_stats = MoEStats(
-            load_E=total("load_E"), aux_loss=total("aux_loss"), z_loss=total("z_loss"),
+            load_E=total("load_E"), aux_loss=total("aux_loss") / C, z_loss=total("z_loss") / C,
             num_dropped=total("num_dropped"), num_routed=total("num_routed"),
             entropy=total("entropy") / C, router_loss=total("router_loss"),
             num_unrouted=total("num_unrouted") // C, num_tokens=stats[0].num_tokens)

@@ -1,0 +1,252 @@
+"""Chain-of-Experts, RMoE's recurrent router and CompeteSMoE give the same numbers under
+the parallel layouts that split what they add: a multi-process CPU run (gloo, float32)
+logs the 1-process per-step loss, gradient norm and routing statistics within 1e-5
+relative, and each design resumes from a mid-run checkpoint (written by the 1-process
+run, read under a multi-process layout) on the uninterrupted steps 4-6.
+
+- Chain-of-Experts (moe.chain_iterations=2, a shared expert, 8 experts): both rounds
+  dispatch over ep=2 x dp=2, dropless and with capacity (the capacity applies per round;
+  factor 1.0 drops rows), and the rounds run on their stage under pp=2.
+- RMoE (moe/router=recurrent): the router state crosses the stage boundary beside the
+  hidden states under pp=2 (both stages hold MoE layers) and pp=2 x ep=2, the shared
+  cell's gradient is summed over the stages and counted once in the norm; under tp=2
+  (expert_tp=ep) each rank carries the state of its sequence shard.
+- CompeteSMoE (moe/router=compete): competition steps (every expert on every token:
+  an all-gather of the tokens over ep and an all-to-all back) and routed steps in the
+  same run under ep=2 x dp=2; the competing (step, layer) pairs are those of
+  ``compete_schedule``.
+
+Runs are cached per module so each 1-process reference is trained once, and its step-3
+checkpoint seeds the resume tests. The measured max relative differences are printed
+(``pytest -s``) and kept in the assertion messages.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, compose
+from tests.distributed._runs import assert_same_trajectory, step_rows, train
+
+RTOL = 1e-5
+STEPS = 6
+RESUME_AT = 3  # the reference's checkpoint the resume tests start from
+
+# 8 experts so ep=2 leaves 4 per rank (as test_ep_equivalence); 6 steps, each of 4
+# micro-batches of 2 sequences; checkpoints at steps 3 and 6 (all kept).
+BASE = [o for o in TINY if not o.startswith("model.num_experts")] + [
+    "model.num_experts=8", "eval.every=0", "checkpoint.every=3", "checkpoint.keep=0",
+]
+# The pipeline model of test_pp_equivalence: 4 layers (one dense, three MoE with a shared
+# expert), 4 heads (2 kv heads, so tp=2 splits them too).
+PP_BASE = [o for o in TINY if not o.startswith(("model.n_heads", "model.n_layers"))] + [
+    "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.first_dense_layers=1",
+    "model.n_shared_experts=1", "eval.every=0", "checkpoint.every=3", "checkpoint.keep=0",
+]
+# Stage 0: layers 0 (dense) and 1 (MoE), stage 1: layers 2 and 3 (MoE): the recurrent
+# state leaves stage 0 after one MoE layer and reaches two more on stage 1 (the balanced
+# default split today, pinned so that it stays so).
+PP_SPLIT = "parallel.pp_split=[0,2]"
+
+# CoE's default flags: per-iteration routers, inner residual (chain_iterations > 1).
+COE = ["moe.chain_iterations=2", "model.n_shared_experts=1"]
+# Capacity per round at factor 1.0: the tiny model's skewed routing drops rows.
+CAPACITY = ["moe.dispatch=capacity", "moe.capacity_factor=1.0"]
+RMOE = ["moe/router=recurrent", "moe.router.rnn_hidden=8"]
+# Half the (step, layer) draws compete from step 0 on: see test_compete_schedule_mixes_steps.
+COMPETE_RATE, COMPETE_WARMUP, COMPETE_MAX_LAYERS = 0.5, 0.0, 2
+COMPETE = ["moe/router=compete", f"moe.router.compete_rate={COMPETE_RATE}",
+           f"moe.router.compete_warmup={COMPETE_WARMUP}",
+           f"moe.router.max_compete_layers={COMPETE_MAX_LAYERS}"]
+
+KEYS = ("loss", "grad_norm", "aux_loss", "z_loss", "load_imbalance")
+# Chain-of-Experts: the drops and each round's own balance loss and load, per MoE layer
+# (moe/layer{i}: the i-th MoE layer, whatever its block index).
+COE_KEYS = KEYS + ("dropped_frac",) + tuple(
+    f"moe/layer{i}/round{t}/{k}" for i in range(2) for t in range(2)
+    for k in ("aux_loss", "load_imbalance"))
+COE_PP_KEYS = KEYS + tuple(
+    f"moe/layer{i}/round{t}/aux_loss" for i in range(3) for t in range(2))
+# The router's z-loss is logged (coefficient 0 in RMoE's recipe): a function of the
+# logits, so of the recurrent state each MoE layer received.
+RMOE_KEYS = KEYS + tuple(f"moe/layer{i}/load_imbalance" for i in range(3))
+# router_loss: the competition's weighted losses; competed_layers: the step's competitions.
+COMPETE_KEYS = KEYS + ("router_loss", "competed_layers")
+
+# name -> {metric: max relative difference to the 1-process run}, printed at the end.
+MEASURED: dict[str, dict[str, float]] = {}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+class Runs:
+    """Lazily trained, cached runs: ``get(name, overrides, world)``."""
+
+    def __init__(self, root: Path, cache: str) -> None:
+        self.root, self.cache, self.rows = root, cache, {}
+
+    def get(self, name: str, overrides: list[str], world: int = 1) -> list[dict]:
+        if name not in self.rows:
+            self.rows[name] = train(overrides + [f"run.dir={self.root / name}",
+                                                 f"data.cache_dir={self.cache}"], world=world)
+        return self.rows[name]
+
+    def ckpt(self, name: str, step: int) -> Path:
+        return self.root / name / "checkpoints" / f"step_{step:07d}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache):
+    yield Runs(tmp_path_factory.mktemp("runs"), cache)
+    if MEASURED:
+        print("\nmax |rel diff| to the 1-process run:")
+        for name, diffs in MEASURED.items():
+            print(f"  {name}: loss {diffs['loss']:.2e}, grad_norm {diffs['grad_norm']:.2e}, "
+                  f"max over all {max(diffs.values()):.2e}")
+
+
+def _rel(a: float, b: float) -> float:
+    if a == b:
+        return 0.0
+    return abs(a - b) / abs(a) if a != 0 else float("inf")
+
+
+def assert_matches(name: str, ref: list[dict], got: list[dict], keys: tuple[str, ...]) -> None:
+    """``got``'s steps equal ``ref``'s within RTOL on ``keys``; the max relative difference
+    of each key is recorded in MEASURED, printed, and named in the failure message."""
+    ref, got = step_rows(ref), step_rows(got)
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    diffs = {k: max(_rel(a[k], b[k]) for a, b in zip(ref, got)) for k in keys}
+    MEASURED[name] = diffs
+    print(f"\n{name}: max |rel diff| " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    bad = {k: v for k, v in diffs.items() if v > RTOL}
+    assert not bad, f"{name}: over rtol {RTOL}: {bad} (all measured: {diffs})"
+    assert_same_trajectory(ref, got, rtol=RTOL, keys=keys)
+
+
+def _resume(runs: Runs, name: str, ref_name: str, overrides: list[str], world: int,
+            keys: tuple[str, ...]) -> list[dict]:
+    """Resume the 1-process reference's step-3 checkpoint under ``overrides`` on ``world``
+    processes; steps 4-6 must be the reference's."""
+    ref = runs.rows[ref_name]
+    got = runs.get(name, overrides + [f"checkpoint.resume={runs.ckpt(ref_name, RESUME_AT)}"],
+                   world=world)
+    assert [r["step"] for r in step_rows(got)] == list(range(RESUME_AT + 1, STEPS + 1))
+    assert_matches(name, step_rows(ref)[RESUME_AT:], got, keys)
+    return got
+
+
+# ----------------------------------------------------------------------------- 1. CoE
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_coe_ep2_dp2_matches_single_process(runs, dispatch):
+    """Two rounds, each dispatched over ep=2 (4 processes: ep=2 x edp=2), the shared
+    expert re-run every round; with capacity each round drops its own rows."""
+    extra = COE + (CAPACITY if dispatch == "capacity" else [])
+    ref = runs.get(f"ref_coe_{dispatch}", BASE + extra)
+    got = runs.get(f"ep2_coe_{dispatch}", BASE + extra + ["parallel.ep=2"], world=4)
+    assert len(step_rows(got)) == STEPS
+    assert_matches(f"coe_ep2_dp2_{dispatch}", ref, got, COE_KEYS)
+    assert all(r["a2a_bytes"] > 0 for r in step_rows(got))
+    # both rounds route (and are logged) on every step
+    assert all(r["moe/layer0/round1/aux_loss"] > 0 for r in step_rows(ref))
+    if dispatch == "capacity":  # rows are really dropped, so a wrong capacity would show
+        assert all(r["dropped_frac"] > 0 for r in step_rows(ref))
+    else:
+        assert all(r["dropped_frac"] == 0 for r in step_rows(ref))
+
+
+def test_coe_pp2_matches_single_process(runs):
+    """pp=2 (1F1B, 4 micro-batches): the chained MoE layers of each stage."""
+    ref = runs.get("ppref_coe", PP_BASE + COE)
+    got = runs.get("pp2_coe", PP_BASE + COE + ["parallel.pp=2"], world=2)
+    assert_matches("coe_pp2", ref, got, COE_PP_KEYS)
+
+
+def test_coe_resumes_mid_run_under_ep2(runs):
+    """The 1-process capacity run's step-3 checkpoint (both rounds' routers) continues
+    under ep=2 x dp=2 on the uninterrupted steps 4-6."""
+    runs.get("ref_coe_capacity", BASE + COE + CAPACITY)
+    _resume(runs, "coe_resumed_ep2_dp2_capacity", "ref_coe_capacity",
+            BASE + COE + CAPACITY + ["parallel.ep=2"], 4, COE_KEYS)
+
+
+# ----------------------------------------------------------------------------- 2. RMoE
+def _rmoe_ref(runs: Runs) -> list[dict]:
+    return runs.get("ppref_rmoe", PP_BASE + RMOE)
+
+
+@pytest.mark.parametrize("layout,overrides,world", [
+    ("pp2", ["parallel.pp=2", PP_SPLIT], 2),
+    ("pp2_ep2", ["parallel.pp=2", PP_SPLIT, "parallel.ep=2"], 4),  # pp=2 x dp=2 (FSDP)
+    ("tp2", ["parallel.tp=2", "parallel.expert_tp=ep"], 2),
+])
+def test_rmoe_layout_matches_single_process(runs, layout, overrides, world):
+    """The state carried from layer to layer (and across the stage boundary, packed
+    beside the hidden states; per sequence shard under tp) gives the 1-process logits,
+    and the shared cell's gradients (summed over the stages) the 1-process norm."""
+    name = f"rmoe_{layout}"
+    ref = _rmoe_ref(runs)
+    got = runs.get(name, PP_BASE + RMOE + overrides, world=world)
+    assert len(step_rows(got)) == STEPS
+    assert_matches(name, ref, got, RMOE_KEYS)
+
+
+def test_rmoe_resumes_mid_run_under_pp2(runs):
+    """The 1-process step-3 checkpoint (one router_rnn) seeds both stages' copies of the
+    cell under pp=2 and continues on the uninterrupted steps 4-6."""
+    _rmoe_ref(runs)
+    _resume(runs, "rmoe_resumed_pp2", "ppref_rmoe",
+            PP_BASE + RMOE + [PP_SPLIT, "parallel.pp=2"], 2, RMOE_KEYS)
+
+
+# ----------------------------------------------------------------------------- 3. CompeteSMoE
+def _compete_pairs() -> frozenset[tuple[int, int]]:
+    """The (0-based step, layer) pairs that compete in the BASE + COMPETE run."""
+    from moetrain.models.moe.routing import compete_schedule
+
+    cfg = compose(BASE + COMPETE)
+    layers = tuple(i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i))
+    return compete_schedule(cfg.seed, cfg.train.steps, layers, cfg.moe.router.compete_rate,
+                            cfg.moe.router.compete_warmup,
+                            cfg.moe.router.max_compete_layers)
+
+
+def test_compete_schedule_mixes_steps(runs):
+    """The schedule has competition steps before and after the resume point and a step
+    where no layer competes, and the run competes exactly there."""
+    pairs = _compete_pairs()
+    per_step = Counter(step for step, _ in pairs)
+    assert any(s < RESUME_AT for s in per_step) and any(s >= RESUME_AT for s in per_step), (
+        f"competition pairs {sorted(pairs)}: pick another compete_rate")
+    assert len(per_step) < STEPS, f"every step competes ({sorted(pairs)}): no routed step"
+    ref = runs.get("ref_compete", BASE + COMPETE)
+    # metrics row s + 1 is 0-based step s
+    assert [r["competed_layers"] for r in step_rows(ref)] == [
+        per_step[s] for s in range(STEPS)], sorted(pairs)
+
+
+def test_compete_ep2_dp2_matches_single_process(runs):
+    """ep=2 x dp=2 (4 processes): on competition steps each rank all-gathers the ep
+    group's tokens, runs its 4 experts on all of them and sends the outputs back."""
+    assert _compete_pairs(), "no competition step in the run"
+    ref = runs.get("ref_compete", BASE + COMPETE)
+    got = runs.get("ep2_compete", BASE + COMPETE + ["parallel.ep=2"], world=4)
+    assert len(step_rows(got)) == STEPS
+    assert_matches("compete_ep2_dp2", ref, got, COMPETE_KEYS)
+    assert all(r["a2a_bytes"] > 0 for r in step_rows(got))
+
+
+def test_compete_resumes_mid_run_under_ep2(runs):
+    """The 1-process step-3 checkpoint continues under ep=2 x dp=2 on the uninterrupted
+    steps 4-6, competing at the same (step, layer) pairs (the schedule is keyed by the
+    seed and the step, not by a generator's state)."""
+    assert any(s >= RESUME_AT for s, _ in _compete_pairs())
+    runs.get("ref_compete", BASE + COMPETE)
+    _resume(runs, "compete_resumed_ep2_dp2", "ref_compete",
+            BASE + COMPETE + ["parallel.ep=2"], 4, COMPETE_KEYS)
