@@ -221,7 +221,6 @@ def test_coe_every_rounds_balance_loss_is_in_the_injected_aux_gradient(chain_rou
     for p_TE, ids_TK in rounds:
         f_E = torch.bincount(ids_TK.flatten(), minlength=E).float() / ids_TK.numel()
         losses.append(E * (f_E * p_TE.mean(dim=0)).sum())
-    torch.autograd.grad(coef * sum(losses), gates + w)  # graph check
     ref_grads = torch.autograd.grad(coef * sum(losses), gates + w)
 
     for s, L in zip(layer.last_round_stats, losses):
