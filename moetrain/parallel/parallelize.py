@@ -118,11 +118,34 @@ class ParallelModel:
         if self.replicator is not None:
             self.replicator.sync()
         uncounted = []
+        if self.tp is not None:
+            self._sum_router_cell_grads_over_tp()
         if self.pipeline is not None:
             self.pipeline.sync_tied_grads()
             uncounted = self.pipeline.uncounted_params()
         return clip_grad_norm_(self.params, max_norm, pp_group=self.pp_group,
                                uncounted=uncounted)
+
+    @torch.no_grad()
+    def _sum_router_cell_grads_over_tp(self) -> None:
+        """RMoE's shared router cell is replicated over tp while each tp rank runs it on
+        its own sequence shard: its gradients are summed over tp here (after the dp
+        reduction; under FSDP each tp rank holds the same dp shard). Not an FSDP unit of
+        its own, unlike the routers: every MoE layer calls it, and one unit gathered per
+        layer call would reduce its gradient before the last call's backward."""
+        for part in self.parts:
+            cell = getattr(part, "router_rnn", None)
+            for p in cell.parameters() if cell is not None else ():
+                if p.grad is None:
+                    continue
+                if hasattr(p.grad, "to_local"):  # FSDP: this rank's dp shard
+                    g = p.grad.to_local().clone()
+                    dist.all_reduce(g, group=self.mesh.group(MeshAxis.tp))
+                    p.grad = type(p.grad).from_local(g, p.grad.device_mesh, p.grad.placements,
+                                                     shape=p.grad.shape,
+                                                     stride=p.grad.stride(), run_check=False)
+                else:
+                    dist.all_reduce(p.grad, group=self.mesh.group(MeshAxis.tp))
 
     def ep_bytes_sent(self) -> int:
         return ep_bytes_sent(self.moe_layers)
@@ -223,10 +246,7 @@ def parallelize(
     # become the roots of FSDP.
     plan = apply_pp(model, layout, par, mesh, train) if layout.pp > 1 else None
     parts = plan.parts if plan is not None else [model]
-    if tp is not None:  # each stage's copy of RMoE's shared cell sees this rank's tokens
-        tp.replicated += [p.router_rnn for p in parts
-                          if getattr(p, "router_rnn", None) is not None
-                          and all(p.router_rnn is not m for m in tp.replicated)]
+
     moe_layers = [layer for part in parts for layer in part.moe_layers()]
     # 6. Data parallelism. FSDP gathers bf16 parameters on CUDA when the run is bf16.
     fsdp = layout.dp > 1 and par.dp_mode == DataParallelMode.fsdp

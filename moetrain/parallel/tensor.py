@@ -287,8 +287,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, mode: ExpertTP | str) -> TPW
         out.weight = emb.weight
 
     wiring = TPWiring(mode=mode, degree=tp_mesh.size())
-    if getattr(model, "router_rnn", None) is not None:  # RMoE's cell sees this rank's tokens
-        wiring.replicated.append(model.router_rnn)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block, mode))
         if block.moe_enabled:
