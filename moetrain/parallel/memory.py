@@ -235,7 +235,6 @@ def _fsdp_rows(p: ParamInfo, cfg: Config, layout: Layout,
         return layout.edp, c["edp"], "edp"
     name = f".{p.name}"
     if layout.tp > 1 and (".moe.router." in name or ".moe.chain_routers." in name
-                          or name.startswith(".router_rnn.")
                           or (tp_routes_shard and ".moe.shared_experts." in name)):
         return layout.dp * layout.tp, c["dp_tp"], "dp_tp"
     return layout.dp, c["dp"], "dp"
