@@ -162,7 +162,7 @@ def _chain_layer(C=3, chain_router=ChainRouter.per_iteration, residual=None, sha
     moe = MoEConfig(aux_loss_coef=aux, z_loss_coef=z, chain_iterations=C,
                     chain_router=chain_router, chain_residual=residual, expert_backend=LOOP)
     layer = MoELayer(D, mcfg, moe)
-    layer.init_weights(0.45, 0.35)  # experts small enough that C rounds stay O(1)
+    layer.init_weights(0.5, 0.4)  # experts small enough that C rounds stay O(1)
     for r in layer.routers:
         r.init_weights(0.7)  # routing that depends on the inputs
     return layer
