@@ -186,6 +186,8 @@ def _rmoe_ref(runs: Runs) -> list[dict]:
     ("pp2", ["parallel.pp=2", PP_SPLIT], 2),
     ("pp2_ep2", ["parallel.pp=2", PP_SPLIT, "parallel.ep=2"], 4),  # pp=2 x dp=2 (FSDP)
     ("tp2", ["parallel.tp=2", "parallel.expert_tp=ep"], 2),
+    # tp=2 x dp=2 (FSDP): the cell sharded over dp, its gradients summed over tp by hand
+    ("tp2_dp2", ["parallel.tp=2", "parallel.expert_tp=ep"], 4),
 ])
 def test_rmoe_layout_matches_single_process(runs, layout, overrides, world):
     """The state carried from layer to layer (and across the stage boundary, packed

@@ -162,7 +162,7 @@ def _chain_layer(C=3, chain_router=ChainRouter.per_iteration, residual=None, sha
     moe = MoEConfig(aux_loss_coef=aux, z_loss_coef=z, chain_iterations=C,
                     chain_router=chain_router, chain_residual=residual, expert_backend=LOOP)
     layer = MoELayer(D, mcfg, moe)
-    layer.init_weights(0.5, 0.4)  # experts small enough that C rounds stay O(1)
+    layer.init_weights(0.4, 0.25)  # experts small enough that C rounds stay moderate
     for r in layer.routers:
         r.init_weights(0.7)  # routing that depends on the inputs
     return layer
@@ -192,7 +192,7 @@ def test_coe_layer_equals_dense_per_token_reference(chain_router, residual):
             shared=(sh.w1.weight, sh.w3.weight, sh.w2.weight),
             inner=residual == ChainResidual.inner)
     assert out.shape == x.shape
-    _close(out.reshape(-1, 8), ref, atol=1e-5)
+    _close(out.reshape(-1, 8), ref, atol=1e-5, rtol=1e-5)
     assert len(layer.last_round_stats) == C
     for s, (_, ids) in zip(layer.last_round_stats, rounds):
         assert s.load_E.tolist() == torch.bincount(ids.flatten(), minlength=4).float().tolist()
@@ -223,7 +223,7 @@ def test_coe_every_rounds_balance_loss_is_in_the_injected_aux_gradient(chain_rou
     for p_TE, ids_TK in rounds:
         f_E = torch.bincount(ids_TK.flatten(), minlength=E).float() / ids_TK.numel()
         losses.append(E * (f_E * p_TE.mean(dim=0)).sum())
-    ref_grads = torch.autograd.grad(coef * sum(losses), gates + w)
+    ref_grads = torch.autograd.grad(coef * sum(losses), gates + w, retain_graph=True)
 
     for s, L in zip(layer.last_round_stats, losses):
         _close(s.aux_loss, L.detach(), atol=1e-6)
@@ -252,7 +252,7 @@ def _block_model(residual, C=2, seed=0) -> Transformer:
     moe = MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0, chain_iterations=C,
                     chain_residual=residual, expert_backend=LOOP)
     m = Transformer(mcfg, moe, 20)
-    m.layers["0"].moe.init_weights(0.25, 0.15)
+    m.layers["0"].moe.init_weights(0.4, 0.25)
     for r in m.layers["0"].moe.routers:
         r.init_weights(0.7)  # routing that depends on the inputs
     return m
@@ -280,7 +280,7 @@ def test_coe_block_output_is_x_C_or_h_plus_x_C(residual, adds_h, inner):
                                  shared=(sh.w1.weight, sh.w3.weight, sh.w2.weight), inner=inner)
     xC = xC.view(2, 4, 16)
     expected = h + xC if adds_h else xC
-    _close(out, expected, atol=1e-5)
+    _close(out, expected, atol=1e-5, rtol=1e-5)
     other = xC if adds_h else h + xC  # the two are far apart: the check discriminates
     assert (out - other).abs().max() > 0.1
 
