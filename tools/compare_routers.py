@@ -1,10 +1,20 @@
 """Train the same tiny MoE with each router and load-balancing method and compare them.
 
 Every method is one ``python -m moetrain.train`` subprocess with the same seed, data,
-model and schedule; only the routing overrides differ. From each run's metrics.jsonl the
+model and schedule; only the routing overrides differ. Besides the routers and balance
+losses, three MoE designs route differently: ``coe`` (Chain-of-Experts: 2 rounds of top-1,
+the same 2 expert evaluations per token as top-2), ``recurrent`` (RMoE's GRU router) and
+``compete`` (CompeteSMoE: some steps run every expert). From each run's metrics.jsonl the
 tool computes the final validation loss and, over the last 50 steps (the last quarter
 if the run has fewer than 200), the mean max/mean expert load (``load_imbalance``), load
-CV, dropped and unrouted fractions and tokens/s. It writes, under ``--out``:
+CV, dropped and unrouted fractions and tokens/s. It also gives each method's training
+FLOPs per token: ``6 N_active + 12 L D S`` (:func:`moetrain.metrics.model_flops_per_token`
+on the run's config, composed from its overrides: a chain's rounds and RMoE's router
+included), moved from ``model.top_k * moe.chain_iterations`` routed experts per MoE layer
+to the run's measured ``active_k`` averaged over all its steps (as the trainer's MFU does:
+:func:`moetrain.metrics.flops_per_token_at_k`; it counts expert choice's and the
+threshold router's variable k and CompeteSMoE's all-expert steps), and that as a multiple
+of ``topk_aux``'s ("× top-k"). It writes, under ``--out``:
 
 - ``compare_routers.md``: the table (also printed);
 - ``compare_routers.png``: validation loss and load imbalance vs step, one line per method;
@@ -17,7 +27,9 @@ bias_update_rate=0)?
 
     python tools/compare_routers.py                        # all methods, 300 steps
     python tools/compare_routers.py --only aux_free,aux_free_control --steps 600
+    python tools/compare_routers.py --only topk_aux,coe,recurrent,compete
     python tools/compare_routers.py --extra "model.num_experts=16 model.top_k=4"
+                                  # (sets top_k for coe and switch too: see × top-k)
     python tools/compare_routers.py --reuse               # re-tabulate and re-plot finished runs
     python tools/compare_routers.py --list
 
@@ -83,6 +95,32 @@ METHODS: dict[str, Method] = {
     "switch": Method("Switch top-1, capacity 1.25, Switch aux loss 1e-2",
                      ("moe/router=switch", "model.top_k=1", "moe.dispatch=capacity",
                       "moe.capacity_factor=1.25")),
+    # Chain-of-Experts (arXiv 2506.18945) matched to topk_aux's compute: C * K = 2 x 1
+    # expert evaluations per token, as top-2's 1 x 2, on the same 8 experts (parameters
+    # equal but for the second round's router). CoE's official flags: a router per round
+    # (use_igate), softmax top-K not renormalised (norm_topk_prob=false; with K = 1 a
+    # renormalised weight would be 1 and the router would get no gradient), the inner
+    # residual (the block's output is x_C, x_0 = the normalised input), the per-sequence
+    # balance loss 1e-3 in every round, no z-loss. No shared expert: the table's model has
+    # none.
+    "coe": Method("Chain-of-Experts: 2 rounds of softmax top-1 (2 experts/token), router per "
+                  "round, not renormalised, inner residual, seq loss 1e-3 per round, no z-loss",
+                  ("moe/router=topk", "model.top_k=1", "moe.chain_iterations=2",
+                   "moe.chain_router=per_iteration", "moe.chain_residual=inner",
+                   "moe.router.renormalize=false", "moe.balance_loss=seq",
+                   "moe.aux_loss_coef=0.001", "moe.z_loss_coef=0")),
+    # RMoE (arXiv 2408.06793) with its recipe (Switch loss 1e-3, no z-loss). Its state is
+    # 32 wide, not RMoE's 256: at dim 64 a 256-wide GRU would cost 5.5x the whole top-k
+    # model's FLOPs per token (6 H^2 per layer against 2 x 3 D F for the experts); 32
+    # (D / 2) costs 1.09x, a router that is a small part of the layer as in the paper.
+    "recurrent": Method("RMoE: GRU router state (32) shared across layers, softmax top-2, "
+                        "Switch aux loss 1e-3, no z-loss",
+                        ("moe/router=recurrent", "moe.router.rnn_hidden=32")),
+    # CompeteSMoE (arXiv 2505.13380) with its LM-pretraining defaults (conf/moe/router/
+    # compete.yaml) and recipe: its competition steps run every expert (FLOPs/token).
+    "compete": Method("CompeteSMoE: top-2; 7% of (step, layer)s after 5% run all experts, "
+                      "top-1 balance loss 1e-2, z-loss 1e-3",
+                      ("moe/router=compete",)),
 }
 
 # The shared model and run: 2 layers, 8 experts, top-2, 16 sequences of 128 bytes per step.
@@ -96,6 +134,7 @@ BASE: tuple[str, ...] = (
 
 AUX_FREE_RATIO = 0.8  # "clearly below": aux_free's imbalance < 0.8 x the control's
 METRICS = ("load_imbalance", "load_cv", "dropped_frac", "unrouted_frac", "tokens_per_s")
+FLOPS_BASELINE = "topk_aux"  # the "× top-k" column divides by its FLOPs per token
 
 
 def summarize(metrics_path: str | Path) -> dict:
@@ -107,6 +146,9 @@ def summarize(metrics_path: str | Path) -> dict:
     out: dict = {"steps": int(train[-1]["step"]), "window": n}
     for key in METRICS:
         out[key] = window_mean(train, key, n)
+    # Routed experts per token over the whole run (its training FLOPs): a variable k
+    # varies, CompeteSMoE's competition steps come at random.
+    out["active_k_mean"] = window_mean(train, "active_k", len(train))
     out["final_val_loss"] = val[-1][1] if val else None
     out["final_val_step"] = val[-1][0] if val else None
     out["val_curve"] = val
@@ -117,9 +159,59 @@ def summarize(metrics_path: str | Path) -> dict:
     return out
 
 
+def overrides(name: str, steps: int, extra: list[str]) -> list[str]:
+    """The Hydra overrides of a method's run (its command without run.dir)."""
+    return [*BASE, f"train.steps={steps}", *METHODS[name].overrides, *extra]
+
+
 def command(name: str, steps: int, run_dir: Path, extra: list[str]) -> tuple[str, ...]:
-    return train_command([*BASE, f"train.steps={steps}", *METHODS[name].overrides, *extra],
-                         run_dir)
+    return train_command(overrides(name, steps, extra), run_dir)
+
+
+def run_config(name: str, steps: int, extra: list[str]):
+    """The config a method's run trains with, composed from its overrides as
+    ``python -m moetrain.train`` composes them."""
+    from moetrain.config import compose_config
+
+    return compose_config(overrides(name, steps, extra))
+
+
+def flops_per_token(cfg, active_k: float | None = None) -> float:
+    """Training FLOPs per token of ``cfg``'s model: ``6 N_active + 12 L D S`` (N_active
+    from :func:`moetrain.models.transformer.count_params` without the input embedding: a
+    chain's C rounds of router, shared and K routed experts, RMoE's router, the output
+    layer), counted at ``model.top_k * moe.chain_iterations`` routed experts per token
+    and moved to ``active_k`` (the routed rows per token a run measured, metrics.jsonl's
+    ``active_k``) when given, as the trainer does for MFU."""
+    from moetrain.metrics import flops_per_token_at_k, model_flops_per_token
+    from moetrain.models.transformer import count_params
+    from moetrain.parallel.memory import resolve_vocab_size
+
+    m = cfg.model
+    p = count_params(m, resolve_vocab_size(cfg), cfg.moe)
+    f = model_flops_per_token(p.active - p.embedding, m.n_layers, m.dim, cfg.train.seq_len)
+    if active_k is None:
+        return f
+    n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+    return flops_per_token_at_k(f, m.top_k * cfg.moe.chain_iterations, active_k, n_moe,
+                                m.dim, m.expert_hidden)
+
+
+def add_flops(results: dict[str, dict], steps: int, extra: list[str]) -> None:
+    """Each run's ``flops_per_token`` (its config at its measured mean ``active_k``) and
+    ``flops_vs_topk``, that over :data:`FLOPS_BASELINE`'s (its own run when there is one,
+    else its config at its fixed k: a top-k router routes exactly top_k per token)."""
+    for name, r in results.items():
+        r["flops_per_token"] = flops_per_token(run_config(name, steps, extra),
+                                               r.get("active_k_mean"))
+    base = (results[FLOPS_BASELINE]["flops_per_token"] if FLOPS_BASELINE in results
+            else flops_per_token(run_config(FLOPS_BASELINE, steps, extra)))
+    for r in results.values():
+        r["flops_vs_topk"] = r["flops_per_token"] / base
+
+
+def _mflops(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1e6:.3f}M"
 
 
 def table(results: dict[str, dict]) -> str:
@@ -127,9 +219,11 @@ def table(results: dict[str, dict]) -> str:
     rows = [[name, METHODS[name].what, fmt(r["final_val_loss"], ".3f"),
              fmt(r["load_imbalance"], ".2f"), fmt(r["load_cv"], ".3f"),
              fmt(r["dropped_frac"], ".3f"), fmt(r["unrouted_frac"], ".3f"),
-             fmt(r["tokens_per_s"], ",.0f")] for name, r in results.items()]
+             fmt(r["tokens_per_s"], ",.0f"), _mflops(r.get("flops_per_token")),
+             fmt(r.get("flops_vs_topk"), ".3f")] for name, r in results.items()]
     return markdown_table(["method", "routing / balancing", "val loss", "max/mean load",
-                           "load CV", "dropped", "unrouted", "tokens/s"], rows, "llrrrrrr")
+                           "load CV", "dropped", "unrouted", "tokens/s", "FLOPs/token",
+                           "× top-k"], rows, "llrrrrrrrr")
 
 
 def aux_free_verdict(results: dict[str, dict]) -> dict | None:
@@ -212,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: {**summarize(out / "runs" / name / "metrics.jsonl"),
                       **{k: v for k, v in timings[name].items() if k != "reused"}}
                for name in a.names}
+    add_flops(results, a.steps, a.extra_overrides)
     total = sum(t["wall_s"] for t in timings.values())  # the training subprocesses
     loads = [t["load_avg"] for t in timings.values() if t.get("load_avg") is not None]
     load = sum(loads) / len(loads) if loads else None
@@ -222,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = shlex.join(["python", "tools/compare_routers.py", *(argv if argv is not None
                                                               else sys.argv[1:])])
     header = (f"{a.steps} steps per method; balance columns: mean over the last {n} steps; "
+              f"FLOPs/token: training FLOPs per token at the run's mean active k, × top-k: "
+              f"over {FLOPS_BASELINE}'s; "
               f"wall time {total:.0f} s on {machine()}, {a.threads} thread(s) per run"
               + (f"; mean 1-min load average {load:.1f}" if load is not None else "") + ".\n"
               f"Command: `{cmd}`\n\n")

@@ -2,10 +2,12 @@
 baseline, with the same model and token budget, over several seeds, and give a verdict.
 
 Every run is a ``python -m moetrain.train`` subprocess on the embedded corpus (the default
-data): 2 layers, dim 64, 8 experts of hidden size 128, top-2, 16 sequences of 128 bytes
-per step, ``--steps`` (800) steps, validation every 25 steps on 8 x 16 sequences. Runs
-that several claims share are trained once per seed (one top-k + aux loss baseline, one
-dense model). ``--list`` prints the claims and their runs. Under ``--out`` it writes:
+data): 2 layers, dim 64, 8 experts of hidden size 128, top-2 (the Chain-of-Experts pair:
+15 routed + 1 shared experts of hidden 64), 16 sequences of 128 bytes per step,
+``--steps`` (800) steps, validation every 25 steps on 8 x 16 sequences. Runs that several
+claims share are trained once per seed (one top-k + aux loss baseline, one dense model);
+a claim whose baseline needs other settings (its paper's balance loss) has its own.
+``--list`` prints the claims and their runs. Under ``--out`` it writes:
 
 - ``reproduce.md``: one row per claim (also printed): the paper, the claim, the setup, the
   metric, method and baseline as mean ± sample standard deviation over the seeds, the
@@ -49,15 +51,20 @@ SE = sqrt(s_a^2 / n_a + s_b^2 / n_b), s the sample standard deviation (n - 1).
 - a part whose method never reaches its target (steps to dense loss) does not hold if no
   seed reaches it and is inconclusive if only some do.
 
-Time on 2 CPU cores (AMD EPYC, otherwise idle) with ``--jobs 2``, 1 thread per run:
-``--quick`` (one seed, 15 runs) took 615 s end to end (1,173 s of CPU time in the runs);
-the full run (3 seeds, 45 runs) is estimated at 3 x that, about 31 min (less with
-``--reuse`` after a ``--quick`` into the same ``--out``: seed 0 is kept). The time scales
-with ``--steps``. Needs matplotlib for the figure (``pip install 'moetrain[plots]'``).
+Every claim needs 21 runs per seed (63 for 3 seeds). Time on 2 CPU cores (AMD EPYC,
+otherwise idle) with ``--jobs 2``, 1 thread per run, measured before the coe, rmoe and
+compete claims were added: the other 11 claims' 15 runs took 615 s end to end for one
+seed (``--quick``; 1,173 s of CPU time in the runs), and 3 seeds (45 runs) are estimated
+at 3 x that, about 31 min (less with ``--reuse`` after a ``--quick`` into the same
+``--out``: seed 0 is kept). The 6 runs per seed of those three claims are not in these
+times, and they cost more per step than a top-2 run (two chain rounds with the shared
+expert; RMoE's GRU; CompeteSMoE's all-expert steps). The time scales with ``--steps``.
+Needs matplotlib for the figure (``pip install 'moetrain[plots]'``).
 
     python tools/reproduce.py                      # every claim, 3 seeds, 800 steps
     python tools/reproduce.py --quick              # one seed
     python tools/reproduce.py --only switch,upcycling --seeds 5
+    python tools/reproduce.py --only coe,rmoe,compete --quick
     python tools/reproduce.py --reuse              # re-tabulate finished runs
     python tools/reproduce.py --list
 """
@@ -109,6 +116,20 @@ BASE: tuple[str, ...] = (
 TOPK = ("moe/router=topk", "moe.balance_loss=switch", "moe.aux_loss_coef=0.01",
         "moe.z_loss_coef=0.001")
 GB = (*TOPK, "train.micro_batch_size=2", "eval.batches=64", "data.val_fraction=0.05")
+# Chain-of-Experts (arXiv 2506.18945) and its MoE baseline with CoE's official flags
+# (ZihanWang314/CoE config.json, _run.sh): N experts = N - 1 routed + 1 shared (re-run
+# every round), softmax top-K per round not renormalised (norm_topk_prob=false), a router
+# per round (use_igate), the inner residual (block output x_C, x_0 = the normalised input,
+# which their C = 1 baseline shares), the per-sequence balance loss 1e-3 in every round,
+# no z-loss. Their pair CoE(C=2, K=4) vs MoE(C=1, K=8) on 64 experts, scaled to 16: C=2,
+# K=2 vs C=1, K=4 (C * K = 4 routed evaluations per token in both). Experts of hidden 64
+# keep the experts' parameters those of the other runs (16 x 64 = 8 x 128 hidden units per
+# layer), at F / D = 1 (CoE: 704 / 1024). The optimizer is the other runs' (CoE's lr 3e-4
+# and weight decay 0.01 are for its 1024-wide model; the claim is a paired comparison).
+COE = ("moe/router=topk", "model.num_experts=15", "model.n_shared_experts=1",
+       "model.expert_hidden=64", "moe.chain_router=per_iteration", "moe.chain_residual=inner",
+       "moe.router.renormalize=false", "moe.balance_loss=seq", "moe.aux_loss_coef=0.001",
+       "moe.z_loss_coef=0")
 
 
 @dataclass(frozen=True)
@@ -165,6 +186,32 @@ RUNS: dict[str, RunSpec] = {
     "noisy_topk": RunSpec("noisy top-2, importance + load losses 1e-2, zero-init gates",
                           ("moe/router=noisy_topk", "moe.router.noisy_zero_init=true",
                            "moe.aux_loss_coef=0", "moe.z_loss_coef=0")),
+    "coe": RunSpec("Chain-of-Experts: 15 routed + 1 shared experts of 64, 2 rounds of top-2",
+                   (*COE, "moe.chain_iterations=2", "model.top_k=2")),
+    "coe_moe": RunSpec("CoE's MoE baseline: the same experts and flags, 1 round of top-4",
+                       (*COE, "moe.chain_iterations=1", "model.top_k=4")),
+    # RMoE (arXiv 2408.06793) and the same model with the plain linear router, both on
+    # RMoE's recipe (Switch loss 1e-3, no z-loss). A state of 32, not RMoE's 256: at dim 64
+    # a 256-wide GRU costs 5.5x the top-k model's FLOPs per token, 32 (D / 2) 1.09x.
+    "recurrent": RunSpec("RMoE: GRU router state 32 across layers, top-2, Switch loss 1e-3, "
+                         "no z-loss",
+                         ("moe/router=recurrent", "moe.router.rnn_hidden=32",
+                          "moe.balance_loss=switch", "moe.aux_loss_coef=0.001",
+                          "moe.z_loss_coef=0")),
+    "topk_aux1e3": RunSpec("softmax top-2 (linear router), Switch loss 1e-3, no z-loss",
+                           ("moe/router=topk", "moe.balance_loss=switch",
+                            "moe.aux_loss_coef=0.001", "moe.z_loss_coef=0")),
+    # CompeteSMoE (arXiv 2505.13380, its LM-pretraining defaults in conf/moe/router/
+    # compete.yaml) and the same router without competition: both train the router steps
+    # on its top-1 balance loss (moe.balance_loss=xmoe: E sum_e mean p_e x share of top-1
+    # picks) 1e-2 and the z-loss 1e-3, which topk_aux's Switch loss is not.
+    "compete": RunSpec("CompeteSMoE: top-2, 7% of (step, layer)s after 5% compete, top-1 "
+                       "loss 1e-2, z-loss 1e-3",
+                       ("moe/router=compete", "moe.balance_loss=xmoe", "moe.aux_loss_coef=0.01",
+                        "moe.z_loss_coef=0.001")),
+    "topk_top1aux": RunSpec("softmax top-2, top-1 balance loss 1e-2, z-loss 1e-3",
+                            ("moe/router=topk", "moe.balance_loss=xmoe",
+                             "moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001")),
 }
 DENSE = "dense"  # the run the upcycled ones start from
 
@@ -277,6 +324,31 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in (
           "noisy_topk vs topk_noaux",
           (Part("max_vio_batch", "noisy_topk", "topk_noaux", "better"),),
           "already measurable here; the paper's thousands of experts test it far harder"),
+    Claim("coe", "2506.18945",
+          "Chain-of-Experts (experts applied in sequential rounds, re-routed each round) "
+          "reaches a lower validation loss than the MoE with the same experts and expert "
+          "evaluations per token",
+          "coe (2 rounds of top-2) vs coe_moe (1 round of top-4): 15 routed + 1 shared "
+          "experts of 64, CoE's flags in both",
+          (Part("val_loss", "coe", "coe_moe", "better"),),
+          "the paper's model: 64 experts (63 routed + 1 shared) of hidden 704 at width "
+          "1024, C=2 K=4 against K=8, trained long enough for the curves to separate"),
+    Claim("rmoe", "2408.06793",
+          "A layerwise recurrent router (a GRU state carried across the MoE layers) "
+          "reaches a lower validation loss than the plain router with the same experts",
+          "recurrent (GRU state 32) vs topk_aux1e3, both on RMoE's recipe (Switch loss "
+          "1e-3, no z-loss)",
+          (Part("val_loss", "recurrent", "topk_aux1e3", "better"),),
+          "many MoE layers for the state to cross (2 here), RMoE's state of 256 in a model "
+          "wide enough that it is a small cost, and longer training"),
+    Claim("compete", "2505.13380",
+          "Competition (on some steps every expert runs and the router learns the experts' "
+          "own ranking) reaches a lower validation loss than the same router without it",
+          "compete vs topk_top1aux (the same router and router-step losses); competition "
+          "steps cost more compute (active k)",
+          (Part("val_loss", "compete", "topk_top1aux", "better"),),
+          "many experts and layers (their sweep: 64 experts of 128, 16 layers) and long "
+          "training, so that enough competition steps teach the router"),
 )}
 
 

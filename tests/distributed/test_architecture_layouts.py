@@ -253,3 +253,32 @@ def test_compete_resumes_mid_run_under_ep2(runs):
     runs.get("ref_compete", BASE + COMPETE)
     _resume(runs, "compete_resumed_ep2_dp2", "ref_compete",
             BASE + COMPETE + ["parallel.ep=2"], 4, COMPETE_KEYS)
+
+
+def test_compete_a2a_bytes(runs):
+    """The bytes of a competition step under ep=2 x dp=2 are the dense exchange's: per
+    rank, layer and micro-batch, ep * T * D values into the gather and ep * e * T * D
+    into the return (``AllToAllDispatcher.dense``; a rank's own share counts, as in a
+    routed step's T * K * D each way); ``a2a_bytes`` sums the ranks. With every row
+    routed (dropless), a routed step's bytes are exactly 2 * T * K * D per rank and
+    layer: the ratio is ep * (1 + e) / (2 * K)."""
+    cfg = compose(BASE + COMPETE + ["parallel.ep=2"])
+    ep, world = 2, 4
+    T = cfg.train.micro_batch_size * cfg.train.seq_len
+    D, e = cfg.model.dim, cfg.model.num_experts // ep
+    micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
+    layers = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
+    dense = world * micro * ep * (T * D + e * T * D) * 4  # float32, one layer
+    routed_bytes = world * micro * 2 * T * cfg.model.top_k * D * 4
+    per_step = Counter(step for step, _ in _compete_pairs())
+    rows = step_rows(runs.get("ep2_compete", BASE + COMPETE + ["parallel.ep=2"], world=4))
+    all_dense = [s for s in range(STEPS) if per_step[s] == len(layers)]
+    routed = [s for s in range(STEPS) if per_step[s] == 0]
+    assert all_dense and routed, sorted(per_step.items())
+    for s in all_dense:
+        assert rows[s]["a2a_bytes"] == len(layers) * dense, (s, rows[s]["a2a_bytes"])
+    for s in routed:
+        assert rows[s]["a2a_bytes"] == len(layers) * routed_bytes, (s, rows[s]["a2a_bytes"])
+    assert dense / routed_bytes == ep * (1 + e) / (2 * cfg.model.top_k)
+    print(f"\ncompete a2a bytes, all ranks: dense step {len(layers) * dense}, routed steps "
+          f"{[rows[s]['a2a_bytes'] for s in routed]}")

@@ -494,10 +494,11 @@ class AllToAllDispatcher:
         step under EP): the ep ranks' tokens are all-gathered, each rank runs its e local
         experts on all ep * T of them, and one all-to-all returns each rank's (e, T, D)
         block to the token's owner. Autograd runs through both (the gather's backward is
-        a reduce-scatter). Sent per rank: (ep - 1) * T * D values in the gather and
-        (ep - 1) * e * T * D back, against (ep - 1)/ep * T * K * D each way on a routed
-        step. Nothing is dropped, whatever the capacity factor. Every rank must hold the
-        same T (equal micro-batch shapes)."""
+        a reduce-scatter). ``bytes_sent`` counts what the rank hands to the exchanges,
+        its own share included, as ``dispatch`` does: ep * T * D values gathered and
+        ep * e * T * D returned, against T * K * D each way on a routed step. Nothing is
+        dropped, whatever the capacity factor. Every rank must hold the same T (equal
+        micro-batch shapes)."""
         ep, e = self.ep, self.local_experts
         T, D = x_TD.shape
         X = funcol.wait_tensor(funcol.all_gather_tensor_autograd(x_TD.contiguous(), 0,
@@ -506,7 +507,7 @@ class AllToAllDispatcher:
         y = experts(X.repeat(e, 1), counts, ep * T)  # (e, ep, T, D), local expert major
         y = y.view(e, ep, T, D).transpose(0, 1).reshape(ep * e * T, D)  # owner major
         back = _all_to_all(y, [e * T] * ep, [e * T] * ep, self.group)
-        self.bytes_sent += (ep - 1) * (T * D + e * T * D) * x_TD.element_size()
+        self.bytes_sent += ep * (T * D + e * T * D) * x_TD.element_size()
         return back.view(ep * e, T, D)  # [source rank][local expert] = global expert
 
     def combine(self, y_RD, meta: AllToAllMeta):

@@ -469,6 +469,34 @@ def test_rmoe_routers_share_one_cell_saved_once():
     assert m.boundary_dim == 16 + 6
 
 
+def test_rmoe_state_crosses_a_pipeline_stage_boundary():
+    """split_model: stage 0 (layers 0, 1) hands (hidden, state) as one (B, S, D + H) tensor;
+    stage 1 (layer 2) picks the state up. The chain equals the whole model, each stage binds
+    its own copy of the cell, and the last layer's logits still reach layer 0's W1."""
+    from moetrain.parallel.pipeline import split_model
+
+    m = _rmoe_model(RNNCell.gru)
+    tokens = torch.randint(0, 20, (2, 5))
+    ref = m(tokens)
+    first, last = split_model(m, [0, 2], [0, 1])
+    for part in (first, last):
+        assert part.router_rnn is not None
+        assert all(layer.router.cell is part.router_rnn for layer in part.moe_layers())
+    torch.testing.assert_close(first.router_rnn.weight_hh, last.router_rnn.weight_hh)
+    mid = first(tokens)
+    assert mid.shape == (2, 5, 16 + 6)
+    seen = []
+    last.layers["2"].moe.router.register_forward_hook(lambda mod, args, out: seen.append(args))
+    out = last(mid)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # the state layer 2 received is the state columns of the boundary tensor
+    torch.testing.assert_close(seen[0][1], mid[..., 16:].reshape(10, 6), rtol=0, atol=0)
+    assert seen[0][1].abs().max() > 0
+    g = torch.autograd.grad(out.float().logsumexp(-1).sum(),
+                            first.layers["0"].moe.router.proj.weight)[0]
+    assert g.abs().max() > 0
+
+
 # ============================================================================ CompeteSMoE (sheet §4)
 def _compete_layer(E=4, K=2, D=8, Fh=12, shared=0, seed=0, moe_kw=None, **router_kw):
     torch.manual_seed(seed)
@@ -580,6 +608,7 @@ def test_compete_step_matches_independent_reference_forward_and_backward(hybrid)
     _close(lc["balance_loss"], bal.detach(), atol=1e-6)
     assert layer.last_stats.load_E.tolist() == torch.bincount(
         ids.flatten(), minlength=4).float().tolist()
+    assert layer.last_stats.num_routed.item() == 6 * 4  # every expert ran on every token
     # backward: the LM loss plus the injected c_r * L_router + c_d * L_div + c_b * L_bc
     g = torch.randn_like(out)
     (out * g).sum().backward()
