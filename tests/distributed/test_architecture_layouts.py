@@ -162,6 +162,19 @@ def test_coe_ep2_dp2_matches_single_process(runs, dispatch):
         assert all(r["dropped_frac"] == 0 for r in step_rows(ref))
 
 
+def test_coe_global_batch_counts_per_round_under_ep2_dp2(runs):
+    """``moe.aux_loss_scope=global_batch``: each round keeps its own running counts over
+    the step's micro-batches, in global order over the dp ranks (4 processes)."""
+    extra = COE + ["moe.aux_loss_scope=global_batch"]
+    ref = runs.get("ref_coe_global", BASE + extra)
+    got = runs.get("ep2_coe_global", BASE + extra + ["parallel.ep=2"], world=4)
+    assert_matches("coe_ep2_dp2_global", ref, got, COE_KEYS)
+    local = step_rows(runs.get("ref_coe_dropless", BASE + COE))
+    # the scope changes the rounds' losses (else this test could not tell them apart)
+    assert step_rows(ref)[0]["moe/layer0/round1/aux_loss"] != pytest.approx(
+        local[0]["moe/layer0/round1/aux_loss"], rel=1e-6)
+
+
 def test_coe_pp2_matches_single_process(runs):
     """pp=2 (1F1B, 4 micro-batches): the chained MoE layers of each stage."""
     ref = runs.get("ppref_coe", PP_BASE + COE)
@@ -198,6 +211,15 @@ def test_rmoe_layout_matches_single_process(runs, layout, overrides, world):
     got = runs.get(name, PP_BASE + RMOE + overrides, world=world)
     assert len(step_rows(got)) == STEPS
     assert_matches(name, ref, got, RMOE_KEYS)
+
+
+def test_rmoe_full_activation_checkpointing_under_pp2(runs):
+    """``parallel.ac=full`` recomputes each block in the backward with the router state
+    it got as an input: the 1-process numbers under pp=2."""
+    ref = _rmoe_ref(runs)
+    got = runs.get("rmoe_pp2_ac", PP_BASE + RMOE + ["parallel.pp=2", PP_SPLIT,
+                                                     "parallel.ac=full"], world=2)
+    assert_matches("rmoe_pp2_ac_full", ref, got, RMOE_KEYS)
 
 
 def test_rmoe_resumes_mid_run_under_pp2(runs):

@@ -76,7 +76,7 @@ def test_every_claim_is_complete_and_every_run_composes():
     from moetrain.config import validate
 
     t = _tool()
-    assert len(t.CLAIMS) == 11
+    assert len(t.CLAIMS) == 14 and len(t.RUNS) == 21
     for name, c in t.CLAIMS.items():
         assert c.name == name and re.fullmatch(r"\d{4}\.\d{5}", c.paper), name
         assert c.claim and c.setup and c.proper and c.parts, name
@@ -91,6 +91,81 @@ def test_every_claim_is_complete_and_every_run_composes():
         validate(copy.deepcopy(cfg), 1)
         assert cfg.seed == 1
         assert cfg.train.steps == (360 if t.RUNS[job.name.split("/")[1]].upcycled else 600)
+
+
+def _flat(cfg) -> dict:
+    """A composed config as {"group.key": value}."""
+    from omegaconf import OmegaConf
+
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True,
+                                enum_to_str=True), "")
+    return out
+
+
+def _run_config(t, name: str):
+    job = t.make_jobs([name], [0], 600, Path("/r"), [])[0]
+    # One run dir for every run: the paths derived from it (checkpoint.dir) match.
+    return compose([o for o in job.command[3:] if not o.startswith("run.dir=")]
+                   + ["run.dir=/r/run"])
+
+
+def test_new_claims_compare_runs_that_differ_only_in_the_method():
+    """coe, rmoe and compete: method and baseline differ in what the claim is about only,
+    with the paper's balance loss in both."""
+    t = _tool()
+    want = {
+        "coe": {"moe.chain_iterations": (2, 1), "model.top_k": (2, 4)},
+        "rmoe": {"moe.router.name": ("recurrent", "topk"), "moe.router.rnn_hidden": (32, 256)},
+        "compete": {"moe.router.name": ("compete", "topk")},
+    }
+    for claim, diff in want.items():
+        (part,) = t.CLAIMS[claim].parts
+        assert (part.metric, part.test) == ("val_loss", "better")
+        a, b = _flat(_run_config(t, part.method)), _flat(_run_config(t, part.baseline))
+        got = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        assert got == diff, claim
+    coe = _flat(_run_config(t, "coe"))
+    assert {k: coe[k] for k in ("model.num_experts", "model.n_shared_experts",
+                                "model.expert_hidden", "moe.chain_router",
+                                "moe.chain_residual", "moe.router.renormalize",
+                                "moe.balance_loss", "moe.aux_loss_coef", "moe.z_loss_coef")} == {
+        "model.num_experts": 15, "model.n_shared_experts": 1, "model.expert_hidden": 64,
+        "moe.chain_router": "per_iteration", "moe.chain_residual": "inner",
+        "moe.router.renormalize": False, "moe.balance_loss": "seq", "moe.aux_loss_coef": 1e-3,
+        "moe.z_loss_coef": 0.0}
+    rmoe = _flat(_run_config(t, "recurrent"))
+    assert (rmoe["moe.balance_loss"], rmoe["moe.aux_loss_coef"], rmoe["moe.z_loss_coef"]) == (
+        "switch", 1e-3, 0.0)
+    comp = _flat(_run_config(t, "compete"))
+    assert (comp["moe.balance_loss"], comp["moe.aux_loss_coef"], comp["moe.z_loss_coef"]) == (
+        "xmoe", 1e-2, 1e-3)
+
+
+def test_coe_pair_is_compute_matched_by_hand():
+    """CoE(C=2, K=2) vs MoE(C=1, K=4) on 15 + 1 experts of 64: the same routed expert
+    evaluations per token, the same expert parameters as the other runs' 8 x 128, total
+    parameters apart by the second round's routers only."""
+    from moetrain.models.transformer import count_params
+
+    t = _tool()
+    coe, moe, top = (_run_config(t, n) for n in ("coe", "coe_moe", "topk_aux"))
+    assert coe.moe.chain_iterations * coe.model.top_k == moe.model.top_k == 4
+    expert = 3 * 64 * 64
+    assert 16 * expert == 8 * 3 * 64 * 128  # 196,608 per layer
+    p_coe, p_moe, p_top = (count_params(c.model, 257, c.moe) for c in (coe, moe, top))
+    assert p_coe.total - p_moe.total == 2 * 15 * 64  # a second router per layer
+    assert p_moe.total - p_top.total == 2 * (15 - 8) * 64  # wider router, same experts
+    # Active: MoE 4 routed + 1 shared per layer; CoE 2 rounds of (2 routed + 1 shared) and
+    # 2 routers: its shared expert runs twice, as in the paper.
+    assert p_coe.active - p_moe.active == 2 * (expert + 15 * 64)
 
 
 def test_upcycled_runs_follow_their_seeds_dense_checkpoint():
