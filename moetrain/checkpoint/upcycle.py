@@ -84,7 +84,9 @@ _DENSE_KEY = re.compile(r"^(tok_embeddings\.weight|output\.weight|norm\.weight|"
                         r"feed_forward\.w[123]\.weight))$")
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.moe\.experts\.(w1_EFD|w3_EFD|w2_EDF)$")
 _SHARED_KEY = re.compile(r"^layers\.(\d+)\.moe\.shared_experts\.(w[123])\.weight$")
-_ROUTER_KEY = re.compile(r"^layers\.(\d+)\.moe\.router\.(.+)$")
+# round 0's router, or a later Chain-of-Experts round's (moe.chain_routers.{t - 1})
+_ROUTER_KEY = re.compile(r"^layers\.(\d+)\.moe\.(?:router|chain_routers\.(\d+))\.(.+)$")
+_ROUTER_RNN_KEY = re.compile(r"^router_rnn\.(.+)$")  # RMoE's shared cell
 _EXPERT_TO_DENSE = {"w1_EFD": "w1", "w3_EFD": "w3", "w2_EDF": "w2"}
 # Architecture fields a dense config fixes (compared when the dense config is known).
 _ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "rope_theta", "norm_eps",
@@ -341,7 +343,7 @@ def _dense_key(key: str) -> tuple[str | None, str]:
         return f"layers.{m.group(1)}.feed_forward.{_EXPERT_TO_DENSE[m.group(2)]}.weight", "expert"
     if m := _SHARED_KEY.match(key):
         return f"layers.{m.group(1)}.feed_forward.{m.group(2)}.weight", "shared"
-    if _ROUTER_KEY.match(key):
+    if _ROUTER_KEY.match(key) or _ROUTER_RNN_KEY.match(key):
         return None, "router"
     if ".moe." in key:
         raise UpcycleError(f"upcycling does not know how to initialise {key!r}")
@@ -406,8 +408,16 @@ def exactness_issue(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> str | None:
     """
     r, k = moe_cfg.router, model_cfg.top_k
     kind = RouterType(r.name)
+    chain = moe_cfg.chain_iterations
+    residual = moe_cfg.chain_residual or ("inner" if chain > 1 else "outer")
+    if chain > 1 or residual != "outer":
+        return (f"moe.chain_iterations={chain} (moe.chain_residual={residual}): a chain of "
+                f"experts is not the dense block (it applies the FFN {chain} times, or adds "
+                f"the normalised input instead of the residual)")
+    # recurrent (RMoE) and compete renormalise their top-k, and a competition step's
+    # weights a_S / sum a_S sum to 1 too
     if kind not in (RouterType.topk, RouterType.deepseek_v3, RouterType.selective_sinkhorn,
-                    RouterType.noisy_topk):
+                    RouterType.noisy_topk, RouterType.recurrent, RouterType.compete):
         return (f"moe.router.name={kind.value} combines with weights that need not sum to 1 "
                 f"(raw probabilities, or tokens routed to a variable number of experts)")
     if kind != RouterType.noisy_topk:
@@ -572,11 +582,26 @@ def _router_init(key: str, spec: tuple[tuple[int, ...], torch.dtype], init: Init
     or U(-a, a) with a = std * sqrt(3) (the variance of U(-a, a) is a^2 / 3).
     Drop-Upcycling's ``torch_rand_002`` is (u - mean(u)) * std * sqrt(12), u ~ U(0, 1): the
     same law, centred on the sample mean instead of 1/2. Every other router tensor is 0
-    (expert_bias; a noisy router's noise projection, zero-initialised as a fresh one)."""
+    (expert_bias; a noisy router's noise projection, zero-initialised as a fresh one).
+
+    New in a fresh MoE and drawn the same way: a later Chain-of-Experts round's gate
+    (seeded by (seed, layer, round)) and RMoE's per-layer projection and head (seeded by
+    (seed, layer, name)). RMoE's shared cell gets torch's GRUCell law, U(-1/sqrt(H),
+    1/sqrt(H)), seeded by (seed, name), as a fresh model draws it."""
     shape, dtype = spec
+    if m := _ROUTER_RNN_KEY.match(key):
+        g = torch.Generator().manual_seed(_seed("router_rnn", init.seed, m.group(1)))
+        bound = 1.0 / math.sqrt(shape[-1])
+        return torch.empty(shape).uniform_(-bound, bound, generator=g).to(dtype)
     m = _ROUTER_KEY.match(key)
-    if m.group(2) == "gate.weight":
-        g = torch.Generator().manual_seed(_seed("router", init.seed, int(m.group(1))))
+    layer, chain_round, name = int(m.group(1)), m.group(2), m.group(3)
+    if name in ("gate.weight", "proj.weight", "head.weight"):
+        parts = ("router", init.seed, layer)  # round 0's gate: as before chains existed
+        if chain_round is not None:
+            parts += ("round", int(chain_round) + 1)
+        if name != "gate.weight":
+            parts += (name,)
+        g = torch.Generator().manual_seed(_seed(*parts))
         if router_law(init) == RouterInit.uniform:
             a = init.router_std * math.sqrt(3.0)
             return torch.empty(shape).uniform_(-a, a, generator=g).to(dtype)

@@ -267,6 +267,14 @@ def test_compete_ep2_dp2_matches_single_process(runs):
     assert all(r["a2a_bytes"] > 0 for r in step_rows(got))
 
 
+def test_compete_tp2_matches_single_process(runs):
+    """tp=2 (sequence shards, expert_tp=ep): each rank's competition runs on its own
+    tokens, and the competition balance term counts the micro-batch's top-1 picks."""
+    ref = runs.get("ref_compete", BASE + COMPETE)
+    got = runs.get("tp2_compete", BASE + COMPETE + ["parallel.tp=2"], world=2)
+    assert_matches("compete_tp2", ref, got, COMPETE_KEYS)
+
+
 def test_compete_resumes_mid_run_under_ep2(runs):
     """The 1-process step-3 checkpoint continues under ep=2 x dp=2 on the uninterrupted
     steps 4-6, competing at the same (step, layer) pairs (the schedule is keyed by the

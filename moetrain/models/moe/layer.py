@@ -291,7 +291,7 @@ class MoELayer(nn.Module):
         router: CompeteRouter = self.router
         cfg = router.cfg
         T, E, K = x_TD.shape[0], self.num_experts, router.top_k
-        logits_TE = router._logits(x_TD)
+        logits_TE = router._z(router._logits(x_TD))  # the temperature, as on router steps
         gate_TE = torch.softmax(logits_TE, dim=-1)
         o_ETD = self.dispatcher.dense(x_TD, self.experts)
         a_TE = F.softplus(o_ETD.float()).mean(dim=-1).transpose(0, 1)  # (T, E)
@@ -311,8 +311,14 @@ class MoELayer(nn.Module):
             router_loss = router_loss + cfg.compete_theta * F.mse_loss(
                 gate_TE.gather(1, ids_TK), target_TE.gather(1, ids_TK))
         diversity = diversity_loss(sel_TKD)
-        counts_E = _active_counts(ids_TK[:, :1], None, E)  # the top-1 picks
-        balance = losses_mod.xmoe_balance_loss(aff_TE, E, counts_E=counts_E, num_tokens=T)
+        top1_E = _active_counts(ids_TK[:, :1], None, E)  # the top-1 picks
+        total = torch.cat([top1_E, top1_E.new_full((1,), T)])
+        if self.count_reducer is not None:  # tp sequence shards: the micro-batch's counts
+            total = self.count_reducer(total)
+        if self.global_scope:
+            total = self._global_counts(total)
+        balance = losses_mod.xmoe_balance_loss(aff_TE, E, counts_E=total[:-1],
+                                               num_tokens=total[-1])
         aux = (cfg.compete_router_coef * router_loss + cfg.compete_diversity_coef * diversity
                + cfg.compete_balance_coef * balance)
         routed = RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=aff_TE,

@@ -70,6 +70,9 @@ def _tokens(seed: int = 1) -> torch.Tensor:
     ({"first_dense_layers": 0, "num_experts": 8, "top_k": 2},
      {"name": RouterType.deepseek_v3, "score_func": ScoreFunc.sigmoid, "n_groups": 4,
       "topk_groups": 2}),
+    # RMoE: fresh projection, head and shared cell; the renormalised top-k sums to 1
+    ({"first_dense_layers": 0}, {"name": RouterType.recurrent, "rnn_hidden": 8}),
+    ({"first_dense_layers": 1}, {"name": RouterType.compete}),
 ])
 def test_upcycled_moe_reproduces_dense_logits(target, router):
     dense = _dense_model()
@@ -91,6 +94,8 @@ def test_upcycled_moe_reproduces_dense_logits(target, router):
     ({}, {"route_scale": 2.5}, {}),
     ({}, {"name": RouterType.threshold, "max_k": 2}, {}),  # at most 2: p sums below 1
     ({}, {}, {"dispatch": DispatchMode.capacity, "capacity_factor": 0.5}),
+    ({}, {}, {"chain_iterations": 2}),  # Chain-of-Experts: the FFN twice, inner residual
+    ({}, {}, {"chain_iterations": 2, "chain_residual": "outer"}),
 ])
 def test_inexact_router_configs_are_named_and_differ(target, router, moe):
     """Where the combine weights need not sum to 1, upcycling is not exact: the check says
@@ -399,3 +404,34 @@ def test_reuse_optimizer_needs_optimizer_state(tmp_path):
     init = InitConfig(from_dense=str(path), reuse_optimizer=True)
     with pytest.raises(UpcycleError, match="init.reuse_optimizer=true.*no optimizer state"):
         build_upcycled(init, dataclasses.replace(DENSE, first_dense_layers=0), _moe_cfg(), V)
+
+
+def test_fresh_router_parts_of_chains_and_recurrent_routers():
+    """A Chain-of-Experts round's gate and RMoE's projection and head are drawn like the
+    gate (N(0, router_std^2), seeded per layer, round and name); RMoE's shared cell like
+    torch's GRUCell, U(-1/sqrt(H), 1/sqrt(H))."""
+    dense = _dense_model()
+    model_cfg = dataclasses.replace(DENSE, first_dense_layers=0, num_experts=64)
+    init = InitConfig(seed=5, router_std=0.05)
+    chain = dataclasses.replace(_moe_cfg(), chain_iterations=3)
+    up = upcycle_state_dict(dense.state_dict(), model_cfg, chain, init, V).model
+    gates = [up[k] for k in ("layers.1.moe.router.gate.weight",
+                             "layers.1.moe.chain_routers.0.gate.weight",
+                             "layers.1.moe.chain_routers.1.gate.weight")]
+    plain = upcycle_state_dict(dense.state_dict(), model_cfg, _moe_cfg(), init, V).model
+    assert torch.equal(gates[0], plain["layers.1.moe.router.gate.weight"])  # unchanged
+    for g in gates[1:]:
+        assert g.std().item() == pytest.approx(0.05, rel=0.08)
+        assert not torch.equal(g, gates[0])
+    assert not torch.equal(gates[1], gates[2])
+    H = 16
+    rec = _moe_cfg(name=RouterType.recurrent, rnn_hidden=H)
+    up = upcycle_state_dict(dense.state_dict(), model_cfg, rec, init, V).model
+    for name in ("proj.weight", "head.weight"):
+        w = up[f"layers.0.moe.router.{name}"]
+        assert w.std().item() == pytest.approx(0.05, rel=0.1)
+    cell = up["router_rnn.weight_hh"]
+    assert cell.shape == (3 * H, H) and cell.abs().max().item() <= 1 / math.sqrt(H)
+    assert cell.std().item() == pytest.approx(1 / math.sqrt(3 * H), rel=0.1)  # U(-b, b)
+    model = _moe(model_cfg, rec, up)  # every key the model has, strictly
+    assert model.router_rnn is model.moe_layers()[0].router.cell

@@ -672,11 +672,10 @@ def test_compete_step_sequence_shards_mean_to_the_whole_micro_batch():
         _close((ranks[0][name] + ranks[1][name]) / 2, whole[name], atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: MoELayer._compete counts the top-1 picks "
-                   "of the competition balance loss on the rank's own shard; it never calls "
-                   "count_reducer (nor _global_counts), so under tp sequence shards the loss "
-                   "differs from the 1-process run")
 def test_compete_balance_loss_uses_the_count_reducer_over_sequence_shards():
+    """Under tp sequence shards the competition balance term counts the micro-batch's
+    top-1 picks (the layer's count_reducer), so the mean of the shards' losses is the
+    whole micro-batch's."""
     layer = _compete_layer(**COEFS)
     x = torch.randn(8, 8)
     layer(x)
