@@ -437,10 +437,10 @@ def _validate_architectures(cfg: Config, layout: Layout) -> None:
             f"{layout.tp}: the router state (recurrent) and the experts' full outputs "
             f"(compete) are per token on the rank's own sequence shard; set "
             f"parallel.expert_tp=ep")
-    if kind == RouterType.compete and r.compete_rate > 0:
-        if int(r.compete_warmup * cfg.train.steps) >= cfg.train.steps:
-            log.warning("moe.router.compete_warmup=%s of train.steps=%d leaves no "
-                        "competition step", r.compete_warmup, cfg.train.steps)
+    if (kind == RouterType.compete and r.compete_rate > 0
+            and int(r.compete_warmup * cfg.train.steps) >= cfg.train.steps):
+        log.warning("moe.router.compete_warmup=%s of train.steps=%d leaves no "
+                    "competition step", r.compete_warmup, cfg.train.steps)
 
 
 def _validate_init(cfg: Config) -> None:

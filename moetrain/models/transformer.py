@@ -21,7 +21,7 @@ from moetrain.config.schema import ModelConfig, MoEConfig, RouterType
 from moetrain.models.attention import Attention
 from moetrain.models.moe.experts import FeedForward
 from moetrain.models.moe.layer import MoELayer
-from moetrain.models.moe.router import CompeteRouter, build_rnn_cell, rnn_cell_step
+from moetrain.models.moe.router import CompeteRouter, build_rnn_cell
 from moetrain.models.norms import build_norm, init_norm
 from moetrain.models.rope import precompute_rope
 

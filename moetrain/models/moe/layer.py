@@ -31,9 +31,9 @@ from moetrain.config.schema import (
     MoEConfig,
     RouterType,
 )
+from moetrain.models.moe import losses as losses_mod
 from moetrain.models.moe.dispatcher import Dispatcher, LocalDispatcher
 from moetrain.models.moe.experts import FeedForward, GroupedExperts
-from moetrain.models.moe import losses as losses_mod
 from moetrain.models.moe.losses import (
     evomoe_balance_loss,
     load_balancing_loss,

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from moetrain.checkpoint.hf import HFConversionError, choose_target
 from moetrain.checkpoint.load import load
 from moetrain.data import build_data
-from moetrain.metrics import read_metrics
-from tests.conftest import TINY, compose
+from tests.conftest import TINY
 from tests.distributed._runs import train
 
 STEPS = 4
