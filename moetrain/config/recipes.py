@@ -97,6 +97,12 @@ RECIPES: dict[str, Recipe] = {
                   "EvoMoE (Nie et al., arXiv 2112.14397); codecaution/EvoMoE fairseq/modules/"
                   "moe/topkgate.py: gate loss E^2 * mean(me * ce) at 1e-2 (GPT script), no "
                   "z-loss"),
+    # A top-k router in a chain of experts (moe.chain_iterations > 1): CoE's config.json
+    # (seq_aux true, aux_loss_alpha 0.001, no z-loss), each round's loss summed.
+    "coe": Recipe(BalanceLoss.seq, 1e-3, 0.0,
+                  "Chain-of-Experts (Wang et al., arXiv 2506.18945); ZihanWang314/CoE "
+                  "config/models/coe_deepseekv2/config.json: per-sequence balance loss "
+                  "(seq_aux) alpha 1e-3 in every round, no z-loss"),
     # configuration_llama_moe_rnn.py: router_aux_loss_coef 0.001, Mixtral's
     # load_balancing_loss_func (no z-loss). Mixtral's loss pools every layer's tokens and
     # counts each of the K choices over T tokens: per layer that is K times the Switch
@@ -120,22 +126,25 @@ FIELDS = ("balance_loss", "aux_loss_coef", "z_loss_coef", "drop_policy", "capaci
 _OVERRIDES = "_recipe_overrides"  # set on a MoEConfig by resolve_recipe
 
 
-def recipe_name(router: RouterConfig) -> str:
+def recipe_name(router: RouterConfig, chain_iterations: int = 1) -> str:
     """The recipe of a router config: its name's, except a top-k router with a moving
-    expert bias, which is auxiliary-loss-free balancing (``moe/router=aux_free``)."""
+    expert bias, which is auxiliary-loss-free balancing (``moe/router=aux_free``), and a
+    top-k router run in a chain of experts (``moe.chain_iterations`` > 1: CoE's)."""
     kind = RouterType(router.name)
     if kind == RouterType.topk and router.bias_update_rate > 0:
         return "aux_free"
+    if kind == RouterType.topk and chain_iterations > 1:
+        return "coe"
     return kind.value
 
 
-def recipe_for(router: RouterConfig) -> Recipe:
-    return RECIPES[recipe_name(router)]
+def recipe_for(router: RouterConfig, chain_iterations: int = 1) -> Recipe:
+    return RECIPES[recipe_name(router, chain_iterations)]
 
 
 def recipe_values(moe: MoEConfig) -> dict[str, Any]:
     """{field: value} of the recipe fields: the user's value where set, else the recipe's."""
-    rec = recipe_for(moe.router)
+    rec = recipe_for(moe.router, moe.chain_iterations)
     out = {}
     for name in FIELDS:
         value = getattr(moe, name)
@@ -155,7 +164,7 @@ def resolve_recipe(moe: MoEConfig) -> dict[str, Any]:
     if hasattr(moe, _OVERRIDES):
         overrides = getattr(moe, _OVERRIDES)
     else:
-        rec = recipe_for(moe.router)
+        rec = recipe_for(moe.router, moe.chain_iterations)
         overrides = {name: getattr(moe, name) for name in FIELDS
                      if getattr(moe, name) is not None
                      and getattr(moe, name) != getattr(rec, name)}
@@ -168,7 +177,7 @@ def resolve_recipe(moe: MoEConfig) -> dict[str, Any]:
 def off_recipe_losses(moe: MoEConfig) -> list[str]:
     """Losses a resolved ``moe`` trains on that its router's paper does not use (one
     phrase each; empty when the run follows the recipe, or only drops a loss)."""
-    rec, kind = recipe_for(moe.router), RouterType(moe.router.name)
+    rec, kind = recipe_for(moe.router, moe.chain_iterations), RouterType(moe.router.name)
     v = recipe_values(moe)
     out = []
     if v["aux_loss_coef"] > 0:
@@ -219,7 +228,7 @@ def recipe_record(cfg: Config) -> dict[str, Any]:
     moe = cfg.moe
     v = recipe_values(moe)
     kind = RouterType(moe.router.name)
-    name = recipe_name(moe.router)
+    name = recipe_name(moe.router, moe.chain_iterations)
     trains = v["aux_loss_coef"] > 0 and kind not in NO_BALANCE_LOSS
     rec: dict[str, Any] = {
         "router": kind.value,

@@ -245,7 +245,8 @@ def _resolve_recipe(cfg: Config) -> None:
         log.warning("moe.router.name=%s (recipe %s) leaves its paper's recipe: %s. Allowed "
                     "(research mixes them); to follow the paper, set the coefficient to 0 or "
                     "null for the recipe (docs/routers.md#training-recipes)",
-                    RouterType(r.name).value, recipe_name(r), "; ".join(extra))
+                    RouterType(r.name).value, recipe_name(r, moe.chain_iterations),
+                    "; ".join(extra))
 
 
 def _validate_routing(cfg: Config, layout: Layout) -> None:

@@ -51,8 +51,14 @@ PP_BASE = [o for o in TINY if not o.startswith(("model.n_heads", "model.n_layers
 # default split today, pinned so that it stays so).
 PP_SPLIT = "parallel.pp_split=[0,2]"
 
-# CoE's default flags: per-iteration routers, inner residual (chain_iterations > 1).
-COE = ["moe.chain_iterations=2", "model.n_shared_experts=1"]
+# CoE's default flags: per-iteration routers, inner residual, and its recipe's
+# per-sequence balance loss in every round, with the coefficients of test_router_layouts'
+# STRONG_AUX. At CoE's own 1e-3 and no z-loss, some router gradients are so small that
+# AdamW's first steps (g / (|g| + eps), eps 1e-8) turn their float32 summation-order
+# noise into ~1e-5 relative differences after two steps (gone with optim.eps=1e-5): a
+# property of the optimizer at those scales, not of the layout.
+COE = ["moe.chain_iterations=2", "model.n_shared_experts=1", "moe.aux_loss_coef=0.01",
+       "moe.z_loss_coef=0.001"]
 # Capacity per round at factor 1.0: the tiny model's skewed routing drops rows.
 CAPACITY = ["moe.dispatch=capacity", "moe.capacity_factor=1.0"]
 RMOE = ["moe/router=recurrent", "moe.router.rnn_hidden=8"]
@@ -165,11 +171,12 @@ def test_coe_ep2_dp2_matches_single_process(runs, dispatch):
 def test_coe_global_batch_counts_per_round_under_ep2_dp2(runs):
     """``moe.aux_loss_scope=global_batch``: each round keeps its own running counts over
     the step's micro-batches, in global order over the dp ranks (4 processes)."""
-    extra = COE + ["moe.aux_loss_scope=global_batch"]
+    switch = COE + ["moe.balance_loss=switch"]  # CoE's seq loss counts each sequence alone
+    extra = switch + ["moe.aux_loss_scope=global_batch"]
     ref = runs.get("ref_coe_global", BASE + extra)
     got = runs.get("ep2_coe_global", BASE + extra + ["parallel.ep=2"], world=4)
     assert_matches("coe_ep2_dp2_global", ref, got, COE_KEYS)
-    local = step_rows(runs.get("ref_coe_dropless", BASE + COE))
+    local = step_rows(runs.get("ref_coe_switch", BASE + switch))
     # the scope changes the rounds' losses (else this test could not tell them apart)
     assert step_rows(ref)[0]["moe/layer0/round1/aux_loss"] != pytest.approx(
         local[0]["moe/layer0/round1/aux_loss"], rel=1e-6)

@@ -155,12 +155,13 @@ def _chain_reference(x_TD, gates, w1, w3, w2, K, shared=None, inner=True, renorm
 
 
 def _chain_layer(C=3, chain_router=ChainRouter.per_iteration, residual=None, shared=1, aux=0.0,
-                 z=0.0, E=4, K=2, D=8, Fh=12, seed=0) -> MoELayer:
+                 z=0.0, E=4, K=2, D=8, Fh=12, seed=0, balance="switch") -> MoELayer:
     torch.manual_seed(seed)
     mcfg = ModelConfig(dim=D, n_heads=2, num_experts=E, top_k=K, expert_hidden=Fh,
                        n_shared_experts=shared)
     moe = MoEConfig(aux_loss_coef=aux, z_loss_coef=z, chain_iterations=C,
-                    chain_router=chain_router, chain_residual=residual, expert_backend=LOOP)
+                    chain_router=chain_router, chain_residual=residual, expert_backend=LOOP,
+                    balance_loss=balance)
     layer = MoELayer(D, mcfg, moe)
     layer.init_weights(0.4, 0.25)  # experts small enough that C rounds stay moderate
     for r in layer.routers:
@@ -868,3 +869,19 @@ def test_bad_architecture_configs_name_the_field(overrides, world, words):
 def test_good_architecture_configs_validate(overrides):
     cfg = compose(TINY + overrides + ["run.dir=/tmp/x"])
     assert validate(cfg, 1).tp == 1
+
+
+def test_coe_takes_its_recipe_in_a_chain():
+    """A top-k router in a chain trains on CoE's recipe (the per-sequence balance loss at
+    1e-3 in every round, no z-loss) unless the config sets the losses; one round is
+    plain top-k's recipe."""
+    from moetrain.config.recipes import recipe_name, recipe_values
+
+    chain = MoEConfig(chain_iterations=2)
+    assert recipe_name(chain.router, chain.chain_iterations) == "coe"
+    v = recipe_values(chain)
+    assert (v["balance_loss"], v["aux_loss_coef"], v["z_loss_coef"]) == ("seq", 1e-3, 0.0)
+    assert recipe_values(MoEConfig())["balance_loss"] == "switch"
+    layer = MoELayer(8, ModelConfig(dim=8, n_heads=2, num_experts=4, top_k=2,
+                                    expert_hidden=12), chain)
+    assert (layer.balance_loss, layer.aux_loss_coef, layer.z_loss_coef) == ("seq", 1e-3, 0.0)
