@@ -1,5 +1,10 @@
 """The MoE layer: router -> dispatch -> experts -> combine (+ shared experts).
 
+Three designs change the layer itself (docs/designs.md): Chain-of-Experts runs
+``moe.chain_iterations`` rounds of it, each on the previous round's output; RMoE's
+recurrent router takes and returns a state carried from layer to layer; CompeteSMoE's
+competition steps run every expert on every token (``dispatcher.dense``).
+
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R routed rows.
 
 Auxiliary losses are not returned. They ride on the layer's output through
@@ -31,7 +36,6 @@ from moetrain.config.schema import (
     MoEConfig,
     RouterType,
 )
-from moetrain.models.moe import losses as losses_mod
 from moetrain.models.moe.dispatcher import Dispatcher, LocalDispatcher
 from moetrain.models.moe.experts import FeedForward, GroupedExperts
 from moetrain.models.moe.losses import (
@@ -317,8 +321,7 @@ class MoELayer(nn.Module):
             total = self.count_reducer(total)
         if self.global_scope:
             total = self._global_counts(total)
-        balance = losses_mod.xmoe_balance_loss(aff_TE, E, counts_E=total[:-1],
-                                               num_tokens=total[-1])
+        balance = xmoe_balance_loss(aff_TE, E, counts_E=total[:-1], num_tokens=total[-1])
         aux = (cfg.compete_router_coef * router_loss + cfg.compete_diversity_coef * diversity
                + cfg.compete_balance_coef * balance)
         routed = RouterOutput(ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=aff_TE,
