@@ -26,6 +26,26 @@ def train(overrides: list[str], world: int = 1) -> list[dict]:
     return run_distributed(_train_rank, world, overrides, timeout_s=300)[0]
 
 
+class Runs:
+    """Lazily trained runs, cached for a test module: ``get(name, overrides, world)``
+    trains once under ``root/name`` (sharing the tokenised data under ``cache``)."""
+
+    def __init__(self, root: Path, cache: str) -> None:
+        self.root, self.cache, self.rows = root, cache, {}
+
+    def dir(self, name: str) -> Path:
+        return self.root / name
+
+    def get(self, name: str, overrides: list[str], world: int = 1) -> list[dict]:
+        if name not in self.rows:
+            self.rows[name] = train(overrides + [f"run.dir={self.dir(name)}",
+                                                 f"data.cache_dir={self.cache}"], world=world)
+        return self.rows[name]
+
+    def ckpt(self, name: str, step: int) -> Path:
+        return self.dir(name) / "checkpoints" / f"step_{step:07d}"
+
+
 def step_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if "loss" in r]
 

@@ -24,12 +24,11 @@ checkpoint seeds the resume tests. The measured max relative differences are pri
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import TINY, compose
-from tests.distributed._runs import assert_same_trajectory, step_rows, train
+from tests.distributed._runs import Runs, assert_same_trajectory, step_rows
 
 RTOL = 1e-5
 STEPS = 6
@@ -90,22 +89,6 @@ MEASURED: dict[str, dict[str, float]] = {}
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
-
-
-class Runs:
-    """Lazily trained, cached runs: ``get(name, overrides, world)``."""
-
-    def __init__(self, root: Path, cache: str) -> None:
-        self.root, self.cache, self.rows = root, cache, {}
-
-    def get(self, name: str, overrides: list[str], world: int = 1) -> list[dict]:
-        if name not in self.rows:
-            self.rows[name] = train(overrides + [f"run.dir={self.root / name}",
-                                                 f"data.cache_dir={self.cache}"], world=world)
-        return self.rows[name]
-
-    def ckpt(self, name: str, step: int) -> Path:
-        return self.root / name / "checkpoints" / f"step_{step:07d}"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY, compose
-from tests.distributed._runs import assert_same_trajectory, step_rows, train
+from tests.distributed._runs import Runs, assert_same_trajectory, step_rows
 
 # 8 experts so ep=2 leaves 4 per rank (as test_ep_equivalence); 6 steps, each of 4
 # micro-batches of 2 sequences; checkpoints at steps 3 and 6 (all kept).
@@ -69,25 +69,6 @@ def _keys(router: str, n_moe: int) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
-
-
-class Runs:
-    """Lazily trained, cached runs: ``get(key, overrides, world)``."""
-
-    def __init__(self, root: Path, cache: str) -> None:
-        self.root, self.cache, self.rows = root, cache, {}
-
-    def dir(self, name: str) -> Path:
-        return self.root / name
-
-    def get(self, name: str, overrides: list[str], world: int = 1) -> list[dict]:
-        if name not in self.rows:
-            self.rows[name] = train(overrides + [f"run.dir={self.dir(name)}",
-                                                 f"data.cache_dir={self.cache}"], world=world)
-        return self.rows[name]
-
-    def ckpt(self, name: str, step: int) -> Path:
-        return self.dir(name) / "checkpoints" / f"step_{step:07d}"
 
 
 @pytest.fixture(scope="module")
