@@ -42,6 +42,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{job.name}: val loss {fmt(r['final_val_loss'], '.4f')}, max/mean load "
                 f"{fmt(r['load_imbalance'], '.3f')} ({timing['wall_s']:.1f} s)")
 
+    t0 = time.perf_counter()
     timings = run_jobs(jobs, parallel=a.jobs, threads=a.threads, reuse=a.reuse,
                        desc="routers", on_done=report_line)
+    elapsed = time.perf_counter() - t0  # end to end, --jobs runs at a time
     results = {name: {**summarize(out / "runs" / name / "metrics.jsonl"),
                       **{k: v for k, v in timings[name].items() if k != "reused"}}
                for name in a.names}
@@ -319,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{a.steps} steps per method; balance columns: mean over the last {n} steps; "
               f"FLOPs/token: training FLOPs per token at the run's mean active k, × top-k: "
               f"over {FLOPS_BASELINE}'s; "
-              f"wall time {total:.0f} s on {machine()}, {a.threads} thread(s) per run"
+              f"{total:.0f} s of training runs ({elapsed:.0f} s end to end, --jobs "
+              f"{a.jobs}) on {machine()}, {a.threads} thread(s) per run"
               + (f"; mean 1-min load average {load:.1f}" if load is not None else "") + ".\n"
               f"Command: `{cmd}`\n\n")
     (out / "compare_routers.md").write_text(header + md + "\n"
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": cmd, "machine": machine(), "threads": a.threads, "steps": a.steps,
         "window": n,
         "base_overrides": list(BASE), "extra_overrides": a.extra_overrides,
-        "wall_s": total, "load_avg": load,
+        "wall_s": total, "elapsed_s": elapsed, "jobs": a.jobs, "load_avg": load,
         "methods": {name: {"what": METHODS[name].what,
                            "overrides": list(METHODS[name].overrides), **r}
                     for name, r in results.items()},
@@ -343,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if verdict:
         print(verdict["line"])
-    print(f"wall time {total:.0f} s; wrote {out}/compare_routers.{{md,json,png}}")
+    print(f"{total:.0f} s of training runs, {elapsed:.0f} s end to end; wrote "
+          f"{out}/compare_routers.{{md,json,png}}")
     return 0
 
 
