@@ -526,7 +526,7 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], model_cfg: ModelConfig, m
             if optim is not None and dense_key in dense_optim:
                 optim[key] = dict(dense_optim[dense_key])
         elif role == "router":
-            out[key] = _router_init(key, target[key], init)
+            out[key] = _router_init(key, target[key], init, moe_cfg.router.rnn_hidden)
         elif role == "shared":
             w = cast(dense[dense_key], key)
             is_w2 = dense_key.endswith("w2.weight")
@@ -576,8 +576,8 @@ def router_law(init: InitConfig) -> RouterInit:
     return law
 
 
-def _router_init(key: str, spec: tuple[tuple[int, ...], torch.dtype], init: InitConfig
-                 ) -> torch.Tensor:
+def _router_init(key: str, spec: tuple[tuple[int, ...], torch.dtype], init: InitConfig,
+                 rnn_hidden: int = 1) -> torch.Tensor:
     """The gate, zero-mean with std ``router_std``, seeded by (seed, layer): N(0, std^2),
     or U(-a, a) with a = std * sqrt(3) (the variance of U(-a, a) is a^2 / 3).
     Drop-Upcycling's ``torch_rand_002`` is (u - mean(u)) * std * sqrt(12), u ~ U(0, 1): the
@@ -591,7 +591,7 @@ def _router_init(key: str, spec: tuple[tuple[int, ...], torch.dtype], init: Init
     shape, dtype = spec
     if m := _ROUTER_RNN_KEY.match(key):
         g = torch.Generator().manual_seed(_seed("router_rnn", init.seed, m.group(1)))
-        bound = 1.0 / math.sqrt(shape[-1])
+        bound = 1.0 / math.sqrt(rnn_hidden)  # H, for the (g H,) biases too
         return torch.empty(shape).uniform_(-bound, bound, generator=g).to(dtype)
     m = _ROUTER_KEY.match(key)
     layer, chain_round, name = int(m.group(1)), m.group(2), m.group(3)

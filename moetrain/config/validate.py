@@ -292,7 +292,8 @@ def _validate_routing(cfg: Config, layout: Layout) -> None:
             f"moe.router.name=deepseek_v3, which scores with a sigmoid: set "
             f"moe.router.score_func=sigmoid, or use moe/router=topk")
     softmax_only = (RouterType.noisy_topk, RouterType.expert_choice, RouterType.sinkhorn,
-                    RouterType.selective_sinkhorn, RouterType.threshold, RouterType.switch)
+                    RouterType.selective_sinkhorn, RouterType.threshold, RouterType.switch,
+                    RouterType.compete)  # compete: its router learns softmax(responses)
     if kind in softmax_only and ScoreFunc(r.score_func) != ScoreFunc.softmax:
         raise ConfigError(
             f"moe.router.score_func={ScoreFunc(r.score_func).value} is invalid for "

@@ -472,8 +472,8 @@ def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, *,
             k, w = _ac_split(cfg, acts, r * T / layout.tp * cfg.model.dim)
             kept += k
             work = max(work, w)
-            if layout.ep > 1:  # one layer's send and receive buffers
-                a2a = max(a2a, 2 * r * rows * cfg.model.dim)
+            if layout.ep > 1:  # one layer's send and receive buffers (one chain round's)
+                a2a = max(a2a, 2 * r * rows / cfg.moe.chain_iterations * cfg.model.dim)
         V, D, tp = vocab, cfg.model.dim, layout.tp
         head_kept = head = 0.0
         if cfg.model.n_layers in held:

@@ -298,7 +298,9 @@ class MoELayer(nn.Module):
         logits_TE = router._z(router._logits(x_TD))  # the temperature, as on router steps
         gate_TE = torch.softmax(logits_TE, dim=-1)
         o_ETD = self.dispatcher.dense(x_TD, self.experts)
-        a_TE = F.softplus(o_ETD.float()).mean(dim=-1).transpose(0, 1)  # (T, E)
+        # softplus in the outputs' dtype, as the reference (under bf16 a float32 copy of
+        # every expert's output would be saved for its backward); the mean in float32
+        a_TE = F.softplus(o_ETD).float().mean(dim=-1).transpose(0, 1)  # (T, E)
         aff_TE = torch.softmax(a_TE, dim=-1)
         top_TK, ids_TK = torch.topk(a_TE, K, dim=-1)
         weights_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)

@@ -715,6 +715,7 @@ class CompeteRouter(TopKRouter):
         self.moe_layer_ids: tuple[int, ...] = ()  # every MoE layer of the model (the cap)
         self.force: bool | None = None
 
+    @torch.compiler.disable  # a host decision from a cached schedule: never traced
     def competes(self) -> bool:
         if not (self.training and torch.is_grad_enabled()):
             return False

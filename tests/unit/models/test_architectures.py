@@ -853,6 +853,10 @@ def test_compete_schedule_rate_and_purity():
      ["moe.router.name=recurrent", "parallel.expert_tp=etp", "parallel.expert_tp=ep"]),
     (["parallel.tp=2", "parallel.expert_tp=etp", "moe.chain_iterations=2"], 2,
      ["moe.chain_iterations=2", "parallel.expert_tp=etp", "parallel.expert_tp=ep"]),
+    (["moe/router=compete", "moe.router.score_func=sigmoid"], 1,
+     ["moe.router.score_func=sigmoid", "moe.router.name=compete", "softmax"]),
+    (["moe.chain_iterations=2", "moe/router=aux_free"], 1,
+     ["moe.chain_iterations=2", "moe.router.bias_update_rate", "bias_update_rate=0"]),
 ])
 def test_bad_architecture_configs_name_the_field(overrides, world, words):
     with pytest.raises(ConfigError) as e:
