@@ -56,9 +56,9 @@ otherwise idle) with ``--jobs 2``, 1 thread per run, measured before the coe, rm
 compete claims were added: the other 11 claims' 15 runs took 615 s end to end for one
 seed (``--quick``; 1,173 s of CPU time in the runs), and 3 seeds (45 runs) are estimated
 at 3 x that, about 31 min (less with ``--reuse`` after a ``--quick`` into the same
-``--out``: seed 0 is kept). The 6 runs per seed of those three claims are not in these
-times, and they cost more per step than a top-2 run (two chain rounds with the shared
-expert; RMoE's GRU; CompeteSMoE's all-expert steps). The time scales with ``--steps``.
+``--out``: seed 0 is kept). Those three claims alone (``--only coe,rmoe,compete``, 18
+runs for 3 seeds) took 607 s end to end (1,136 s of CPU time). The time scales with
+``--steps``.
 Needs matplotlib for the figure (``pip install 'moetrain[plots]'``).
 
     python tools/reproduce.py                      # every claim, 3 seeds, 800 steps
