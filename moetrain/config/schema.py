@@ -51,6 +51,19 @@ class RNNCell(str, Enum):
     rnn = "rnn"  # torch.nn.RNNCell with tanh
 
 
+class Mixer(str, Enum):
+    """The sequence mixer of each block (model.mixer)."""
+
+    attention = "attention"  # every block attends (the Transformer)
+    mamba = "mamba"  # every block runs a Mamba-1 mixer (MoE-Mamba, arXiv 2401.04081)
+    hybrid = "hybrid"  # attention iff i % attention_period == attention_offset (Jamba)
+
+
+class PositionEncoding(str, Enum):
+    rope = "rope"  # rotary embeddings on q and k
+    none = "none"  # no positional encoding in attention (Jamba: the Mamba layers carry it)
+
+
 class ChainRouter(str, Enum):
     """Chain-of-Experts (moe.chain_iterations > 1): routers of the C rounds."""
 
@@ -144,6 +157,8 @@ class BalanceLoss(str, Enum):
     seq = "seq"  # DeepSeek-V3 sequence-wise: the same per sequence, averaged over sequences
     xmoe = "xmoe"  # XMoE: E * sum_e mean_t(p_te) * (share of tokens whose top-1 is e)
     evomoe = "evomoe"  # EvoMoE: E^2 * mean_e(me_e * ce_e), me = mean gate, ce = share chosen
+    # HMoE (arXiv 2408.10681): the Switch loss with f_e weighted by F_e / mean F
+    size_weighted = "size_weighted"
 
 
 class DispatchMode(str, Enum):
@@ -278,6 +293,26 @@ class ModelConfig:
     moe_every: int = 1  # every n-th layer is MoE (after the first_dense_layers)
     first_dense_layers: int = 0  # DeepSeekMoE keeps the first k layers dense
     n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each of expert_hidden
+    # HMoE (arXiv 2408.10681): the hidden size of each routed expert, [F_1, ..., F_E]
+    # (null: every expert has expert_hidden).
+    expert_sizes: list[int] | None = None
+    # MoE++ (arXiv 2410.07348) zero-computation experts, scored by the router beside the
+    # num_experts FFN experts: zero (output 0), copy (output x) and constant (a learned
+    # vector mixed with x) experts. Computed where the token is: never dispatched.
+    zero_experts: int = 0
+    copy_experts: int = 0
+    constant_experts: int = 0
+    # --- sequence mixer (attention, Mamba, or Jamba's hybrid of both)
+    mixer: Mixer = Mixer.attention
+    attention_period: int = 8  # hybrid: layer i attends iff i % period == offset (Jamba)
+    attention_offset: int = 4
+    position_encoding: PositionEncoding = PositionEncoding.rope
+    mamba_d_state: int = 16  # N (mamba_simple's d_state)
+    mamba_d_conv: int = 4  # causal depthwise conv width
+    mamba_expand: int = 2  # inner channels I = expand * dim
+    mamba_dt_rank: int | None = None  # R; null: ceil(dim / 16)
+    # Jamba's RMSNorms on dt, B and C inside the mixer (transformers' JambaMambaMixer)
+    mamba_inner_norms: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
@@ -301,10 +336,11 @@ class ModelConfig:
                  "head dim (dim / n_heads) must be even for RoPE")
         _require(self.num_experts >= 1, "model.num_experts", self.num_experts, "must be >= 1")
         _require(
-            1 <= self.top_k <= self.num_experts,
+            1 <= self.top_k <= self.num_experts + self.null_experts,
             "model.top_k",
             self.top_k,
-            f"must be in [1, model.num_experts={self.num_experts}]",
+            f"must be in [1, model.num_experts={self.num_experts}] (plus the zero-computation "
+            f"experts)",
         )
         _require(self.expert_hidden > 0, "model.expert_hidden", self.expert_hidden, "must be > 0")
         _require(self.moe_every >= 1, "model.moe_every", self.moe_every,
@@ -317,6 +353,38 @@ class ModelConfig:
         )
         _require(self.n_shared_experts >= 0, "model.n_shared_experts", self.n_shared_experts,
                  "must be >= 0")
+        if self.expert_sizes is not None:
+            sizes = list(self.expert_sizes)
+            _require(len(sizes) == self.num_experts, "model.expert_sizes", sizes,
+                     f"must list one hidden size per expert (model.num_experts="
+                     f"{self.num_experts}), or be null")
+            _require(all(isinstance(f, int) and f > 0 for f in sizes), "model.expert_sizes",
+                     sizes, "every size must be an integer > 0")
+        for name in ("zero_experts", "copy_experts", "constant_experts"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                     f"model.{name}", getattr(self, name), "must be an integer >= 0")
+        _require(self.attention_period >= 1, "model.attention_period", self.attention_period,
+                 "must be >= 1")
+        _require(0 <= self.attention_offset < self.attention_period, "model.attention_offset",
+                 self.attention_offset,
+                 f"must be in [0, model.attention_period={self.attention_period})")
+        for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand"):
+            _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name),
+                     "must be >= 1")
+        _require(self.mamba_dt_rank is None or self.mamba_dt_rank >= 1, "model.mamba_dt_rank",
+                 self.mamba_dt_rank, "must be >= 1, or null for ceil(model.dim / 16)")
+
+    @property
+    def null_experts(self) -> int:
+        """MoE++'s zero-computation experts (zero + copy + constant)."""
+        return self.zero_experts + self.copy_experts + self.constant_experts
+
+    def uses_attention(self, layer_idx: int) -> bool:
+        """Whether block ``layer_idx`` mixes with attention (else Mamba)."""
+        mixer = Mixer(self.mixer)
+        if mixer == Mixer.hybrid:
+            return layer_idx % self.attention_period == self.attention_offset
+        return mixer == Mixer.attention
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         if layer_idx < self.first_dense_layers:
@@ -476,6 +544,10 @@ class MoEConfig:
     # null: inner for chain_iterations > 1 (CoE's default flags: the block's output is x_C,
     # h is not added back), outer for 1 (the standard pre-norm block).
     chain_residual: ChainResidual | None = None
+    # MoE++ (arXiv 2410.07348, eq. 7): the balance loss weights the zero-computation
+    # experts' terms by tau (FFN experts: 1); smaller tau sends more tokens to them. 0.75 is
+    # the paper's 7B model's (it sweeps 0.1-1.0).
+    null_expert_tau: float = 0.75
 
     def __post_init__(self) -> None:
         _require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
