@@ -339,8 +339,8 @@ class ModelConfig:
             1 <= self.top_k <= self.num_experts + self.null_experts,
             "model.top_k",
             self.top_k,
-            f"must be in [1, model.num_experts={self.num_experts}] (plus the zero-computation "
-            f"experts)",
+            f"must be in [1, model.num_experts={self.num_experts}]" + (
+                f" + {self.null_experts} zero-computation experts" if self.null_experts else ""),
         )
         _require(self.expert_hidden > 0, "model.expert_hidden", self.expert_hidden, "must be > 0")
         _require(self.moe_every >= 1, "model.moe_every", self.moe_every,
