@@ -150,6 +150,17 @@ class ParallelModel:
     def ep_bytes_sent(self) -> int:
         return ep_bytes_sent(self.moe_layers)
 
+    def ep_bytes_saved(self) -> torch.Tensor:
+        """All-to-all bytes that MoE++'s zero-computation rows did not send since the last
+        call (then reset): a device count, read with the step's other statistics."""
+        total = torch.zeros((), dtype=torch.float64)
+        for layer in self.moe_layers:
+            saved = getattr(layer, "a2a_bytes_saved", None)
+            if saved is not None:
+                total = total + saved.detach().double().cpu()
+                layer.a2a_bytes_saved = None
+        return total
+
 
 def _wire_count_reducers(moe_layers: list[nn.Module], mesh: MoEMesh, layout: Layout,
                          moe_cfg: MoEConfig, tp: TPWiring | None) -> None:

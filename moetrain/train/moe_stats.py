@@ -19,13 +19,16 @@ class MoEStatsTracker:
 
     def __init__(self, moe_layers: list, device: torch.device, ep: int = 1,
                  num_experts: int | None = None, chain_iterations: int = 1,
-                 compete: bool = False):
+                 compete: bool = False, ffn_experts: int | None = None):
         # Every MoE layer of the model in layer order; under pipeline parallelism the layers
         # held by other stages are None (their rows stay zero here and are summed over pp).
         self.layers = moe_layers
         self.num_experts = num_experts or next(
             (m.router.num_experts for m in moe_layers if m is not None), 0)
         self.ep = ep
+        # MoE++: the first ffn_experts of the num_experts the router scores are the FFN
+        # experts (sharded over ep); the rest are zero-computation experts.
+        self.ffn_experts = ffn_experts or self.num_experts
         # Chain-of-Experts: each round's load and balance loss are also logged per layer
         # (moe/layer{i}/round{t}/...); CompeteSMoE: the layers that competed.
         self.rounds = chain_iterations
@@ -42,8 +45,8 @@ class MoEStatsTracker:
         # float64: exact counts past 2^24 rows per step (the bias update compares them).
         self.load_LE = torch.zeros(n, e, device=self.device, dtype=torch.float64)
         # columns: aux_loss, z_loss, entropy, dropped, routed, micro-batches, router_loss,
-        # unrouted tokens, tokens, competition forwards
-        self.scalars_LC = torch.zeros(n, 10, device=self.device, dtype=torch.float64)
+        # unrouted tokens, tokens, competition forwards, zero-computation slots
+        self.scalars_LC = torch.zeros(n, 11, device=self.device, dtype=torch.float64)
         # per chain round (moe.chain_iterations > 1): routed rows per expert, balance loss
         self.round_LRE = torch.zeros(n, self.rounds if self.rounds > 1 else 0, e,
                                      device=self.device, dtype=torch.float64)
@@ -65,6 +68,8 @@ class MoEStatsTracker:
                 torch.ones((), device=self.device), s.router_loss.float(),
                 s.num_unrouted.float(), s.num_tokens.float(),
                 torch.full((), float(getattr(layer, "competed", False)), device=self.device),
+                (s.num_null.float() if getattr(s, "num_null", None) is not None
+                 else torch.zeros((), device=self.device)),
             ])
             for t, r in enumerate(getattr(layer, "last_round_stats", [])[:self.rounds]):
                 if self.round_LRE.shape[1]:
@@ -114,11 +119,11 @@ class MoEStatsTracker:
             "load_cv": frac_LE.std(dim=1, unbiased=False) * e,
             "router_entropy": s[:, 2] / n_mb,
             "dropped_frac": s[:, 3] / s[:, 4].clamp_min(1),
-            "expert_bias_spread": s[:, 10],
+            "expert_bias_spread": s[:, 11],
         }
         R = self.round_LRE.shape[1]
         if R:  # Chain-of-Experts: each round's load imbalance and balance loss
-            rounds = s[:, 11:]
+            rounds = s[:, 12:]
             load_LRE = rounds[:, :R * e].reshape(-1, R, e)
             frac_LRE = load_LRE / load_LRE.sum(dim=2, keepdim=True).clamp_min(1)
             for t in range(R):
@@ -141,6 +146,9 @@ class MoEStatsTracker:
             # per token MFU counts (a schedule's k, or a variable-k router's mean)
             (s[:, 4] / s[:, 8].clamp_min(1)).mean(),
         ]
+        if self.ffn_experts < e:  # MoE++: share of the routed slots on zero-computation
+            names.append("null_frac")  # experts (routed counts only the FFN experts')
+            values.append(s[:, 10].sum() / (s[:, 10].sum() + s[:, 4].sum()).clamp_min(1))
         if self.compete:  # MoE layers that competed this step (CompeteSMoE)
             names.append("competed_layers")
             values.append((s[:, 9] / n_mb).sum())
@@ -149,7 +157,9 @@ class MoEStatsTracker:
             values += list(v_L.unbind(0))
         if self.ep > 1:
             # Load per EP rank (its E/ep experts) and max/mean across the EP ranks.
-            rank_load_LR = frac_LE.view(frac_LE.shape[0], self.ep, -1).sum(dim=2)
+            ffn_LE = frac_LE[:, :self.ffn_experts]  # the experts the ep ranks hold
+            rank_load_LR = ffn_LE.view(ffn_LE.shape[0], self.ep, -1).sum(dim=2)
+            rank_load_LR = rank_load_LR / rank_load_LR.sum(dim=1, keepdim=True).clamp_min(1e-12)
             names += ["ep_load_imbalance"] + [f"ep_load/rank{r}" for r in range(self.ep)]
             values += [(rank_load_LR.max(dim=1).values * self.ep).mean()]
             values += [rank_load_LR[:, r].mean() for r in range(self.ep)]

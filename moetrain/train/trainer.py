@@ -158,9 +158,10 @@ class Trainer:
             log.info(format_recipe(recipe))
         self.autocast_dtype = torch.bfloat16 if t.uses_bf16(device.type) else None
         self.peak = peak_flops_per_s(device, cfg.logging.peak_tflops)
-        self.moe_stats = MoEStatsTracker(self.pm.all_moe_layers, device, layout.ep,
-                                         cfg.model.num_experts, cfg.moe.chain_iterations,
-                                         cfg.moe.router.name == "compete")
+        self.moe_stats = MoEStatsTracker(
+            self.pm.all_moe_layers, device, layout.ep,
+            cfg.model.num_experts + cfg.model.null_experts, cfg.moe.chain_iterations,
+            cfg.moe.router.name == "compete", ffn_experts=cfg.model.num_experts)
         self.callbacks = CallbackList(default_callbacks(cfg))
         self.flops_per_token = model_flops_per_token(
             self.params.active - self.params.embedding, cfg.model.n_layers, cfg.model.dim, t.seq_len
@@ -330,6 +331,13 @@ class Trainer:
             if self.pm.pp_group is not None:  # and every stage
                 dist.all_reduce(sent, group=self.pm.pp_group)
             out["a2a_bytes"] = sent.item()
+            if cfg.model.null_experts:  # MoE++: rows of zero-computation experts never sent
+                saved = self.pm.ep_bytes_saved().to(self.device).double()
+                if self.pm.stats_size > 1:
+                    dist.all_reduce(saved, group=self.pm.stats_group)
+                if self.pm.pp_group is not None:
+                    dist.all_reduce(saved, group=self.pm.pp_group)
+                out["a2a_bytes_saved"] = saved.item()
         return out
 
     @torch.no_grad()

@@ -302,3 +302,45 @@ def test_compete_a2a_bytes(runs):
     assert dense / routed_bytes == ep * (1 + e) / (2 * cfg.model.top_k)
     print(f"\ncompete a2a bytes, all ranks: dense step {len(layers) * dense}, routed steps "
           f"{[rows[s]['a2a_bytes'] for s in routed]}")
+
+
+# ----------------------------------------------------------------------------- 4. MoE++
+# 8 FFN experts plus a zero and a constant expert: 2 of the 10 the router scores, so about
+# a fifth of the routed slots go to zero-computation experts; MoE++'s recipe (its balance
+# loss with tau = 0.75 on them) beside a z-loss to keep the router gradients large.
+MOEPP = ["model.zero_experts=1", "model.constant_experts=1", "moe.aux_loss_coef=0.01",
+         "moe.z_loss_coef=0.001"]
+MOEPP_KEYS = KEYS + ("null_frac",)
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_null_experts_ep2_dp2_match_single_process(runs, dispatch):
+    """ep=2 x dp=2 (4 processes): the zero-computation experts' rows are computed where
+    the token is and never enter the all-to-all; the bytes they save are logged."""
+    # Capacity keeps rows by position: with the probs policy, rows whose weights tie
+    # within a rounding (a token on the zero expert gives its FFN expert exactly 1) are
+    # ranked by bits that the ep ranks' larger expert GEMMs change in the last place.
+    position = ["moe.drop_policy=position"]
+    extra = MOEPP + (CAPACITY + position if dispatch == "capacity" else [])
+    ref = runs.get(f"ref_moepp_{dispatch}", BASE + extra)
+    got = runs.get(f"ep2_moepp_{dispatch}", BASE + extra + ["parallel.ep=2"], world=4)
+    assert_matches(f"moepp_ep2_dp2_{dispatch}", ref, got, MOEPP_KEYS)
+    rows = step_rows(got)
+    assert all(0.05 < r["null_frac"] < 0.5 for r in rows), [r["null_frac"] for r in rows]
+    if dispatch == "dropless":
+        cfg = compose(BASE + extra)
+        # every routed slot, as plain top-k would send it (dispatch + combine, float32)
+        slots = cfg.train.global_batch_size * cfg.train.seq_len * cfg.model.top_k * 2
+        plain = slots * 2 * cfg.model.dim * 4
+        for r in rows:
+            assert r["a2a_bytes"] + r["a2a_bytes_saved"] == plain
+            assert r["a2a_bytes_saved"] == pytest.approx(r["null_frac"] * plain, rel=1e-9)
+        print(f"\nMoE++ a2a bytes per step: sent {[r['a2a_bytes'] for r in rows]}, saved "
+              f"{[r['a2a_bytes_saved'] for r in rows]} "
+              f"(null_frac {[round(r['null_frac'], 3) for r in rows]})")
+
+
+def test_null_experts_resume_mid_run_under_ep2(runs):
+    runs.get("ref_moepp_dropless", BASE + MOEPP)
+    _resume(runs, "moepp_resumed_ep2_dp2", "ref_moepp_dropless",
+            BASE + MOEPP + ["parallel.ep=2"], 4, MOEPP_KEYS)

@@ -82,6 +82,7 @@ class MoEStats:
     router_loss: the router's own weighted loss (noisy top-k), 0 if it has none.
     num_unrouted: int64, tokens that reach no expert (expert-choice leaves some out).
     num_tokens: int64, tokens of the micro-batch.
+    num_null: int64, slots routed to MoE++'s zero-computation experts (not in num_routed).
     """
 
     load_E: torch.Tensor
@@ -93,6 +94,7 @@ class MoEStats:
     router_loss: torch.Tensor
     num_unrouted: torch.Tensor
     num_tokens: torch.Tensor
+    num_null: torch.Tensor | None = None
 
 
 class MoELayer(nn.Module):
@@ -122,7 +124,6 @@ class MoELayer(nn.Module):
     def __init__(self, dim: int, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
         super().__init__()
         self.dim = dim
-        self.num_experts = model_cfg.num_experts
         self.top_k = model_cfg.top_k
         recipe = recipe_values(moe_cfg)  # the config's values, or the router's recipe
         self.aux_loss_coef = recipe["aux_loss_coef"]
@@ -138,7 +139,16 @@ class MoELayer(nn.Module):
         self.micro_index: int | None = None
         self.seq_shards = 1  # tp ranks that each hold a shard of every sequence
         self.seq_shard_rank = 0
-        self.router = build_router(dim, model_cfg.num_experts, model_cfg.top_k, moe_cfg.router)
+        # MoE++ zero-computation experts: ids E.. of the router, in MoE++'s order
+        # (SkyworkAI/MoE-plus-plus Experts): constant, copy, zero. Never dispatched.
+        self.num_ffn_experts = model_cfg.num_experts
+        self.num_constant = model_cfg.constant_experts
+        self.num_copy = model_cfg.copy_experts
+        self.num_zero = model_cfg.zero_experts
+        self.num_null = model_cfg.null_experts
+        self.num_experts = model_cfg.num_experts + self.num_null  # what the router scores
+        self.null_tau = float(moe_cfg.null_expert_tau)
+        self.router = build_router(dim, self.num_experts, model_cfg.top_k, moe_cfg.router)
         self.router.kernel_backend = moe_cfg.kernel_backend  # fused Triton top-k when selected
         # Chain-of-Experts: C rounds; rounds 1.. have their own routers (per_iteration),
         # which share round 0's routing context (step, seed, token keys).
@@ -154,7 +164,7 @@ class MoELayer(nn.Module):
         if (self.chain_iterations > 1
                 and ChainRouter(moe_cfg.chain_router) == ChainRouter.per_iteration):
             for _ in range(self.chain_iterations - 1):
-                r = build_router(dim, model_cfg.num_experts, model_cfg.top_k, moe_cfg.router)
+                r = build_router(dim, self.num_experts, model_cfg.top_k, moe_cfg.router)
                 r.kernel_backend = moe_cfg.kernel_backend
                 r.context = self.router.context
                 self.chain_routers.append(r)
@@ -166,6 +176,13 @@ class MoELayer(nn.Module):
             FeedForward(dim, model_cfg.n_shared_experts * model_cfg.expert_hidden)
             if model_cfg.n_shared_experts > 0 else None
         )
+        # MoE++'s constant experts: E_j(x) = a_1 x + a_2 v_j, [a_1, a_2] = softmax(W_j x)
+        # (eq. 5); v_j (D,) and W_j (2, D), no bias.
+        if self.num_constant:
+            self.constant_v = nn.Parameter(torch.empty(self.num_constant, dim))
+            self.constant_gate = nn.Parameter(torch.empty(self.num_constant, 2, dim))
+        else:
+            self.constant_v = self.constant_gate = None
         capacity = (moe_cfg.capacity_factor
                     if DispatchMode(moe_cfg.dispatch) == DispatchMode.capacity else None)
         self.dispatcher: Dispatcher = LocalDispatcher(model_cfg.num_experts, capacity,
@@ -181,6 +198,9 @@ class MoELayer(nn.Module):
         self.competed = False  # the last training forward was a competition step
         # The recurrent router's new state after the last forward (handed to the block).
         self.state_out: torch.Tensor | None = None
+        # MoE++ under EP: bytes the zero-computation rows did not send (a device count,
+        # read and reset with the step's all-to-all bytes).
+        self.a2a_bytes_saved: torch.Tensor | None = None
 
     @property
     def routers(self) -> list[nn.Module]:
@@ -202,6 +222,9 @@ class MoELayer(nn.Module):
         for r in self.routers:
             r.init_weights(init_std)
         self.experts.init_weights(init_std, out_std)
+        if self.constant_v is not None:  # MoE++: v ~ N(0, 1) (its code), W ~ N(0, init_std)
+            nn.init.normal_(self.constant_v, mean=0.0, std=1.0)
+            nn.init.normal_(self.constant_gate, mean=0.0, std=init_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(init_std, out_std)
 
@@ -254,14 +277,28 @@ class MoELayer(nn.Module):
             routed = self._route(router, cur_TD, shape[0], state_TH)
             if routed.state_TH is not None:
                 state_TH = routed.state_TH
-            extra = () if routed.active_TK is None else (routed.active_TK,)
-            x_RD, meta = self.dispatcher.dispatch(cur_TD, routed.ids_TK, routed.weights_TK,
-                                                  *extra)
+            if self.num_null:
+                routed = self._null_weights(routed, router)
+            ids_TK, active_TK = routed.ids_TK, routed.active_TK
+            if self.num_null:  # only the FFN slots are dispatched
+                null_TK = ids_TK >= self.num_ffn_experts
+                ffn_TK = ~null_TK if active_TK is None else active_TK & ~null_TK
+                ids_TK, active_TK = torch.where(null_TK, 0, ids_TK), ffn_TK
+            extra = () if active_TK is None else (active_TK,)
+            x_RD, meta = self.dispatcher.dispatch(cur_TD, ids_TK, routed.weights_TK, *extra)
             # A dispatcher that moves rows inside the experts' call (chunked all-to-all)
             # hands its ``run`` over; the experts' output is in x_RD's order either way.
             run = {} if meta.run is None else {"run": meta.run}
             y_RD = self.experts(x_RD, meta.tokens_per_expert, meta.rows_per_expert, **run)
             y_TD = self.dispatcher.combine(y_RD, meta)
+            if self.num_null:
+                y_TD = y_TD + self._null_out(cur_TD, routed)
+                if hasattr(self.dispatcher, "bytes_sent"):  # EP: what these rows did not send
+                    rows = (null_TK if routed.active_TK is None
+                            else null_TK & routed.active_TK).sum()
+                    saved = rows * (2 * cur_TD.shape[1] * cur_TD.element_size())
+                    self.a2a_bytes_saved = (saved if self.a2a_bytes_saved is None
+                                            else self.a2a_bytes_saved + saved)
             if self.shared_experts is not None:  # re-run every round (CoE's official code)
                 y_TD = y_TD + self.shared_experts(cur_TD)
             cur_TD = cur_TD + y_TD if self.inner_residual else y_TD
@@ -280,6 +317,48 @@ class MoELayer(nn.Module):
         self._record(stats)
         aux = sum(terms[1:], terms[0]) if terms else None
         return cur_TD, aux
+
+    def _null_weights(self, routed: RouterOutput, router: nn.Module) -> RouterOutput:
+        """MoE++'s zero expert takes no share of a renormalised top-k: its weight is set to
+        0 and the others are scaled back to the same total (SkyworkAI/MoE-plus-plus
+        Router: ``gates = where(index == zero, 0, gates); gates /= gates.sum()``), so a
+        token that picks it gives its other experts their full weight. Other routers'
+        weights stay as they are (the zero expert adds 0 either way)."""
+        if not self.num_zero or not (getattr(router, "renormalize", False) and router.top_k > 1):
+            return routed
+        w_TK = routed.weights_TK
+        zero_TK = routed.ids_TK >= self.num_experts - self.num_zero
+        kept_TK = torch.where(zero_TK, torch.zeros_like(w_TK), w_TK)
+        # w / sum(w): a lone kept expert gets exactly 1 (times route_scale), so capacity's
+        # ranking by weight sees exact ties, not values a rounding apart
+        kept_TK = kept_TK / kept_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        if router.route_scale != 1.0:
+            kept_TK = kept_TK * router.route_scale
+        return dataclasses.replace(routed, weights_TK=kept_TK)
+
+    def _null_out(self, x_TD: torch.Tensor, routed: RouterOutput) -> torch.Tensor:
+        """The zero-computation experts' share of the output, computed where the token is
+        (MoE++, arXiv 2410.07348, eqs. 3-5): zero experts add 0, copy experts w * x,
+        constant expert j adds w * (a_1 x + a_2 v_j) with [a_1, a_2] = softmax(W_j x)."""
+        E, Cn, Cp = self.num_ffn_experts, self.num_constant, self.num_copy
+        ids_TK = routed.ids_TK
+        w_TK = routed.weights_TK.float()
+        if routed.active_TK is not None:
+            w_TK = torch.where(routed.active_TK, w_TK, torch.zeros_like(w_TK))
+        x = x_TD.float()
+        out = torch.zeros_like(x)
+        if Cp:
+            copy_TK = (ids_TK >= E + Cn) & (ids_TK < E + Cn + Cp)
+            out = out + (w_TK * copy_TK).sum(-1, keepdim=True) * x
+        if Cn:
+            slot_TKC = ids_TK[:, :, None] == E + torch.arange(Cn, device=ids_TK.device)
+            coef_TC = (w_TK[:, :, None] * slot_TKC).sum(1)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                a_TC2 = torch.softmax(torch.einsum("td,cjd->tcj", x,
+                                                   self.constant_gate.float()), dim=-1)
+            out = out + (coef_TC * a_TC2[..., 0]).sum(-1, keepdim=True) * x
+            out = out + (coef_TC * a_TC2[..., 1]) @ self.constant_v.float()
+        return out.to(x_TD.dtype)
 
     def _compete(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A CompeteSMoE competition step (arXiv 2505.13380; Fsoft-AIC/CompeteSMoE
@@ -370,8 +449,13 @@ class MoELayer(nn.Module):
             balance = evomoe_balance_loss(gates_TE, chosen_TE, counts_E=total[:-1],
                                           num_tokens=total[-1])
         else:
+            counts = total[:-1]
+            if self.num_null:  # MoE++ eq. 7: the zero-computation experts' terms times tau
+                eta_E = torch.ones(self.num_experts, device=counts.device)
+                eta_E[self.num_ffn_experts:] = self.null_tau
+                counts = counts * eta_E
             balance = load_balancing_loss(routed.scores_TE, routed.ids_TK, self.num_experts,
-                                          counts_E=total[:-1], num_routed=total[-1])
+                                          counts_E=counts, num_routed=total[-1])
         return balance, z
 
     @torch.compiler.disable  # Python state per micro-batch: run eagerly, never recompile
@@ -420,17 +504,21 @@ class MoELayer(nn.Module):
             unrouted = torch.zeros((), dtype=torch.int64, device=counts_E.device)
         else:
             unrouted = (~routed.active_TK.any(dim=-1)).sum()
+        # MoE++: the routed rows (MFU's experts per token) are the FFN experts'; the
+        # zero-computation experts' are num_null
+        ffn_E = counts_E[:self.num_ffn_experts]
         return MoEStats(
             load_E=counts_E.float(),
             aux_loss=balance.detach(),
             z_loss=z.detach(),
             num_dropped=num_dropped.detach().to(torch.int64),
-            num_routed=counts_E.sum(),  # computed on the device (no host copy)
+            num_routed=ffn_E.sum(),  # computed on the device (no host copy)
             entropy=router_entropy(routed.scores_TE.detach()),
             router_loss=(routed.router_loss.detach() if routed.router_loss is not None
                          else torch.zeros((), device=counts_E.device)),
             num_unrouted=unrouted,
             num_tokens=counts_E.new_full((), T),  # a fill on the device, no host copy
+            num_null=counts_E[self.num_ffn_experts:].sum(),
         )
 
     @torch.no_grad()
@@ -453,7 +541,8 @@ class MoELayer(nn.Module):
             load_E=total("load_E"), aux_loss=total("aux_loss") / C, z_loss=total("z_loss") / C,
             num_dropped=total("num_dropped"), num_routed=total("num_routed"),
             entropy=total("entropy") / C, router_loss=total("router_loss"),
-            num_unrouted=total("num_unrouted") // C, num_tokens=stats[0].num_tokens)
+            num_unrouted=total("num_unrouted") // C, num_tokens=stats[0].num_tokens,
+            num_null=total("num_null"))
 
 
 def diversity_loss(sel_TKD: torch.Tensor) -> torch.Tensor:

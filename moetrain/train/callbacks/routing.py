@@ -183,7 +183,7 @@ def _balance_monitor(cfg: Config) -> BalanceMonitorCallback:
     m = cfg.model
     n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
     return BalanceMonitorCallback(cfg.logging.collapse_fraction, cfg.logging.collapse_steps,
-                                  n_moe, m.num_experts)
+                                  n_moe, m.num_experts + m.null_experts)
 
 
 register_callback("balance_monitor")(_balance_monitor)
