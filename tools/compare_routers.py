@@ -122,6 +122,13 @@ METHODS: dict[str, Method] = {
     "compete": Method("CompeteSMoE: top-2; 7% of (step, layer)s after 5% run all experts, "
                       "top-1 balance loss 1e-2, z-loss 1e-3",
                       ("moe/router=compete",)),
+    # MoE++ (arXiv 2410.07348) at the parameters of topk_aux: its 8 + 4 configuration (1
+    # zero, 1 copy, 2 constant experts beside the 8 FFN experts; 2 x 64 + 64 parameters
+    # each constant), its balance loss (tau 0.75, beta 1e-2) and no z-loss.
+    "moepp": Method("MoE++: 8 FFN + 1 zero, 1 copy, 2 constant experts, top-2, "
+                    "tau-weighted Switch loss 1e-2 (tau 0.75), no z-loss",
+                    ("moe/router=topk", "model.zero_experts=1", "model.copy_experts=1",
+                     "model.constant_experts=2", "moe.z_loss_coef=0")),
 }
 
 # The shared model and run: 2 layers, 8 experts, top-2, 16 sequences of 128 bytes per step.
