@@ -16,6 +16,11 @@ Hugging Face directory whose logits equal moetrain's eval-mode logits (float32):
 - ``ernie4_5_moe`` (Ernie4_5_MoeForCausalLM): softmax top-k renormalised, expert bias,
   shared experts, dense layers by start and interval.
 - ``llama`` / ``qwen2``: dense models (``qwen2`` when ``model.qkv_bias``).
+- ``jamba`` (JambaForCausalLM): Mamba, attention or both (``model.mixer``; the layer
+  patterns as ``attn_layer_period/offset`` and ``expert_layer_period/offset``), Mamba
+  with Jamba's inner dt/B/C norms (``model.mamba_inner_norms=true``), attention without
+  positions (``model.position_encoding=none``), softmax top-k not renormalised. The only
+  target for Mamba layers and for attention without RoPE; every other target refuses them.
 
 Mixtral-style routers without a scaling factor get ``route_scale`` folded into each routed
 expert's down projection; every target gets the router temperature folded into the gate
@@ -52,7 +57,9 @@ from moetrain.config.schema import (
     Config,
     GateActivation,
     GroupScore,
+    Mixer,
     ModelConfig,
+    PositionEncoding,
     RouterType,
     ScoreFunc,
 )
@@ -360,6 +367,7 @@ class Target(str, Enum):
     ernie4_5_moe = "ernie4_5_moe"
     llama = "llama"
     qwen2 = "qwen2"
+    jamba = "jamba"  # Mamba / hybrid models (model.mixer), no RoPE
     deepseek_v3 = "deepseek_v3"  # refused with the reason (multi-head latent attention)
 
 
@@ -458,6 +466,18 @@ def _check(cfg: Config, routing: EvalRouting | None, bias_used: bool,
                 "moetrain's attention; glm4_moe routes exactly like DeepSeek-V3 (sigmoid, "
                 "group-limited, e_score_correction_bias, routed_scaling_factor, "
                 "first_k_dense_replace) with standard attention")
+    if m.expert_sizes is not None:
+        return (f"model.expert_sizes={list(m.expert_sizes)}: HMoE's experts have different "
+                f"hidden sizes, and every Hugging Face MoE target has one "
+                f"moe_intermediate_size; train with model.expert_sizes=null to export")
+    if target == Target.jamba:
+        return _check_jamba(cfg, routing, bias_used)
+    if any(not m.uses_attention(i) for i in range(m.n_layers)):
+        return (f"model.mixer={Mixer(m.mixer).value}: {target.value} has attention in every "
+                f"layer and no Mamba mixer; export as jamba")
+    if PositionEncoding(m.position_encoding) == PositionEncoding.none:
+        return (f"model.position_encoding=none: {target.value} applies RoPE in every "
+                f"attention layer; export as jamba (attention without positions)")
     if target in (Target.llama, Target.qwen2):
         if moe:
             return f"{target.value} is dense but the model has MoE layers"
@@ -466,6 +486,10 @@ def _check(cfg: Config, routing: EvalRouting | None, bias_used: bool,
         if target == Target.qwen2 and not m.qkv_bias:
             return "model.qkv_bias=false: Qwen2 always has q/k/v biases (use llama)"
         return None
+    if moe and m.null_experts:
+        return (f"model.zero_experts={m.zero_experts}, model.copy_experts={m.copy_experts}, "
+                f"model.constant_experts={m.constant_experts}: MoE++'s zero-computation "
+                f"experts, which no Hugging Face MoE class has")
     chain = cfg.moe.chain_iterations
     residual = cfg.moe.chain_residual or ("inner" if chain > 1 else "outer")
     if moe and (chain > 1 or residual != "outer"):
@@ -519,14 +543,16 @@ def _check(cfg: Config, routing: EvalRouting | None, bias_used: bool,
     return None
 
 
+# jamba last: the only target for Mamba layers or attention without RoPE, which every
+# other target refuses; an attention model with RoPE never fits it.
 _PREFERENCE = (Target.mixtral, Target.qwen2_moe, Target.glm4_moe, Target.ernie4_5_moe,
-               Target.llama, Target.qwen2)
+               Target.llama, Target.qwen2, Target.jamba)
 
 
 def choose_target(model: torch.nn.Module, cfg: Config, target: Target | str = "auto") -> Target:
     """``target`` if it holds ``model`` (built from ``cfg``) exactly, else an error naming
     the field; ``auto`` picks the first of mixtral, qwen2_moe, glm4_moe, ernie4_5_moe,
-    llama, qwen2 that does."""
+    llama, qwen2, jamba that does."""
     target = Target(target)
     routing = eval_routing(model)
     bias_used = routing is not None and routing.uses_bias and any(
@@ -551,6 +577,8 @@ def choose_target(model: torch.nn.Module, cfg: Config, target: Target | str = "a
 # ---------------------------------------------------------------------------- configs
 def _hf_config(cfg: Config, vocab: int, target: Target, dtype: torch.dtype,
                routing: EvalRouting | None) -> dict:
+    if target == Target.jamba:
+        return _jamba_config(cfg, vocab, dtype, routing)
     m = cfg.model
     arch = {Target.mixtral: ("MixtralForCausalLM", "mixtral"),
             Target.qwen2_moe: ("Qwen2MoeForCausalLM", "qwen2_moe"),
@@ -621,6 +649,8 @@ def _interleave_rope_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def _export_items(model: torch.nn.Module, cfg: Config, target: Target,
                   routing: EvalRouting | None, dtype: torch.dtype) -> list[_Item]:
+    if target == Target.jamba:
+        return _jamba_items(model, cfg, routing, dtype)
     m = cfg.model
     sd = model.state_dict()
     hd = m.dim // m.n_heads
@@ -667,8 +697,9 @@ def _moe_items(sd: dict[str, torch.Tensor], a: str, h: str, m: ModelConfig, targ
     # Targets without a scaling factor get route_scale in each expert's down projection.
     scale = 1.0 if target == Target.glm4_moe else routing.scale
     w1, w3, w2 = sd[a + "experts.w1_EFD"], sd[a + "experts.w3_EFD"], sd[a + "experts.w2_EDF"]
-    block = "block_sparse_moe" if target == Target.mixtral else "mlp"
-    yield _Item(f"{h}{block}.gate.weight", (E, D), torch.float32,
+    block = {Target.mixtral: "block_sparse_moe", Target.jamba: "feed_forward"}.get(target, "mlp")
+    gate = "router" if target == Target.jamba else "gate"
+    yield _Item(f"{h}{block}.{gate}.weight", (E, D), torch.float32,
                 lambda: gate_w.float() / temperature if temperature != 1.0 else gate_w.float())
     names = (("w1", "w3", "w2") if target == Target.mixtral
              else ("gate_proj", "up_proj", "down_proj"))
@@ -700,6 +731,151 @@ def _moe_items(sd: dict[str, torch.Tensor], a: str, h: str, m: ModelConfig, targ
             yield _Item(f"{h}mlp.shared_experts.{name}.weight", shape, dtype,
                         (lambda t=t: t) if t is not None else (lambda shape=shape:
                                                                 torch.zeros(shape)))
+
+
+# ---------------------------------------------------------------------------- jamba
+def _period(pattern: list[bool]) -> tuple[int, int] | None:
+    """The smallest (period, offset), offset < period, with ``pattern[i] == (i % period ==
+    offset)`` for every layer (Jamba's layer rule), or None. No True at all: (n + 1, n)."""
+    n = len(pattern)
+    for period in range(1, n + 2):
+        for offset in range(period):
+            if all(pattern[i] == (i % period == offset) for i in range(n)):
+                return period, offset
+    return None
+
+
+def _check_jamba(cfg: Config, routing: EvalRouting | None, bias_used: bool) -> str | None:
+    """Why JambaForCausalLM cannot hold this model exactly (naming the field), or None.
+
+    A Jamba layer: x + mixer(input_layernorm(x)), then + feed_forward(pre_ff_layernorm(.));
+    the mixer is attention without positions where ``i % attn_layer_period ==
+    attn_layer_offset``, else a Mamba mixer with RMSNorms on dt, B and C; the FFN is an
+    MoE (softmax top-k, weights not renormalised, no bias) where ``i % expert_layer_period
+    == expert_layer_offset``, else a SwiGLU MLP of the same intermediate_size."""
+    m = cfg.model
+    attn = [m.uses_attention(i) for i in range(m.n_layers)]
+    if any(attn) and PositionEncoding(m.position_encoding) == PositionEncoding.rope:
+        return ("model.position_encoding=rope: Jamba's attention applies no positional "
+                "encoding (train with model.position_encoding=none)")
+    if any(attn) and m.qkv_bias:
+        return "model.qkv_bias=true: Jamba's attention has no q/k/v biases"
+    if not all(attn) and not m.mamba_inner_norms:
+        return ("model.mamba_inner_norms=false: Jamba's Mamba mixer always applies RMSNorms "
+                "to dt, B and C (train with model.mamba_inner_norms=true)")
+    pattern = _moe_pattern(m)
+    if not any(pattern):
+        return None
+    chain = cfg.moe.chain_iterations
+    residual = cfg.moe.chain_residual or ("inner" if chain > 1 else "outer")
+    if chain > 1 or residual != "outer":
+        return (f"moe.chain_iterations={chain} (moe.chain_residual={residual}): Jamba runs "
+                f"its experts once per layer")
+    if _period(pattern) is None:
+        return (f"model.first_dense_layers={m.first_dense_layers}, model.moe_every="
+                f"{m.moe_every}: Jamba's MoE layers are those with i % expert_layer_period "
+                f"== expert_layer_offset (offset < period), none before the first")
+    if m.num_experts < 2:
+        return ("model.num_experts=1: Jamba builds a dense MLP wherever a layer has one "
+                "expert (no router)")
+    if not all(pattern) and m.ffn_hidden != m.expert_hidden:
+        return (f"model.ffn_hidden={m.ffn_hidden} != model.expert_hidden={m.expert_hidden}: "
+                f"Jamba's dense MLPs and experts share one intermediate_size")
+    if m.expert_sizes is not None:
+        return "model.expert_sizes is set: Jamba's experts all have one intermediate_size"
+    if m.n_shared_experts:
+        return f"model.n_shared_experts={m.n_shared_experts}: Jamba has no shared experts"
+    if m.null_experts:
+        return (f"model.zero_experts={m.zero_experts}, copy_experts={m.copy_experts}, "
+                f"constant_experts={m.constant_experts}: Jamba has no zero-computation "
+                f"experts")
+    assert routing is not None
+    if routing.score != ScoreFunc.softmax:
+        return f"moe.router.score_func={routing.score.value}: Jamba routes with a softmax"
+    if routing.renorm:
+        return (f"the top-k weights are renormalised (moe.router.renormalize="
+                f"{cfg.moe.router.renormalize}, top_k={routing.top_k}, moe.router.name="
+                f"{RouterType(cfg.moe.router.name).value}) but Jamba weights each expert by "
+                f"its softmax probability alone (train with moe.router.renormalize=false)")
+    if routing.n_groups > 1:
+        return f"moe.router.n_groups={routing.n_groups}: Jamba has no group-limited routing"
+    if bias_used:
+        return (f"the router expert_bias is nonzero (moe.router.bias_update_rate="
+                f"{cfg.moe.router.bias_update_rate}): Jamba has no selection bias")
+    return None
+
+
+def _jamba_config(cfg: Config, vocab: int, dtype: torch.dtype,
+                  routing: EvalRouting | None) -> dict:
+    m = cfg.model
+    pattern = _moe_pattern(m)
+    moe = any(pattern)
+    attn_period, attn_offset = _period([m.uses_attention(i) for i in range(m.n_layers)])
+    expert_period, expert_offset = _period(pattern) if moe else (1, 0)
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["JambaForCausalLM"], "model_type": "jamba",
+        "vocab_size": vocab, "hidden_size": m.dim, "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads or m.n_heads,
+        "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
+        # one intermediate_size for experts and dense MLPs (_check_jamba: equal if both)
+        "intermediate_size": m.expert_hidden if moe else m.ffn_hidden,
+        "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_embeddings,
+        "initializer_range": m.init_std, "attention_dropout": 0.0,
+        # transformers' Jamba cache sizes its masks from an attention layer (5.25 raises
+        # without one): a Mamba-only model runs without the cache.
+        "use_cache": any(m.uses_attention(i) for i in range(m.n_layers)),
+        "torch_dtype": dtype_name, "dtype": dtype_name,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        "attn_layer_period": attn_period, "attn_layer_offset": attn_offset,
+        # num_experts = 1 makes every layer a dense MLP (a model without MoE layers)
+        "num_experts": m.num_experts if moe else 1,
+        "num_experts_per_tok": routing.top_k if moe else 1,
+        "expert_layer_period": expert_period, "expert_layer_offset": expert_offset,
+        "router_aux_loss_coef": recipe_values(cfg.moe)["aux_loss_coef"] if moe else 0.0,
+        "output_router_logits": False,
+        "mamba_d_state": m.mamba_d_state, "mamba_d_conv": m.mamba_d_conv,
+        "mamba_expand": m.mamba_expand,
+        "mamba_dt_rank": m.mamba_dt_rank or math.ceil(m.dim / 16),
+        "mamba_conv_bias": True, "mamba_proj_bias": False,  # build_mamba's
+    }
+
+
+def _jamba_items(model: torch.nn.Module, cfg: Config, routing: EvalRouting | None,
+                 dtype: torch.dtype) -> list[_Item]:
+    """Jamba's names: ``self_attn.{q,k,v,o}_proj`` or ``mamba.*`` (the mixer's names are
+    transformers' JambaMambaMixer's, so they copy as they are), ``input_layernorm``,
+    ``pre_ff_layernorm``, ``feed_forward`` (router and per-expert projections, or a dense
+    MLP), ``model.final_layernorm``."""
+    m = cfg.model
+    sd = model.state_dict()
+    items: list[_Item] = []
+
+    def copy(name: str, key: str) -> None:
+        t = sd[key]
+        items.append(_Item(name, tuple(t.shape), dtype, lambda: t))
+
+    copy("model.embed_tokens.weight", "tok_embeddings.weight")
+    for i in range(m.n_layers):
+        a, h = f"layers.{i}.", f"model.layers.{i}."
+        copy(h + "input_layernorm.weight", a + "attention_norm.weight")
+        copy(h + "pre_ff_layernorm.weight", a + "ffn_norm.weight")
+        if m.uses_attention(i):
+            for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"),
+                                 ("wo", "o_proj")):
+                copy(h + f"self_attn.{theirs}.weight", a + f"attention.{ours}.weight")
+        else:
+            for key in [k for k in sd if k.startswith(a + "mamba.")]:
+                copy(h + key[len(a):], key)
+        if m.is_moe_layer(i):
+            items.extend(_moe_items(sd, a + "moe.", h, m, Target.jamba, routing, dtype))
+        else:
+            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                copy(h + f"feed_forward.{theirs}.weight", a + f"feed_forward.{ours}.weight")
+    copy("model.final_layernorm.weight", "norm.weight")
+    if not m.tie_embeddings:
+        copy("lm_head.weight", "output.weight")
+    return items
 
 
 # ---------------------------------------------------------------------------- entry

@@ -350,11 +350,23 @@ def _dense_key(key: str) -> tuple[str | None, str]:
     return key, "copy"
 
 
+def refuse_ragged(model_cfg: ModelConfig, field_name: str = "init.from_dense") -> None:
+    """HMoE's ragged experts have no upcycled meaning here: upcycling copies the dense MLP
+    (hidden size model.expert_hidden) into every expert, and an expert of another size
+    would have to cut or pad it, which no method we follow defines."""
+    if model_cfg.expert_sizes is not None:
+        raise UpcycleError(
+            f"model.expert_sizes={list(model_cfg.expert_sizes)} with {field_name}: "
+            f"upcycling copies the dense MLP into experts of its own hidden size "
+            f"(model.expert_hidden); set model.expert_sizes=null to upcycle")
+
+
 def check_compatible(src: DenseSource, model_cfg: ModelConfig, moe_cfg: MoEConfig, vocab: int,
                      field_name: str = "init.from_dense") -> None:
     """The target config can hold the dense model: errors name the model.* field and the
     value that matches the dense model."""
     where = f"the dense model ({field_name}={str(src.path)!r})"
+    refuse_ragged(model_cfg, field_name)
     if not any(model_cfg.is_moe_layer(i) for i in range(model_cfg.n_layers)):
         raise UpcycleError(
             f"model.first_dense_layers={model_cfg.first_dense_layers} with model.n_layers="
@@ -507,6 +519,7 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], model_cfg: ModelConfig, m
     (key -> AdamW state) is carried over as in the module docstring. Shapes are assumed
     checked (:func:`check_compatible`). Copied tensors share storage with ``dense``.
     """
+    refuse_ragged(model_cfg)
     target = _target_shapes(model_cfg, moe_cfg, vocab)
     only = None if keys is None else set(keys)
     wanted = [k for k in target if only is None or k in only]

@@ -445,6 +445,111 @@ def _validate_architectures(cfg: Config, layout: Layout) -> None:
                     "competition step", r.compete_warmup, cfg.train.steps)
 
 
+def _validate_null_experts(cfg: Config, layout: Layout) -> None:
+    """MoE++'s zero-computation experts (model.zero_experts, copy_experts,
+    constant_experts): the routers and designs they are built for."""
+    m, moe = cfg.model, cfg.moe
+    if not m.null_experts:
+        return
+    what = (f"model.zero_experts={m.zero_experts}, model.copy_experts={m.copy_experts}, "
+            f"model.constant_experts={m.constant_experts}")
+    kind = RouterType(moe.router.name)
+    if kind not in (RouterType.topk, RouterType.switch, RouterType.deepseek_v3):
+        raise ConfigError(
+            f"{what} with moe.router.name={kind.value}: zero-computation experts are scored "
+            f"by a top-k router (MoE++); use moe/router=topk, switch or deepseek_v3, or set "
+            f"the three counts to 0")
+    if moe.chain_iterations > 1 or m.expert_sizes is not None:
+        field = ("moe.chain_iterations" if moe.chain_iterations > 1 else "model.expert_sizes")
+        raise ConfigError(
+            f"{what} with {field} set: zero-computation experts are not combined with it; "
+            f"set the three counts to 0 or drop {field}")
+    if cfg.init.from_dense:
+        raise ConfigError(
+            f"{what} with init.from_dense: upcycling fills FFN experts from the dense MLP and "
+            f"has no meaning for zero-computation experts; set the counts to 0 to upcycle")
+    if not 0 <= moe.null_expert_tau <= 1:
+        raise ConfigError(
+            f"moe.null_expert_tau={moe.null_expert_tau} is invalid: must be in [0, 1] (MoE++ "
+            f"sweeps 0.1 to 1; 1 weights them like FFN experts)")
+
+
+def _validate_mixer(cfg: Config, layout: Layout) -> None:
+    """The sequence mixer (model.mixer: attention, mamba or Jamba's hybrid): the layouts
+    and features a Mamba layer (moetrain/models/mamba.py) carries."""
+    from moetrain.config.schema import Mixer  # (kept beside its only use in this file)
+
+    m = cfg.model
+    mamba = [i for i in range(m.n_layers) if not m.uses_attention(i)]
+    mixer = Mixer(m.mixer).value
+    if mixer == "hybrid" and len(mamba) in (0, m.n_layers):
+        kind = "no Mamba layer" if not mamba else "no attention layer"
+        raise ConfigError(
+            f"model.mixer=hybrid with model.attention_period={m.attention_period}, "
+            f"model.attention_offset={m.attention_offset} and model.n_layers={m.n_layers} "
+            f"leaves {kind} (layer i attends iff i % period == offset): use model.mixer="
+            f"{'attention' if not mamba else 'mamba'}, or an attention_offset below "
+            f"{min(m.n_layers, m.attention_period)}")
+    if not mamba:
+        return
+    if layout.tp > 1:
+        raise ConfigError(
+            f"parallel.tp={layout.tp} with model.mixer={mixer} ({len(mamba)} Mamba layers): "
+            f"tensor parallelism has no plan for the Mamba mixer yet (in_proj's x and z "
+            f"halves would each need their own column shard); set parallel.tp=1 and scale "
+            f"with parallel.dp/ep/pp (FSDP shards the Mamba weights), or model.mixer="
+            f"attention")
+    if cfg.init.from_dense:
+        raise ConfigError(
+            f"init.from_dense with model.mixer={mixer}: upcycling copies a dense model's "
+            f"attention into every layer, and layers {mamba[:4]}{'...' if len(mamba) > 4 else ''}"
+            f" have a Mamba mixer it has no weights for; set model.mixer=attention to "
+            f"upcycle, or drop init.from_dense")
+
+
+def _validate_expert_sizes(cfg: Config, layout: Layout) -> None:
+    """HMoE's ragged experts (model.expert_sizes; moetrain/models/moe/experts.py
+    RaggedExperts): the layouts and features that hold them, and the size-weighted loss."""
+    from moetrain.config.recipes import recipe_values
+
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    sized = BalanceLoss(recipe_values(moe)["balance_loss"]) == BalanceLoss.size_weighted
+    if m.expert_sizes is None:
+        if sized:
+            raise ConfigError(
+                "moe.balance_loss=size_weighted with model.expert_sizes=null: the loss weights "
+                "each expert by its hidden size; set model.expert_sizes, or use "
+                "moe.balance_loss=switch (the same loss for equal sizes)")
+        return
+    sizes = list(m.expert_sizes)
+    what = f"model.expert_sizes={sizes}"
+    if layout.ep > 1:
+        # Each size class is one stacked weight sharded on dim 0 over ep: every rank holds
+        # n_c/ep experts of every size (balanced parameters, a reshardable checkpoint).
+        counts = {f: sizes.count(f) for f in sorted(set(sizes))}
+        bad = {f: n for f, n in counts.items() if n % layout.ep}
+        if bad:
+            raise ConfigError(
+                f"{what} with parallel.ep={layout.ep}: expert parallelism places every size "
+                f"class evenly on the ep ranks, so each class's expert count must be a "
+                f"multiple of parallel.ep (experts per size: {counts}; not divisible: "
+                f"{bad}); pick sizes whose counts divide by parallel.ep, or a parallel.ep "
+                f"that divides every count (1 always does)")
+    if layout.tp > 1 and ExpertTP(par.expert_tp) == ExpertTP.etp:
+        raise ConfigError(
+            f"{what} with parallel.tp={layout.tp} and parallel.expert_tp=etp: tensor "
+            f"parallelism inside ragged experts is not supported; use parallel.expert_tp=ep")
+    if ScheduleName(cfg.schedule.name) == ScheduleName.evomoe:
+        raise ConfigError(
+            f"{what} with schedule=evomoe: EvoMoE spawns every expert from expert 0, which "
+            f"needs experts of one size; set model.expert_sizes=null")
+    if cfg.init.from_dense:
+        raise ConfigError(
+            f"{what} with init.from_dense: upcycling copies the dense MLP into experts of "
+            f"its own hidden size (model.expert_hidden); set model.expert_sizes=null to "
+            f"upcycle")
+
+
 def _validate_init(cfg: Config) -> None:
     """Upcycling (init.from_dense) needs an MoE layer to upcycle into; the dense model's
     own checks (path, shapes) run when it is read (moetrain/checkpoint/upcycle.py)."""
@@ -520,6 +625,9 @@ def validate(cfg: Config, world_size: int) -> Layout:
     _validate_grad_sync(cfg.parallel, layout)
     _validate_routing(cfg, layout)
     _validate_architectures(cfg, layout)
+    _validate_expert_sizes(cfg, layout)
+    _validate_mixer(cfg, layout)
+    _validate_null_experts(cfg, layout)
     _validate_schedule(cfg, layout)
     _validate_init(cfg)
     return layout

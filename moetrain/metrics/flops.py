@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["flops_per_token_at_k", "mfu", "model_flops_per_token", "peak_flops_for_name",
-           "peak_flops_per_s"]
+__all__ = ["expert_flop_shares", "flop_imbalance", "flops_per_token_at_k", "mean_expert_hidden",
+           "mfu", "model_flops_per_token", "peak_flops_for_name", "peak_flops_per_s",
+           "rank_flop_shares", "routed_hidden"]
 
 # Dense (no structured sparsity) bf16 tensor-core peak per GPU, from NVIDIA's data sheets.
 # Matched in order as case-insensitive substrings of torch.cuda.get_device_name().
@@ -61,7 +62,8 @@ def model_flops_per_token(
 
 
 def flops_per_token_at_k(flops_per_token: float, top_k: float, active_k: float,
-                         n_moe_layers: int, dim: int, expert_hidden: int) -> float:
+                         n_moe_layers: int, dim: int, expert_hidden: float,
+                         routed_hidden: float | None = None) -> float:
     """:func:`model_flops_per_token` (counted at ``top_k`` routed experts per token) moved
     to ``active_k`` routed experts per token: each routed expert of a MoE layer adds
     ``6 * 3 D F`` (a SwiGLU expert holds 3 D F weights).
@@ -70,8 +72,61 @@ def flops_per_token_at_k(flops_per_token: float, top_k: float, active_k: float,
     top-k schedule's current k, or the mean of a variable-k router (threshold, expert
     choice, EvoMoE's soft phase). Rows dropped for capacity still count, as they do at a
     fixed k.
+
+    HMoE's ragged experts (``model.expert_sizes``): ``expert_hidden`` is the F that
+    ``flops_per_token`` was counted with (:func:`mean_expert_hidden`: uniform routing),
+    and ``routed_hidden`` the step's row-weighted mean F (:func:`routed_hidden`), so the
+    FLOPs follow where the rows actually went. None: the same F (uniform experts).
     """
-    return flops_per_token + 6.0 * 3 * dim * expert_hidden * n_moe_layers * (active_k - top_k)
+    f = expert_hidden if routed_hidden is None else routed_hidden
+    return flops_per_token + 6.0 * 3 * dim * n_moe_layers * (active_k * f - top_k * expert_hidden)
+
+
+# ----------------------------------------------------------------------------- HMoE
+# An expert's cost is (rows it receives) x F_e, so with ragged experts (HMoE, arXiv
+# 2408.10681) balance, collapse and MFU count FLOPs, not rows. Uniform sizes reduce every
+# function below to its row-count form.
+def mean_expert_hidden(expert_hidden: int, expert_sizes: list[int] | None) -> float:
+    """The F a routed row costs on average under uniform routing: mean(model.expert_sizes),
+    or ``model.expert_hidden`` when the experts are uniform."""
+    return expert_hidden if expert_sizes is None else sum(expert_sizes) / len(expert_sizes)
+
+
+def expert_flop_shares(load_LE: torch.Tensor, sizes_E: list[int] | None) -> torch.Tensor:
+    """Each expert's share of its layer's expert FLOPs, (L, E) summing to 1 per layer:
+    load x F_e normalised (sizes None: the row shares). ``load_LE``: routed rows."""
+    load = load_LE.double()
+    if sizes_E is not None:
+        load = load * torch.tensor(sizes_E, dtype=torch.float64, device=load.device)
+    return load / load.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def flop_imbalance(load_LE: torch.Tensor, sizes_E: list[int] | None) -> torch.Tensor:
+    """(L,) max FLOP share x E: 1.0 when every expert does the same work (with uniform
+    sizes: ``load_imbalance``)."""
+    return expert_flop_shares(load_LE, sizes_E).max(dim=-1).values * load_LE.shape[-1]
+
+
+def rank_flop_shares(load_LE: torch.Tensor, sizes_E: list[int] | None,
+                     expert_order: list[int] | None, ep: int) -> torch.Tensor:
+    """(L, ep) each EP rank's share of the expert FLOPs: rank j holds the experts
+    ``expert_order[j*E/ep:(j+1)*E/ep]`` (None: ids j*E/ep..; ragged experts:
+    ``RaggedExperts.expert_order`` / ``class_slot_order``)."""
+    share = expert_flop_shares(load_LE, sizes_E)
+    if expert_order is not None:
+        share = share[:, torch.tensor(expert_order, device=share.device)]
+    return share.view(share.shape[0], ep, -1).sum(dim=-1)
+
+
+def routed_hidden(load_LE: torch.Tensor, sizes_E: list[int]) -> float:
+    """The row-weighted mean F of the routed rows (all layers): sum load x F / sum load,
+    what a routed row of the step cost (``flops_per_token_at_k``'s ``routed_hidden``)."""
+    load = load_LE.double()
+    sizes = torch.tensor(sizes_E, dtype=torch.float64, device=load.device)
+    total = load.sum()
+    if total <= 0:
+        return sum(sizes_E) / len(sizes_E)
+    return float((load * sizes).sum() / total)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float | None:

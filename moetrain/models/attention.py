@@ -5,6 +5,10 @@ Shapes: B batch, S sequence, D model dim, H query heads, Hkv key/value heads, Hd
 GQA (Ainslie et al., 2023): ``model.n_kv_heads`` key/value heads are shared by groups of
 ``n_heads / n_kv_heads`` query heads. Head counts are read from the projection outputs at
 run time, so tensor parallelism may shard wq/wk/wv column-wise and wo row-wise.
+
+``model.position_encoding=none`` applies no rotary positions: the causal mask alone orders
+the tokens, as in Jamba (Lieber et al., 2024, arXiv 2403.19887), whose Mamba layers carry
+the positions.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config.schema import ModelConfig
+from moetrain.config.schema import ModelConfig, PositionEncoding
 from moetrain.models.rope import apply_rope
 
 
@@ -29,6 +33,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.rope = PositionEncoding(model_cfg.position_encoding) == PositionEncoding.rope
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
@@ -43,8 +48,9 @@ class Attention(nn.Module):
         q_BSHHd = self.wq(x_BSD).view(B, S, -1, self.head_dim)
         k_BSHHd = self.wk(x_BSD).view(B, S, -1, self.head_dim)
         v_BSHHd = self.wv(x_BSD).view(B, S, -1, self.head_dim)
-        q_BSHHd = apply_rope(q_BSHHd, cos_SHd, sin_SHd)
-        k_BSHHd = apply_rope(k_BSHHd, cos_SHd, sin_SHd)
+        if self.rope:
+            q_BSHHd = apply_rope(q_BSHHd, cos_SHd, sin_SHd)
+            k_BSHHd = apply_rope(k_BSHHd, cos_SHd, sin_SHd)
         q, k, v = (t.transpose(1, 2) for t in (q_BSHHd, k_BSHHd, v_BSHHd))  # (B, H, S, Hd)
         n_rep = q.shape[1] // k.shape[1]
         if n_rep > 1:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.config.schema import ModelConfig
 from moetrain.models.norms import build_norm, init_norm
 
 SCANS = ("sequential", "chunked")
@@ -133,8 +134,10 @@ class MambaMixer(nn.Module):
                  bias: bool = False, inner_norms: bool = False, norm_eps: float = 1e-6,
                  scan: str = "sequential", chunk_size: int = 8) -> None:
         # The default is the loop: with Mamba-1's per-channel, per-state decay the chunked
-        # (SSD) form does chunk_size times the loop's work, and on the CPU it measured 0.02x
-        # to 0.7x the loop's speed (tools/bench_mamba_scan.py); a GPU measurement decides.
+        # (SSD) form does chunk_size times the loop's work and keeps chunk_size times its
+        # B*T*I*N values; on the CPU it measured 0.05x to 0.78x the loop's speed
+        # (tools/bench_mamba_scan.py, docs/mamba.md#scans). The GPU fast path this calls
+        # for is a fused selective-scan kernel, not this form.
         super().__init__()
         if scan not in SCANS:
             raise ValueError(f"scan={scan!r} is not one of {SCANS}: pick 'chunked' (the SSD "
@@ -228,3 +231,42 @@ class MambaMixer(nn.Module):
             y_BTI, _ = selective_scan_sequential(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN)
         y_BTI = (y_BTI + x_BTI * self.D.to(f)) * F.silu(z_BTI.to(f))
         return self.out_proj(y_BTI.to(x_BTD.dtype))
+
+
+# ----------------------------------------------------------------------------- the model's
+def _dims(model_cfg: ModelConfig) -> tuple[int, int, int, int, int]:
+    """(D, I, N, R, K) of the model's Mamba mixers."""
+    D = model_cfg.dim
+    R = model_cfg.mamba_dt_rank or math.ceil(D / 16)
+    return D, model_cfg.mamba_expand * D, model_cfg.mamba_d_state, R, model_cfg.mamba_d_conv
+
+
+def build_mamba(model_cfg: ModelConfig) -> MambaMixer:
+    """The mixer of a block whose ``model_cfg.uses_attention(i)`` is false: mamba_simple's
+    defaults (no in/out biases, conv bias, dt in [1e-3, 0.1]); the inner norms (Jamba)
+    share the model's ``norm_eps``, as Jamba's one ``rms_norm_eps`` does. The scan is
+    the mixer's default (see :class:`MambaMixer`)."""
+    return MambaMixer(model_cfg.dim, d_state=model_cfg.mamba_d_state,
+                      d_conv=model_cfg.mamba_d_conv, expand=model_cfg.mamba_expand,
+                      dt_rank=model_cfg.mamba_dt_rank or "auto",
+                      inner_norms=model_cfg.mamba_inner_norms, norm_eps=model_cfg.norm_eps)
+
+
+def mamba_params(model_cfg: ModelConfig) -> int:
+    """Parameters of one :func:`build_mamba` mixer: in_proj 2ID, conv I(K + 1), x_proj
+    I(R + 2N), dt_proj RI + I, A_log IN, D I, out_proj ID, and R + 2N for the inner
+    norms."""
+    D, I, N, R, K = _dims(model_cfg)
+    norms = R + 2 * N if model_cfg.mamba_inner_norms else 0
+    return 2 * I * D + I * (K + 1) + I * (R + 2 * N) + R * I + I + I * N + I + I * D + norms
+
+
+def mamba_flops(model_cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of one mixer: 2 per multiply-accumulate of in_proj, x_proj,
+    dt_proj and out_proj and of the conv (K taps); the sequential scan's 7 per channel and
+    state (discretise: dt A, its exp, (dt x) B; update h = a h + b: 2; read-out C . h: 2);
+    7 per channel (softplus, dt x, the D skip's 2, the two SiLUs, the gate product). An
+    exp counts as one FLOP. The chunked scan computes the same values with about
+    chunk_size times the scan's FLOPs."""
+    D, I, N, R, K = _dims(model_cfg)
+    return 2 * (2 * I * D + I * (R + 2 * N) + R * I + I * D + I * K) + 7 * I * N + 7 * I

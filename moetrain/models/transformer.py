@@ -19,6 +19,7 @@ from torch import nn
 
 from moetrain.config.schema import ModelConfig, MoEConfig, RouterType
 from moetrain.models.attention import Attention
+from moetrain.models.mamba import build_mamba, mamba_params
 from moetrain.models.moe.experts import FeedForward
 from moetrain.models.moe.layer import MoELayer
 from moetrain.models.moe.router import CompeteRouter, build_rnn_cell
@@ -36,17 +37,26 @@ def _fork_default_rng() -> contextlib.AbstractContextManager:
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h)).
+    """Pre-norm block: h = x + mixer(norm(x)); out = h + ffn(norm(h)).
 
-    The FFN is ``self.moe`` (a :class:`MoELayer`) when ``model_cfg.is_moe_layer(layer_idx)``,
-    else ``self.feed_forward`` (a dense SwiGLU); ``moe_enabled`` says which.
+    The sequence mixer is ``self.attention`` when ``model_cfg.uses_attention(layer_idx)``,
+    else ``self.mamba`` (a Mamba-1 :class:`~moetrain.models.mamba.MambaMixer`);
+    ``uses_attention`` says which (``model.mixer``: attention, mamba or Jamba's hybrid).
+    Its pre-norm is ``attention_norm`` in both kinds of block, so attention models keep
+    their parameter names. The FFN is ``self.moe`` (a :class:`MoELayer`) when
+    ``model_cfg.is_moe_layer(layer_idx)``, else ``self.feed_forward`` (a dense SwiGLU);
+    ``moe_enabled`` says which.
     """
 
     def __init__(self, layer_idx: int, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.attention_norm = build_norm(model_cfg.dim, model_cfg.norm_eps)
-        self.attention = Attention(model_cfg)
+        self.uses_attention = model_cfg.uses_attention(layer_idx)
+        if self.uses_attention:
+            self.attention = Attention(model_cfg)
+        else:
+            self.mamba = build_mamba(model_cfg)
         self.ffn_norm = build_norm(model_cfg.dim, model_cfg.norm_eps)
         self.moe_enabled = model_cfg.is_moe_layer(layer_idx)
         # RMoE: a router state crosses every block (dense ones pass it through).
@@ -63,9 +73,14 @@ class TransformerBlock(nn.Module):
     def init_weights(self, init_std: float, out_std: float) -> None:
         init_norm(self.attention_norm)
         init_norm(self.ffn_norm)
-        self.attention.init_weights(init_std, out_std)
+        self.mixer.init_weights(init_std, out_std)
         ffn = self.moe if self.moe_enabled else self.feed_forward
         ffn.init_weights(init_std, out_std)
+
+    @property
+    def mixer(self) -> nn.Module:
+        """The sequence mixer: ``attention`` or ``mamba``."""
+        return self.attention if self.uses_attention else self.mamba
 
     def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor,
                 router_state: torch.Tensor | None = None
@@ -73,7 +88,10 @@ class TransformerBlock(nn.Module):
         """The block's output; with a recurrent router (``self.recurrent``) the pair
         (output, router state after this block). The state is an input of the block, so
         an activation-checkpoint recompute sees the same state."""
-        h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SHd, sin_SHd)
+        if self.uses_attention:
+            h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SHd, sin_SHd)
+        else:  # Mamba: causal through its scan and conv, no positions (arXiv 2312.00752)
+            h = x_BSD + self.mamba(self.attention_norm(x_BSD))
         if not self.moe_enabled:
             out = h + self.feed_forward(self.ffn_norm(h))
             return (out, router_state) if self.recurrent else out
@@ -136,8 +154,11 @@ class Transformer(nn.Module):
         """Initialise every parameter from torch's RNG, in a fixed order.
 
         normal(0, init_std) for embeddings, linears, router gates and experts; output
-        projections of each residual branch (wo, w2) use init_std / sqrt(2 * n_layers)
-        (GPT-2, Radford et al., 2019); norms are 1; the router expert bias is 0. Also
+        projections of each residual branch (wo, w2, Mamba's out_proj) use init_std /
+        sqrt(2 * n_layers) (GPT-2, Radford et al., 2019; mamba_ssm's _init_weights divides
+        out_proj by the same sqrt(2 * n_layers)); Mamba's conv and SSM parameters follow
+        mamba_simple.py (``MambaMixer.init_weights``); norms are 1; the router expert bias
+        is 0. Also
         rebuilds the RoPE tables, so a model materialised from the meta device is complete.
         """
         cfg = self.model_cfg
@@ -277,7 +298,7 @@ def router_params(model_cfg: ModelConfig, moe_cfg: MoEConfig | None) -> tuple[in
     (E x D) of each distinct chain round, or RMoE's per-layer projection (H x D) and head
     (E x H) plus one step of the shared cell (its parameters are counted once per model:
     :func:`rnn_params`). The MACs count every chain round."""
-    D, E = model_cfg.dim, model_cfg.num_experts
+    D, E = model_cfg.dim, model_cfg.num_experts + model_cfg.null_experts  # all it scores
     if moe_cfg is None:
         return E * D, E * D
     C = moe_cfg.chain_iterations
@@ -306,7 +327,10 @@ def count_params(model_cfg: ModelConfig, vocab_size: int,
     ``active`` counts what one token's forward multiplies by, once per use: a chain of
     experts (``moe.chain_iterations=C``) uses its router, shared experts and K routed
     experts C times, and RMoE's router its projection, one cell step and its head; so
-    ``6 * (active - embedding)`` stays the training FLOPs per token. ``moe_cfg=None`` is
+    ``6 * (active - embedding)`` stays the training FLOPs per token (of the matmuls: a
+    Mamba layer's scan and an attention layer's scores come on top). A block whose mixer
+    is Mamba (``model.mixer``) counts :func:`~moetrain.models.mamba.mamba_params`
+    instead of the attention's. ``moe_cfg=None`` is
     the standard layer.
     """
     D, L = model_cfg.dim, model_cfg.n_layers
@@ -320,16 +344,26 @@ def count_params(model_cfg: ModelConfig, vocab_size: int,
     C = moe_cfg.chain_iterations if moe_cfg is not None else 1
     expert = 3 * D * F
     shared = model_cfg.n_shared_experts * expert
+    # HMoE's ragged experts (model.expert_sizes): 3 D sum(F_e) weights; a routed row uses
+    # 3 D mean(F) of them under uniform routing (metrics.flops.routed_hidden measures it)
+    sizes = model_cfg.expert_sizes
+    routed_all = E * expert if sizes is None else 3 * D * sum(sizes)
+    routed_k = K * expert if sizes is None else K * 3 * D * sum(sizes) // E
     router, router_macs = router_params(model_cfg, moe_cfg)
+    # MoE++'s constant experts: v (D) and W (2 x D) each, used by every token
+    constant = model_cfg.constant_experts * 3 * D
+    router, router_macs = router + constant, router_macs + constant
     total = rnn_params(moe_cfg)
     active = 0
+    mamba = mamba_params(model_cfg) + 2 * D  # a Mamba mixer, two norms
     for i in range(L):
+        mixer = attn if model_cfg.uses_attention(i) else mamba
         if model_cfg.is_moe_layer(i):
-            total += attn + router + shared + E * expert
-            active += attn + router_macs + C * (shared + K * expert)
+            total += mixer + router + shared + routed_all
+            active += mixer + router_macs + C * (shared + routed_k)
         else:
-            total += attn + dense_ffn
-            active += attn + dense_ffn
+            total += mixer + dense_ffn
+            active += mixer + dense_ffn
     embedding = vocab_size * D
     head = D + (0 if model_cfg.tie_embeddings else vocab_size * D)  # final norm + output
     return ParamCount(total=total + embedding + head, active=active + embedding + head,

@@ -13,7 +13,9 @@ its intermediate activations never stay alive across the step. Modes (``parallel
   ``moetrain/parallel/memory.py``) and cost 2/3 of the block's FLOPs to redo; the
   router, the dispatch and its all-to-all are kept, so no communication is re-run.
   ``parallel.ac_attention=true`` also recomputes each attention sublayer (Korthikanti et
-  al., 2022, recompute the parts whose memory is large and whose FLOPs are cheap).
+  al., 2022, recompute the parts whose memory is large and whose FLOPs are cheap), and
+  each Mamba mixer in its place (``model.mixer``): its scan keeps about three I*N values
+  per token, which dwarf the mixer's FLOPs to redo.
 
 Wrapping uses torch's non-reentrant ``checkpoint_wrapper``. It inserts
 ``_checkpoint_wrapped_module`` into parameter FQNs, and strips it again in ``state_dict``
@@ -70,8 +72,9 @@ def apply_ac(model: nn.Module, mode: ActivationCheckpointing, attention: bool = 
                 experts.recompute = False
             model.layers.register_module(name, _wrap(block))
             continue
-        if attention:
-            block.attention = _wrap(block.attention)
+        if attention:  # the block's sequence mixer: attention or Mamba
+            mixer = "attention" if block.uses_attention else "mamba"
+            setattr(block, mixer, _wrap(getattr(block, mixer)))
         if experts is not None and not getattr(experts, "recompute", False):
             block.moe.experts = _wrap(experts)
 

@@ -44,16 +44,23 @@ def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfi
     group = ep_mesh.get_group()
     for layer in moe_layers:
         experts = layer.experts
-        for name, param in list(experts.named_parameters(recurse=False)):
-            dt = distribute_tensor(param.data, ep_mesh, [Shard(0)])
-            experts.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
+        # HMoE's ragged experts: each size class's stack is sharded on its own, so every
+        # rank holds n_c/ep experts of every size (``experts.class_slot_order``).
+        for stack in getattr(experts, "groups", [experts]):
+            for name, param in list(stack.named_parameters(recurse=False)):
+                dt = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+                stack.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
+        if hasattr(experts, "groups"):
+            experts.ep = ep_mesh.size()
+        order = getattr(experts, "expert_order", None)  # rows sorted by slot, not by id
+        ffn = layer.num_ffn_experts  # MoE++'s zero-computation experts are never sent
         if moe_cfg.a2a_overlap_chunks > 1:
             dispatcher = ChunkedAllToAllDispatcher(
-                layer.router.num_experts, group, moe_cfg.a2a_overlap_chunks,
-                capacity, moe_cfg.kernel_backend, drop, rule)
+                ffn, group, moe_cfg.a2a_overlap_chunks, capacity, moe_cfg.kernel_backend, drop,
+                rule, order)
         else:
-            dispatcher = AllToAllDispatcher(layer.router.num_experts, group, capacity,
-                                            moe_cfg.kernel_backend, drop, rule)
+            dispatcher = AllToAllDispatcher(ffn, group, capacity, moe_cfg.kernel_backend, drop,
+                                            rule, order)
         layer.set_dispatcher(dispatcher)
 
 
@@ -267,9 +274,10 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
                  capacity_factor: float | None = None,
                  kernel_backend: KernelBackend = KernelBackend.auto,
                  drop_policy: DropPolicy = DropPolicy.probs,
-                 capacity_rule: CapacityRule = CapacityRule.slots):
+                 capacity_rule: CapacityRule = CapacityRule.slots,
+                 expert_order: list[int] | None = None):
         super().__init__(num_experts, group, capacity_factor, kernel_backend, drop_policy,
-                         capacity_rule)
+                         capacity_rule, expert_order)
         if chunks < 1:
             raise ConfigError(f"moe.a2a_overlap_chunks={chunks!r} is invalid: must be >= 1 "
                               f"(1 = no overlap)")

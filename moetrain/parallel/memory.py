@@ -13,7 +13,9 @@ wq/wk/wv/w1/w3 on dim 0, row-parallel wo/w2 on dim 1; under ``parallel.expert_tp
 experts' F dim), routed experts over ep on dim 0, then FSDP2 over dp (dense; experts too
 when ep=1) or edp (experts, ep>1) on dim 0 of the local tensor; experts in their own edp
 unit on dim 1 when their local experts do not split evenly over edp
-(``fsdp.expert_fsdp_shard_dim``, the same function the placement calls). FSDP2 splits
+(``fsdp.expert_fsdp_shard_dim``, the same function the placement calls); HMoE's ragged
+experts (``model.expert_sizes``) are one stack per size class, each sharded the same way
+(every rank holds n_c/ep experts of class c). FSDP2 splits
 its dim like ``torch.chunk``: ceil(n/dp) rows per rank, the last ranks fewer, and pads
 every shard to ceil(n/dp) rows in memory. Layers go to pipeline stages by the real split
 (``pipeline.stage_split``); the embedding sits on stage 0, norm and output on the last.
@@ -332,6 +334,13 @@ def _dtypes(cfg: Config, layout: Layout, device: str) -> tuple[int, int, int]:
     return (2 if bf16 or p == 2 else 4), p, p
 
 
+def _mean_hidden(m) -> float:
+    """The F of an average routed row: model.expert_hidden, or with HMoE's ragged experts
+    (model.expert_sizes) their mean, the cost of a row under uniform routing (a routing
+    skewed to large experts costs more; ``imbalance`` scales the rows, not F)."""
+    return m.expert_hidden if m.expert_sizes is None else sum(m.expert_sizes) / len(m.expert_sizes)
+
+
 def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
                 imbalance: float, competes: bool = False) -> tuple[dict[str, float], float]:
     """Bytes one micro-batch leaves saved in layer ``i``, by region (see module doc), and
@@ -351,7 +360,7 @@ def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
     if not m.is_moe_layer(i):
         out["mlp"] = (2 * c if casts else r) * T * D + 4 * c * T * m.ffn_hidden / t
         return out, 0.0
-    E, K, F = m.num_experts, m.top_k, m.expert_hidden
+    E, K, F = m.num_experts, m.top_k, _mean_hidden(m)
     C = moe.chain_iterations  # a chain of experts keeps every round's activations
     tokens = T if etp else Ts  # tokens this rank routes
     rows = tokens * K
@@ -601,7 +610,7 @@ def _step_cost(cfg: Config, est: MemoryEstimate, vocab: int, *, peak_tflops: flo
         vol = n * chain * moe_layers * c * T / lay.tp * m.top_k * m.dim * (lay.ep - 1) / lay.ep
         # The routed experts' FLOPs on this rank (6 per weight and row; 8 with the forward
         # recomputed), which chunked all-to-all (moe.a2a_overlap_chunks) runs under.
-        per_row = 3 * m.dim * m.expert_hidden * m.top_k * chain * moe_layers * lay.pp
+        per_row = 3 * m.dim * _mean_hidden(m) * m.top_k * chain * moe_layers * lay.pp
         flops = (8 if n == 6 else 6) * per_row
         experts_s = flops * tokens / lay.world_size / (peak_tflops * 1e12 * mfu)
         comm += a2a_exposed_s(accum * vol / bw(lay.ep), experts_s, cfg.moe.a2a_overlap_chunks)

@@ -110,9 +110,13 @@ def pipeline_costs(model_cfg: ModelConfig, vocab_size: int, seq_len: int,
     shared experts and only top_k routed experts, times ``moe.chain_iterations`` (a chain
     of experts runs them C times), while its parameters count all E. RMoE's router counts
     its projection, one cell step and its head; its shared cell's parameters go to the
-    embedding's piece (every stage holds a copy; the split counts it once). The embedding
-    is a lookup (no FLOPs). Parameter totals equal ``count_params``.
+    embedding's piece (every stage holds a copy; the split counts it once). A Mamba
+    layer (``model.mixer``) counts its mixer instead of the attention (``mamba_flops``:
+    projections, conv and the sequential scan, linear in seq_len). The embedding is a
+    lookup (no FLOPs). Parameter totals equal ``count_params``.
     """
+    from moetrain.models.mamba import mamba_flops, mamba_params
+
     m = model_cfg
     D, H = m.dim, m.n_heads
     kv, hd = m.n_kv_heads or H, m.dim // m.n_heads
@@ -122,15 +126,24 @@ def pipeline_costs(model_cfg: ModelConfig, vocab_size: int, seq_len: int,
                      flops=2 * attn_w + 4 * seq_len * D)  # + 2 norms
     expert = 3 * D * m.expert_hidden
     router, router_macs = router_params(m, moe_cfg)
+    router += m.constant_experts * 3 * D  # MoE++'s constant experts (v, W)
+    router_macs += m.constant_experts * 3 * D
     C = moe_cfg.chain_iterations if moe_cfg is not None else 1
     shared = m.n_shared_experts * expert
-    moe = StageCost(params=router + shared + m.num_experts * expert,
-                    flops=2 * (router_macs + C * (shared + m.top_k * expert)))
+    # HMoE's ragged experts: 3 D sum(F_e) weights, a routed row 3 D mean(F) (count_params)
+    sizes = m.expert_sizes
+    routed_all = m.num_experts * expert if sizes is None else 3 * D * sum(sizes)
+    routed_k = (m.top_k * expert if sizes is None
+                else m.top_k * 3 * D * sum(sizes) // m.num_experts)
+    moe = StageCost(params=router + shared + routed_all,
+                    flops=2 * (router_macs + C * (shared + routed_k)))
     dense = StageCost(params=3 * D * m.ffn_hidden, flops=2 * 3 * D * m.ffn_hidden)
+    mamba = StageCost(params=mamba_params(m) + 2 * D, flops=mamba_flops(m))  # + 2 norms
     layers = []
     for i in range(m.n_layers):
+        mixer = attn if m.uses_attention(i) else mamba
         ffn = moe if m.is_moe_layer(i) else dense
-        layers.append(StageCost(attn.params + ffn.params, attn.flops + ffn.flops))
+        layers.append(StageCost(mixer.params + ffn.params, mixer.flops + ffn.flops))
     head = StageCost(params=vocab_size * D + rnn_params(moe_cfg), flops=0)
     out = 0 if m.tie_embeddings else vocab_size * D
     tail = StageCost(params=D + out, flops=2 * vocab_size * D + LOSS_FLOPS_PER_LOGIT * vocab_size)

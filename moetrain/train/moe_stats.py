@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moetrain.metrics.flops import flop_imbalance, rank_flop_shares
+
 
 class MoEStatsTracker:
     """Accumulates per-layer router statistics over the micro-batches of one step.
@@ -34,6 +36,10 @@ class MoEStatsTracker:
         self.rounds = chain_iterations
         self.compete = compete
         self.device = device
+        # HMoE's ragged experts (model.expert_sizes): an expert's work is rows x F_e, so the
+        # balance metrics also count FLOPs, and EP ranks hold RaggedExperts.expert_order.
+        self.first = next((m for m in moe_layers if m is not None), None)
+        self.expert_sizes = getattr(self.first, "expert_sizes", None)
         self.last_load_LE: torch.Tensor | None = None
         # The step's routed rows per layer and expert, summed over micro-batches, data- and
         # tensor-parallel ranks and stages (float32, host): the expert-bias update's input.
@@ -121,6 +127,9 @@ class MoEStatsTracker:
             "dropped_frac": s[:, 3] / s[:, 4].clamp_min(1),
             "expert_bias_spread": s[:, 11],
         }
+        sizes = self.expert_sizes
+        if sizes is not None:  # max FLOP share x E (1.0: every expert does the same work)
+            per_layer["flop_imbalance"] = flop_imbalance(load_LE[:, :self.ffn_experts], sizes)
         R = self.round_LRE.shape[1]
         if R:  # Chain-of-Experts: each round's load imbalance and balance loss
             rounds = s[:, 12:]
@@ -146,6 +155,13 @@ class MoEStatsTracker:
             # per token MFU counts (a schedule's k, or a variable-k router's mean)
             (s[:, 4] / s[:, 8].clamp_min(1)).mean(),
         ]
+        if sizes is not None:
+            # the step's row-weighted mean F: the routed rows' cost, for MFU
+            F_E = torch.tensor(sizes, dtype=load_LE.dtype, device=load_LE.device)
+            ffn_load = load_LE[:, :self.ffn_experts]
+            names += ["flop_imbalance", "routed_hidden"]
+            values += [per_layer["flop_imbalance"].mean(),
+                       (ffn_load * F_E).sum() / ffn_load.sum().clamp_min(1)]
         if self.ffn_experts < e:  # MoE++: share of the routed slots on zero-computation
             names.append("null_frac")  # experts (routed counts only the FFN experts')
             values.append(s[:, 10].sum() / (s[:, 10].sum() + s[:, 4].sum()).clamp_min(1))
@@ -158,7 +174,11 @@ class MoEStatsTracker:
         if self.ep > 1:
             # Load per EP rank (its E/ep experts) and max/mean across the EP ranks.
             ffn_LE = frac_LE[:, :self.ffn_experts]  # the experts the ep ranks hold
-            rank_load_LR = ffn_LE.view(ffn_LE.shape[0], self.ep, -1).sum(dim=2)
+            if sizes is not None:  # FLOPs per rank, by the ragged experts' placement
+                order = getattr(self.first.experts, "expert_order", None)
+                rank_load_LR = rank_flop_shares(ffn_LE, sizes, order, self.ep)
+            else:
+                rank_load_LR = ffn_LE.view(ffn_LE.shape[0], self.ep, -1).sum(dim=2)
             rank_load_LR = rank_load_LR / rank_load_LR.sum(dim=1, keepdim=True).clamp_min(1e-12)
             names += ["ep_load_imbalance"] + [f"ep_load/rank{r}" for r in range(self.ep)]
             values += [(rank_load_LR.max(dim=1).values * self.ep).mean()]

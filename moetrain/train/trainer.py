@@ -33,6 +33,7 @@ from moetrain.metrics import (
     model_flops_per_token,
     peak_flops_per_s,
 )
+from moetrain.metrics.flops import mean_expert_hidden
 from moetrain.models import Transformer, count_params
 from moetrain.parallel.parallelize import ParallelModel, parallelize
 from moetrain.parallel.pipeline import StageOptimizers
@@ -407,7 +408,9 @@ class Trainer:
                     self.flops_per_token = flops_per_token_at_k(
                         self.flops_per_token_top_k,
                         cfg.model.top_k * cfg.moe.chain_iterations, out["active_k"],
-                        self.n_moe_layers, cfg.model.dim, cfg.model.expert_hidden)
+                        self.n_moe_layers, cfg.model.dim,
+                        mean_expert_hidden(cfg.model.expert_hidden, cfg.model.expert_sizes),
+                        out.get("routed_hidden"))
                 util = mfu(tps / self.layout.world_size, self.flops_per_token, self.peak)
                 if util is not None:
                     out["mfu"] = util

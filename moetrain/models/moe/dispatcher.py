@@ -271,12 +271,20 @@ class LocalDispatcher:
     ``moetrain.kernels`` (routing metadata, permute, fused unpermute+combine); otherwise
     their torch references in ``moetrain.kernels.reference`` run: the same rows in the same
     order.
+
+    ``expert_order`` (None: the identity) lists the global expert id of each expert SLOT:
+    rows are sorted by slot, ``tokens_per_expert`` counts per slot, and ``dense`` still
+    returns experts in id order. HMoE's ragged experts hold their size classes in slot
+    order (``RaggedExperts.expert_order``), so each class's rows are contiguous. Relabelling
+    is a bijection: every expert keeps the same rows (and, with a capacity, drops the same
+    ones), only the blocks' order changes.
     """
 
     def __init__(self, num_experts: int, capacity_factor: float | None = None,
                  kernel_backend: KernelBackend = KernelBackend.auto,
                  drop_policy: DropPolicy = DropPolicy.probs,
-                 capacity_rule: CapacityRule = CapacityRule.slots) -> None:
+                 capacity_rule: CapacityRule = CapacityRule.slots,
+                 expert_order: list[int] | None = None) -> None:
         if capacity_factor is not None and capacity_factor <= 0:
             raise ConfigError(
                 f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0, or use "
@@ -287,11 +295,31 @@ class LocalDispatcher:
         self.kernel_backend = KernelBackend(kernel_backend)
         self.drop_policy = DropPolicy(drop_policy)
         self.capacity_rule = CapacityRule(capacity_rule)
+        self.expert_order = None
+        if expert_order is not None and list(expert_order) != list(range(num_experts)):
+            if sorted(expert_order) != list(range(num_experts)):
+                raise ValueError(f"expert_order={list(expert_order)} is not a permutation of "
+                                 f"the {num_experts} expert ids")
+            self.expert_order = list(expert_order)
+        self._slot_of: dict[torch.device, torch.Tensor] = {}
+
+    def slot_of(self, device: torch.device) -> torch.Tensor | None:
+        """int64 (E,): the slot of each global expert id (None: the identity)."""
+        if self.expert_order is None:
+            return None
+        if device not in self._slot_of:
+            order = torch.tensor(self.expert_order, dtype=torch.int64)
+            slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+            self._slot_of[device] = slot.to(device)
+        return self._slot_of[device]
 
     def dispatch(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
         active_TK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DispatchMeta]:
+        slot_of = self.slot_of(ids_TK.device)
+        if slot_of is not None:  # sort by slot: the experts' storage order
+            ids_TK = slot_of[ids_TK.long()].to(ids_TK.dtype)
         if self.capacity_factor is not None:
             return self._dispatch_capacity(x_TD, ids_TK, weights_TK, active_TK)
         T, K = ids_TK.shape
@@ -358,8 +386,9 @@ class LocalDispatcher:
         competition). Nothing is dropped, whatever the capacity factor."""
         T = x_TD.shape[0]
         counts = torch.full((self.num_experts,), T, dtype=torch.int64, device=x_TD.device)
-        y = experts(x_TD.repeat(self.num_experts, 1), counts, T)
-        return y.view(self.num_experts, T, -1)
+        y = experts(x_TD.repeat(self.num_experts, 1), counts, T).view(self.num_experts, T, -1)
+        slot_of = self.slot_of(x_TD.device)
+        return y if slot_of is None else y.index_select(0, slot_of)  # slot -> expert id order
 
     def combine(self, y_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         if meta.pos_TK is not None:
@@ -408,7 +437,9 @@ class AllToAllMeta:
 
 
 class AllToAllDispatcher:
-    """Expert-parallel dispatch: each of the ``ep`` ranks holds E/ep experts.
+    """Expert-parallel dispatch: each of the ``ep`` ranks holds E/ep experts: rank j the
+    slots j*E/ep .. (j+1)*E/ep - 1 of ``expert_order`` (None: the expert ids themselves;
+    HMoE's ragged experts place every size class evenly, ``class_slot_order``).
 
     Tokens are first sorted by global expert on their own rank (and, in capacity mode,
     the overflow dropped with the same ``drop_policy`` as :class:`LocalDispatcher`, per
@@ -427,7 +458,8 @@ class AllToAllDispatcher:
                  capacity_factor: float | None = None,
                  kernel_backend: KernelBackend = KernelBackend.auto,
                  drop_policy: DropPolicy = DropPolicy.probs,
-                 capacity_rule: CapacityRule = CapacityRule.slots):
+                 capacity_rule: CapacityRule = CapacityRule.slots,
+                 expert_order: list[int] | None = None):
         self.num_experts = num_experts
         self.group = group
         self.ep = dist.get_world_size(group)
@@ -438,8 +470,9 @@ class AllToAllDispatcher:
             )
         self.local_experts = num_experts // self.ep
         self.capacity_factor = capacity_factor
+        # Sorting by slot puts rank j's experts (slots j*e .. j*e + e - 1) in one block.
         self.local = LocalDispatcher(num_experts, capacity_factor, kernel_backend, drop_policy,
-                                     capacity_rule)
+                                     capacity_rule, expert_order)
         self.bytes_sent = 0  # token bytes sent by dispatch + combine since the last reset
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
@@ -508,7 +541,9 @@ class AllToAllDispatcher:
         y = y.view(e, ep, T, D).transpose(0, 1).reshape(ep * e * T, D)  # owner major
         back = _all_to_all(y, [e * T] * ep, [e * T] * ep, self.group)
         self.bytes_sent += ep * (T * D + e * T * D) * x_TD.element_size()
-        return back.view(ep * e, T, D)  # [source rank][local expert] = global expert
+        y = back.view(ep * e, T, D)  # [source rank][local expert] = global slot
+        slot_of = self.local.slot_of(x_TD.device)
+        return y if slot_of is None else y.index_select(0, slot_of)  # expert id order
 
     def combine(self, y_RD, meta: AllToAllMeta):
         # Undo the regroup: source-major order, as received.

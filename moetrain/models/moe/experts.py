@@ -194,8 +194,9 @@ class GroupedExperts(nn.Module):
         if not grouped_mm_supported(self.dim, self.hidden, dtype):
             align = 16 // dtype.itemsize
             raise ConfigError(
-                f"moe.expert_backend=grouped_mm needs model.dim={self.dim} and "
-                f"model.expert_hidden={self.hidden} to be multiples of {align} for {dtype} "
+                f"moe.expert_backend=grouped_mm needs model.dim={self.dim} and the expert "
+                f"hidden size {self.hidden} (model.expert_hidden, or an entry of "
+                f"model.expert_sizes) to be multiples of {align} for {dtype} "
                 f"(16-byte aligned rows): pick aligned sizes or set moe.expert_backend=loop"
             )
         offs = torch.cumsum(counts_e, dim=0, dtype=torch.int32)
@@ -211,3 +212,148 @@ class GroupedExperts(nn.Module):
         y_RD = torch._grouped_mm(h_RF, w2_eDF.to(dtype).transpose(-2, -1), offs=offs)
         return _ContiguousGrad.apply(y_RD).to(x_RD.dtype)
 
+
+
+# ----------------------------------------------------------------------------- HMoE
+def size_classes(sizes: list[int]) -> tuple[list[int], list[list[int]]]:
+    """HMoE's size classes of ``model.expert_sizes``: the distinct hidden sizes, ascending,
+    and each class's expert ids, ascending. Derived from the sizes alone (never from the
+    layout), so the parameter of class c is the same tensor under every layout."""
+    hidden = sorted(set(sizes))
+    return hidden, [[e for e, f in enumerate(sizes) if f == h] for h in hidden]
+
+
+def class_slot_order(sizes: list[int], ep: int = 1) -> list[int]:
+    """The global expert id held by each expert slot: rank-major (ep ranks, each holding
+    E/ep slots), then class-major (ascending hidden size), then expert id.
+
+    Rank j holds rows [j n_c/ep, (j+1) n_c/ep) of every class c's stacked weights (the
+    ``Shard(0)`` chunk of ``moetrain.parallel.expert.apply_ep``): the same number of
+    experts of every size on every rank, so every rank holds the same expert parameters.
+    ``ep`` must divide every class's expert count (``config.validate``)."""
+    _, members = size_classes(sizes)
+    order = []
+    for j in range(ep):
+        for ids in members:
+            m = len(ids) // ep
+            order += ids[j * m:(j + 1) * m]
+    return order
+
+
+class RaggedExperts(nn.Module):
+    """HMoE's heterogeneous experts (Wang et al., 2024, arXiv 2408.10681): expert e is a
+    SwiGLU of hidden size ``sizes[e]``.
+
+    Experts of one size form a size class, held as one :class:`GroupedExperts`
+    ``classes.{c}`` with stacked (n_c, F_c, D) weights (``size_classes``; FQNs
+    ``moe.experts.classes.{c}.w1_EFD``, layout-free). ``forward`` takes rows sorted by
+    expert SLOT (``expert_order``: class-major, so each class's rows are one contiguous
+    block; the layer's dispatcher sorts by slot) and runs one grouped GEMM per class: no
+    expert computes more than its own F. The split of the rows between classes is read
+    back once per call (a host int per class), unless ``rows_per_expert`` gives it.
+
+    ``padded=True`` is the reference: one (E, F_max, D) stack whose columns beyond F_e
+    (w1, w3) and rows (w2) start at zero. SwiGLU maps them to silu(0) * 0 = 0 and every
+    gradient reaching them is exactly 0, so AdamW (zero moments, decoupled decay of a
+    zero) keeps them zero: the same function at E * F_max cost. Its FQNs are
+    ``moe.experts.padded.*`` (a checkpoint of one path does not load into the other).
+
+    Under expert parallelism (``apply_ep``) every class is sharded on dim 0 over the ep
+    ranks and ``ep`` is set: rank j's local slots are ``expert_order[j*E/ep:(j+1)*E/ep]``.
+    """
+
+    def __init__(self, sizes: list[int], dim: int, backend: ExpertBackend = ExpertBackend.auto,
+                 recompute: bool = False, padded: bool = False) -> None:
+        super().__init__()
+        self.sizes, self.dim, self.num_experts = list(sizes), dim, len(sizes)
+        self.ep = 1
+        self.class_hidden, self.class_members = size_classes(self.sizes)
+        self.padded = (GroupedExperts(self.num_experts, dim, max(self.sizes), backend, recompute)
+                       if padded else None)
+        self.classes = nn.ModuleList(() if padded else (
+            GroupedExperts(len(ids), dim, f, backend, recompute)
+            for f, ids in zip(self.class_hidden, self.class_members)))
+
+    @property
+    def groups(self) -> list[GroupedExperts]:
+        """The stacked-weight modules: one per size class (or the padded stack)."""
+        return [self.padded] if self.padded is not None else list(self.classes)
+
+    @property
+    def kernel_backend(self) -> KernelBackend:
+        return self.groups[0].kernel_backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, value: KernelBackend) -> None:
+        for g in self.groups:
+            g.kernel_backend = value
+
+    @property
+    def expert_order(self) -> list[int]:
+        """Global expert id of each slot, in the order ``forward`` expects its rows."""
+        if self.padded is not None:
+            return list(range(self.num_experts))
+        return class_slot_order(self.sizes, self.ep)
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        for g in self.groups:
+            g.init_weights(init_std, out_std)
+        if self.padded is None:
+            return
+        g = self.padded
+        with torch.no_grad():
+            mask_EF = self.pad_mask_EF(g.w1_EFD.device)
+            g.w1_EFD.mul_(mask_EF[:, :, None])
+            g.w3_EFD.mul_(mask_EF[:, :, None])
+            g.w2_EDF.mul_(mask_EF[:, None, :])
+
+    def pad_mask_EF(self, device=None) -> torch.Tensor:
+        """float (E, F_max): 1 on each expert's own F_e hidden units, 0 on the padding."""
+        f = torch.arange(max(self.sizes), device=device)
+        return (f[None, :] < torch.tensor(self.sizes, device=device)[:, None]).float()
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, dim={self.dim}, padded={self.padded is not None}"
+
+    def forward(self, x_RD: torch.Tensor, tokens_per_expert_e: torch.Tensor,
+                rows_per_expert: int | None = None,
+                run: Callable[[torch.Tensor, ExpertCompute], torch.Tensor] | None = None,
+                ) -> torch.Tensor:
+        """As :meth:`GroupedExperts.forward`, rows sorted by local slot."""
+        if self.padded is not None:
+            return self.padded(x_RD, tokens_per_expert_e, rows_per_expert, run)
+        weights = [(_local(g.w1_EFD), _local(g.w3_EFD), _local(g.w2_EDF)) for g in self.classes]
+        compute = functools.partial(self._compute, weights)
+        if run is not None:
+            return run(x_RD, compute)
+        return compute(x_RD, tokens_per_expert_e, rows_per_expert)
+
+    def _compute(self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 x_RD: torch.Tensor, tokens_per_expert_e: torch.Tensor,
+                 rows_per_expert: int | None = None) -> torch.Tensor:
+        local = [w[0].shape[0] for w in weights]  # local experts per class
+        if tokens_per_expert_e.numel() != sum(local):
+            raise ValueError(
+                f"tokens_per_expert has {tokens_per_expert_e.numel()} entries but the size "
+                f"classes hold {sum(local)} local experts")
+        counts = torch.split(tokens_per_expert_e, local)
+        if rows_per_expert is not None:
+            rows = [n * rows_per_expert for n in local]
+        else:  # one host read: each class's share of the rows
+            rows = torch.stack([c.sum() for c in counts]).tolist() if local else []
+        outs = [g._compute(w, x_c, c, rows_per_expert)
+                for g, w, x_c, c in zip(self.classes, weights, torch.split(x_RD, rows), counts)]
+        return torch.cat(outs) if outs else x_RD.new_zeros(x_RD.shape)
+
+
+def build_routed_experts(dim: int, model_cfg, moe_cfg) -> GroupedExperts | RaggedExperts:
+    """The layer's routed experts: :class:`RaggedExperts` when ``model.expert_sizes`` is
+    set, else uniform :class:`GroupedExperts` of ``model.expert_hidden``."""
+    if model_cfg.expert_sizes is not None:
+        experts = RaggedExperts(list(model_cfg.expert_sizes), dim, moe_cfg.expert_backend,
+                                moe_cfg.recompute_experts)
+    else:
+        experts = GroupedExperts(model_cfg.num_experts, dim, model_cfg.expert_hidden,
+                                 moe_cfg.expert_backend, moe_cfg.recompute_experts)
+    experts.kernel_backend = moe_cfg.kernel_backend
+    return experts

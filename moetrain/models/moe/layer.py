@@ -37,12 +37,13 @@ from moetrain.config.schema import (
     RouterType,
 )
 from moetrain.models.moe.dispatcher import Dispatcher, LocalDispatcher
-from moetrain.models.moe.experts import FeedForward, GroupedExperts
+from moetrain.models.moe.experts import FeedForward, build_routed_experts
 from moetrain.models.moe.losses import (
     evomoe_balance_loss,
     load_balancing_loss,
     router_entropy,
     seq_load_balancing_loss,
+    size_weighted_balance_loss,
     xmoe_balance_loss,
     z_loss,
 )
@@ -169,9 +170,10 @@ class MoELayer(nn.Module):
                 r.context = self.router.context
                 self.chain_routers.append(r)
         self.is_compete = RouterType(moe_cfg.router.name) == RouterType.compete
-        self.experts = GroupedExperts(model_cfg.num_experts, dim, model_cfg.expert_hidden,
-                                      moe_cfg.expert_backend, moe_cfg.recompute_experts)
-        self.experts.kernel_backend = moe_cfg.kernel_backend  # fused SwiGLU on grouped_mm
+        # Uniform GroupedExperts, or HMoE's RaggedExperts (model.expert_sizes): one stack
+        # per size class, rows sorted by expert slot (the dispatcher's expert_order).
+        self.experts = build_routed_experts(dim, model_cfg, moe_cfg)
+        self.expert_sizes = model_cfg.expert_sizes  # size_weighted balance loss
         self.shared_experts = (
             FeedForward(dim, model_cfg.n_shared_experts * model_cfg.expert_hidden)
             if model_cfg.n_shared_experts > 0 else None
@@ -188,7 +190,9 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher(model_cfg.num_experts, capacity,
                                                       moe_cfg.kernel_backend,
                                                       recipe["drop_policy"],
-                                                      recipe["capacity_rule"])
+                                                      recipe["capacity_rule"],
+                                                      getattr(self.experts, "expert_order",
+                                                              None))
         self.aux_loss_scale: float = 1.0
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.count_prefix: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -448,6 +452,9 @@ class MoELayer(nn.Module):
             gates_TE, chosen_TE = _gates(routed, self.num_experts)
             balance = evomoe_balance_loss(gates_TE, chosen_TE, counts_E=total[:-1],
                                           num_tokens=total[-1])
+        elif kind == BalanceLoss.size_weighted:  # HMoE: f_e weighted by F_e / mean F
+            balance = size_weighted_balance_loss(routed.scores_TE, total[:-1], total[-1],
+                                                 self.expert_sizes)
         else:
             counts = total[:-1]
             if self.num_null:  # MoE++ eq. 7: the zero-computation experts' terms times tau

@@ -147,3 +147,28 @@ def prob_in_topk(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: t
     p_in = torch.special.ndtr((clean_TE - in_thr) / noise_std_TE)  # the normal CDF
     p_out = torch.special.ndtr((clean_TE - out_thr) / noise_std_TE)
     return torch.where(is_in, p_in, p_out)
+
+
+# ----------------------------------------------------------------------------- HMoE
+def size_weighted_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor,
+                               num_routed: int | torch.Tensor,
+                               sizes_E: torch.Tensor | list[int]) -> torch.Tensor:
+    """HMoE's size-aware balance loss (``moe.balance_loss=size_weighted``): the Switch loss
+    with each expert's routed share weighted by its hidden size relative to the mean.
+
+        loss = E * sum_e (f_e * F_e / mean(F)) * P_e
+        f_e  = counts_E[e] / num_routed (routed rows, T*K; not differentiable)
+        P_e  = mean_t scores_te (carries the gradient)
+
+    An expert's cost is tokens x F_e, so the weight makes routing to large experts cost
+    more than routing to small ones, pushing activation toward smaller experts as HMoE's
+    parameter penalty is described to (Wang et al., 2024, arXiv 2408.10681). UNVERIFIED:
+    the paper's exact P-Penalty formula; the normalisation by mean(F) is moetrain's
+    choice, so that with equal sizes it is the Switch loss (1.0 at perfect balance).
+    ``counts_E`` / ``num_routed`` may be summed over ranks (global-batch statistics), as
+    in :func:`load_balancing_loss`.
+    """
+    sizes = torch.as_tensor(sizes_E, dtype=torch.float32, device=scores_TE.device)
+    f_E = counts_E.float() / num_routed
+    P_E = scores_TE.float().mean(dim=0)
+    return sizes.numel() * (f_E * sizes / sizes.mean() * P_E).sum()

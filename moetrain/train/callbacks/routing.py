@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from moetrain.config.schema import BiasUpdate, Config
+from moetrain.metrics.flops import expert_flop_shares
 from moetrain.models.moe.routing import bias_delta
 from moetrain.train.callbacks.base import Callback, register_callback
 
@@ -137,8 +138,11 @@ class BalanceMonitorCallback(Callback):
 
     name = "balance_monitor"
 
-    def __init__(self, fraction: float, steps: int, num_layers: int, num_experts: int) -> None:
+    def __init__(self, fraction: float, steps: int, num_layers: int, num_experts: int,
+                 expert_sizes: list[int] | None = None) -> None:
         self.fraction, self.steps = fraction, steps
+        # HMoE's ragged experts: the share counts FLOPs (rows x F_e), not rows
+        self.expert_sizes = expert_sizes
         # Consecutive low-load steps per MoE layer (in layer order) and expert.
         self.run_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
 
@@ -146,7 +150,10 @@ class BalanceMonitorCallback(Callback):
         counts_LE = trainer.moe_stats.last_counts_LE
         if counts_LE is None or self.steps == 0:
             return
-        share_LE = counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp_min(1)
+        if self.expert_sizes is not None:
+            share_LE = expert_flop_shares(counts_LE, self.expert_sizes).float()
+        else:
+            share_LE = counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp_min(1)
         low_LE = share_LE < self.fraction / counts_LE.shape[1]
         self.run_LE = torch.where(low_LE, self.run_LE + 1, torch.zeros_like(self.run_LE))
         for layer, expert in (self.run_LE == self.steps).nonzero().tolist():
@@ -183,7 +190,7 @@ def _balance_monitor(cfg: Config) -> BalanceMonitorCallback:
     m = cfg.model
     n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
     return BalanceMonitorCallback(cfg.logging.collapse_fraction, cfg.logging.collapse_steps,
-                                  n_moe, m.num_experts + m.null_experts)
+                                  n_moe, m.num_experts + m.null_experts, m.expert_sizes)
 
 
 register_callback("balance_monitor")(_balance_monitor)
