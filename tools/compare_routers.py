@@ -125,6 +125,13 @@ METHODS: dict[str, Method] = {
     # MoE++ (arXiv 2410.07348) at the parameters of topk_aux: its 8 + 4 configuration (1
     # zero, 1 copy, 2 constant experts beside the 8 FFN experts; 2 x 64 + 64 parameters
     # each constant), its balance loss (tau 0.75, beta 1e-2) and no z-loss.
+    # HMoE (arXiv 2408.10681) at topk_aux's total expert parameters: 8 experts whose
+    # hidden sizes sum to 8 x 128 (classes of 2 each), top-2, the size-weighted Switch
+    # loss (its normalisation is moetrain's: docs/hmoe.md).
+    "hmoe": Method("HMoE: 8 experts of hidden 32/64/192/224 (2 each, sum 8 x 128), top-2, "
+                   "size-weighted Switch loss 1e-2, z-loss 1e-3",
+                   ("moe/router=topk", "model.expert_sizes=[32,32,64,64,192,192,224,224]",
+                    "moe.balance_loss=size_weighted")),
     "moepp": Method("MoE++: 8 FFN + 1 zero, 1 copy, 2 constant experts, top-2, "
                     "tau-weighted Switch loss 1e-2 (tau 0.75), no z-loss",
                     ("moe/router=topk", "model.zero_experts=1", "model.copy_experts=1",
@@ -157,6 +164,9 @@ def summarize(metrics_path: str | Path) -> dict:
     # Routed experts per token over the whole run (its training FLOPs): a variable k
     # varies, CompeteSMoE's competition steps come at random.
     out["active_k_mean"] = window_mean(train, "active_k", len(train))
+    # HMoE: the routed rows' mean expert hidden size (where the rows went), same window
+    out["routed_hidden_mean"] = (window_mean(train, "routed_hidden", len(train))
+                                 if any("routed_hidden" in r for r in train) else None)
     out["final_val_loss"] = val[-1][1] if val else None
     out["final_val_step"] = val[-1][0] if val else None
     out["val_curve"] = val
@@ -184,14 +194,17 @@ def run_config(name: str, steps: int, extra: list[str]):
     return compose_config(overrides(name, steps, extra))
 
 
-def flops_per_token(cfg, active_k: float | None = None) -> float:
+def flops_per_token(cfg, active_k: float | None = None,
+                    routed_hidden: float | None = None) -> float:
     """Training FLOPs per token of ``cfg``'s model: ``6 N_active + 12 L D S`` (N_active
     from :func:`moetrain.models.transformer.count_params` without the input embedding: a
     chain's C rounds of router, shared and K routed experts, RMoE's router, the output
     layer), counted at ``model.top_k * moe.chain_iterations`` routed experts per token
     and moved to ``active_k`` (the routed rows per token a run measured, metrics.jsonl's
-    ``active_k``) when given, as the trainer does for MFU."""
+    ``active_k``) when given, as the trainer does for MFU. With HMoE's ragged experts,
+    ``routed_hidden`` (the run's row-weighted mean F) replaces uniform routing's mean F."""
     from moetrain.metrics import flops_per_token_at_k, model_flops_per_token
+    from moetrain.metrics.flops import mean_expert_hidden
     from moetrain.models.transformer import count_params
     from moetrain.parallel.memory import resolve_vocab_size
 
@@ -202,7 +215,8 @@ def flops_per_token(cfg, active_k: float | None = None) -> float:
         return f
     n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
     return flops_per_token_at_k(f, m.top_k * cfg.moe.chain_iterations, active_k, n_moe,
-                                m.dim, m.expert_hidden)
+                                m.dim, mean_expert_hidden(m.expert_hidden, m.expert_sizes),
+                                routed_hidden)
 
 
 def add_flops(results: dict[str, dict], steps: int, extra: list[str]) -> None:
@@ -211,7 +225,8 @@ def add_flops(results: dict[str, dict], steps: int, extra: list[str]) -> None:
     else its config at its fixed k: a top-k router routes exactly top_k per token)."""
     for name, r in results.items():
         r["flops_per_token"] = flops_per_token(run_config(name, steps, extra),
-                                               r.get("active_k_mean"))
+                                               r.get("active_k_mean"),
+                                               r.get("routed_hidden_mean"))
     base = (results[FLOPS_BASELINE]["flops_per_token"] if FLOPS_BASELINE in results
             else flops_per_token(run_config(FLOPS_BASELINE, steps, extra)))
     for r in results.values():
