@@ -210,7 +210,7 @@ def flops_per_token(cfg, active_k: float | None = None,
 
     m = cfg.model
     p = count_params(m, resolve_vocab_size(cfg), cfg.moe)
-    f = model_flops_per_token(p.active - p.embedding, m.n_layers, m.dim, cfg.train.seq_len)
+    f = model_flops_per_token(p.active - p.embedding, m.n_layers, m.dim, cfg.train.seq_len, m)
     if active_k is None:
         return f
     n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))

@@ -12,6 +12,8 @@ gives moetrain's eval-mode logits. Targets (``--target``, default auto):
   glm4_moe      sigmoid / DeepSeek-V3 routing: expert bias, groups, shared experts
   ernie4_5_moe  softmax top-k renormalised, with shared experts or an expert bias
   llama, qwen2  dense models
+  jamba         Mamba or hybrid models (model.mixer), attention without RoPE, Jamba's
+                inner norms, softmax top-k not renormalised (docs/mamba.md)
 
 A model no target can hold exactly is refused with the field that prevents it. See
 docs/hf.md for what maps to what.

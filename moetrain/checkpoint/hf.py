@@ -570,7 +570,7 @@ def choose_target(model: torch.nn.Module, cfg: Config, target: Target | str = "a
             return t
     moe = routing is not None
     reasons = "; ".join(f"{t.value}: {_check(cfg, routing, bias_used, t)}" for t in _PREFERENCE
-                        if moe == (t not in (Target.llama, Target.qwen2)))
+                        if t == Target.jamba or moe == (t not in (Target.llama, Target.qwen2)))
     raise HFConversionError(f"no Hugging Face target holds this model exactly ({reasons})")
 
 

@@ -59,6 +59,11 @@ class Mixer(str, Enum):
     hybrid = "hybrid"  # attention iff i % attention_period == attention_offset (Jamba)
 
 
+class MambaScan(str, Enum):
+    sequential = "sequential"  # one step per position (mamba_ssm's selective_scan_ref)
+    chunked = "chunked"  # Mamba-2's SSD over chunks of model.mamba_chunk_size positions
+
+
 class PositionEncoding(str, Enum):
     rope = "rope"  # rotary embeddings on q and k
     none = "none"  # no positional encoding in attention (Jamba: the Mamba layers carry it)
@@ -313,6 +318,10 @@ class ModelConfig:
     mamba_dt_rank: int | None = None  # R; null: ceil(dim / 16)
     # Jamba's RMSNorms on dt, B and C inside the mixer (transformers' JambaMambaMixer)
     mamba_inner_norms: bool = False
+    # The selective scan: sequential (the reference loop; the faster one measured, on CPU)
+    # or chunked (Mamba-2's SSD form, exact, about chunk_size times the scan's work).
+    mamba_scan: MambaScan = MambaScan.sequential
+    mamba_chunk_size: int = 8
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
@@ -371,6 +380,8 @@ class ModelConfig:
         for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand"):
             _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name),
                      "must be >= 1")
+        _require(self.mamba_chunk_size >= 1, "model.mamba_chunk_size", self.mamba_chunk_size,
+                 "must be >= 1")
         _require(self.mamba_dt_rank is None or self.mamba_dt_rank >= 1, "model.mamba_dt_rank",
                  self.mamba_dt_rank, "must be >= 1, or null for ceil(model.dim / 16)")
 

@@ -47,7 +47,8 @@ def peak_flops_per_s(device: torch.device, override_tflops: float = 0.0) -> floa
 
 
 def model_flops_per_token(
-    active_params_non_embedding: int, n_layers: int, dim: int, seq_len: int
+    active_params_non_embedding: int, n_layers: int, dim: int, seq_len: int,
+    model_cfg=None,
 ) -> float:
     """Training FLOPs per token: ``6 N + 12 L D S`` (PaLM appendix B).
 
@@ -57,8 +58,19 @@ def model_flops_per_token(
     ``12 L D S``: attention scores and weighted values, ``2 * 2 * S * D`` forward per layer and
     token, times 3 for the backward. Causal masking halves the useful work, but this term
     counts the full ``S x S`` matrix as PaLM does, so it slightly overstates causal models.
+
+    ``model_cfg`` (a ModelConfig) with Mamba layers (``model.mixer``): the attention term
+    counts only the layers that attend, and each Mamba layer adds 3 x its selective scan's
+    elementwise FLOPs, 7 I N + 7 I per token (its projections are in N).
     """
-    return 6.0 * active_params_non_embedding + 12.0 * n_layers * dim * seq_len
+    attention_layers = n_layers
+    scan = 0.0
+    if model_cfg is not None:
+        attention_layers = sum(model_cfg.uses_attention(i) for i in range(model_cfg.n_layers))
+        I, N = model_cfg.mamba_expand * model_cfg.dim, model_cfg.mamba_d_state
+        scan = 3.0 * (7 * I * N + 7 * I) * (model_cfg.n_layers - attention_layers)
+    return (6.0 * active_params_non_embedding + 12.0 * attention_layers * dim * seq_len
+            + scan)
 
 
 def flops_per_token_at_k(flops_per_token: float, top_k: float, active_k: float,

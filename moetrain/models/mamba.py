@@ -245,11 +245,13 @@ def build_mamba(model_cfg: ModelConfig) -> MambaMixer:
     """The mixer of a block whose ``model_cfg.uses_attention(i)`` is false: mamba_simple's
     defaults (no in/out biases, conv bias, dt in [1e-3, 0.1]); the inner norms (Jamba)
     share the model's ``norm_eps``, as Jamba's one ``rms_norm_eps`` does. The scan is
-    the mixer's default (see :class:`MambaMixer`)."""
+    ``model.mamba_scan`` (sequential by default, see :class:`MambaMixer`)."""
     return MambaMixer(model_cfg.dim, d_state=model_cfg.mamba_d_state,
                       d_conv=model_cfg.mamba_d_conv, expand=model_cfg.mamba_expand,
                       dt_rank=model_cfg.mamba_dt_rank or "auto",
-                      inner_norms=model_cfg.mamba_inner_norms, norm_eps=model_cfg.norm_eps)
+                      inner_norms=model_cfg.mamba_inner_norms, norm_eps=model_cfg.norm_eps,
+                      scan=getattr(model_cfg.mamba_scan, "value", model_cfg.mamba_scan),
+                      chunk_size=model_cfg.mamba_chunk_size)
 
 
 def mamba_params(model_cfg: ModelConfig) -> int:

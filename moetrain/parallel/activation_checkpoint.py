@@ -14,8 +14,9 @@ its intermediate activations never stay alive across the step. Modes (``parallel
   router, the dispatch and its all-to-all are kept, so no communication is re-run.
   ``parallel.ac_attention=true`` also recomputes each attention sublayer (Korthikanti et
   al., 2022, recompute the parts whose memory is large and whose FLOPs are cheap), and
-  each Mamba mixer in its place (``model.mixer``): its scan keeps about three I*N values
-  per token, which dwarf the mixer's FLOPs to redo.
+  each Mamba mixer in its place (``model.mixer``): its sequential scan keeps about
+  (2N + 12) * I float32 values per token (each step's decays and state), far more than
+  its FLOPs cost to redo.
 
 Wrapping uses torch's non-reentrant ``checkpoint_wrapper``. It inserts
 ``_checkpoint_wrapped_module`` into parameter FQNs, and strips it again in ``state_dict``

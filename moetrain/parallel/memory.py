@@ -354,8 +354,16 @@ def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
     etp = t > 1 and ExpertTP(par.expert_tp) == ExpertTP.etp
     out = {}
     out["attn_norm"] = 2 * r * Ts * D + 4 * Ts
-    # q, k, v and the output, which is also wo's input; the log-sum-exp per head
-    out["attn"] = (3 * c if casts else r) * T * D + 4 * c * T * D / t + 4 * T * m.n_heads / t
+    if m.uses_attention(i):
+        # q, k, v and the output, which is also wo's input; the log-sum-exp per head
+        out["attn"] = ((3 * c if casts else r) * T * D + 4 * c * T * D / t
+                       + 4 * T * m.n_heads / t)
+    else:
+        # a Mamba mixer: the sequential scan keeps about (2N + 12) I fp32 values per token
+        # (measured from its saved tensors); the chunked one about 13 I N at chunk 8
+        I, N = m.mamba_expand * D, m.mamba_d_state
+        per_token = 13 * I * N if m.mamba_scan == "chunked" else I * (2 * N + 12)
+        out["attn"] = 4 * T * per_token
     out["ffn_norm"] = 2 * r * Ts * D + 4 * Ts
     if not m.is_moe_layer(i):
         out["mlp"] = (2 * c if casts else r) * T * D + 4 * c * T * m.ffn_hidden / t

@@ -26,7 +26,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig,
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
+        # Mamba's A_log and D are not decayed (mamba_simple's _no_weight_decay); matched by
+        # name, which survives FSDP's parameter replacement
+        leaf = name.rsplit(".", 1)[-1]
+        decayed = p.ndim >= 2 and "norm" not in name and leaf not in ("A_log", "D")
+        (decay if decayed else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

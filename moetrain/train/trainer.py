@@ -165,8 +165,8 @@ class Trainer:
             cfg.moe.router.name == "compete", ffn_experts=cfg.model.num_experts)
         self.callbacks = CallbackList(default_callbacks(cfg))
         self.flops_per_token = model_flops_per_token(
-            self.params.active - self.params.embedding, cfg.model.n_layers, cfg.model.dim, t.seq_len
-        )
+            self.params.active - self.params.embedding, cfg.model.n_layers, cfg.model.dim, t.seq_len,
+            cfg.model)  # attention layers only; Mamba layers add their scan
         # At model.top_k experts per token; each step moves it to the routed experts per
         # token it measured (a top-k schedule, variable-k routers): flops_per_token_at_k.
         self.flops_per_token_top_k = self.flops_per_token
