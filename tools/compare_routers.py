@@ -132,6 +132,16 @@ METHODS: dict[str, Method] = {
                    "size-weighted Switch loss 1e-2, z-loss 1e-3",
                    ("moe/router=topk", "model.expert_sizes=[32,32,64,64,192,192,224,224]",
                     "moe.balance_loss=size_weighted")),
+    # MoE-Mamba (arXiv 2401.04081): Mamba mixers in place of attention, Switch (top-1) MoE
+    # FFNs, against the same Mamba model with dense FFNs of one expert's size (equal
+    # active parameters) and against the Transformer's Switch MoE (`switch`).
+    "moe_mamba": Method("MoE-Mamba: Mamba-1 mixers, Switch top-1 MoE (capacity 1.25), "
+                        "Switch aux loss 1e-2",
+                        ("model.mixer=mamba", "moe/router=switch", "model.top_k=1",
+                         "moe.dispatch=capacity", "moe.capacity_factor=1.25")),
+    "mamba_dense": Method("Mamba-1 mixers, dense FFN of one expert's size (128)",
+                          ("model.mixer=mamba", "model.first_dense_layers=2",
+                           "model.ffn_hidden=128")),
     "moepp": Method("MoE++: 8 FFN + 1 zero, 1 copy, 2 constant experts, top-2, "
                     "tau-weighted Switch loss 1e-2 (tau 0.75), no z-loss",
                     ("moe/router=topk", "model.zero_experts=1", "model.copy_experts=1",
