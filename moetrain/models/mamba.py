@@ -224,11 +224,14 @@ class MambaMixer(nn.Module):
                             + self.dt_proj.bias.to(f))
         A_IN = -torch.exp(self.A_log.to(f))
         x_BTI, B_BTN, C_BTN = x_BTI.to(f), B_BTN.to(f), C_BTN.to(f)
-        if self.scan == "chunked":
-            y_BTI, _ = selective_scan_chunked(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN,
-                                              self.chunk_size)
-        else:
-            y_BTI, _ = selective_scan_sequential(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN)
+        # The scan in float32 even under autocast (whose bf16 matmuls would round the state
+        # at every step): the projections around it keep the autocast dtype.
+        with torch.autocast(device_type=x_BTI.device.type, enabled=False):
+            if self.scan == "chunked":
+                y_BTI, _ = selective_scan_chunked(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN,
+                                                  self.chunk_size)
+            else:
+                y_BTI, _ = selective_scan_sequential(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN)
         y_BTI = (y_BTI + x_BTI * self.D.to(f)) * F.silu(z_BTI.to(f))
         return self.out_proj(y_BTI.to(x_BTD.dtype))
 
