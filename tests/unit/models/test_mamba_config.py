@@ -11,8 +11,9 @@ from moetrain.metrics.flops import model_flops_per_token
 from moetrain.models.transformer import Transformer
 from moetrain.train.optim import build_optimizer
 
-HYBRID = dict(dim=32, n_layers=4, n_heads=2, max_seq_len=16, num_experts=4, top_k=2,
-              expert_hidden=16, mixer="hybrid", attention_period=2, attention_offset=1)
+HYBRID = {"dim": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 16, "num_experts": 4,
+          "top_k": 2, "expert_hidden": 16, "mixer": "hybrid", "attention_period": 2,
+          "attention_offset": 1}
 
 
 def test_the_scan_choice_reaches_every_mixer_and_gives_the_same_logits():
