@@ -203,6 +203,17 @@ def test_rmoe_layout_matches_single_process(runs, layout, overrides, world):
     assert_matches(name, ref, got, RMOE_KEYS)
 
 
+def test_rmoe_virtual_stages_sum_both_local_copies_of_the_cell(runs):
+    """pp=2 with 2 virtual stages per rank (interleaved 1F1B, one layer per stage): each
+    rank holds two stage modules, so two copies of the shared cell, whose gradients are
+    summed locally before the pp all-reduce; the stage-0 copy alone enters the norm."""
+    ref = _rmoe_ref(runs)
+    got = runs.get("rmoe_pp2_v2", PP_BASE + RMOE + [
+        "parallel.pp=2", "parallel.pp_virtual_stages=2", "parallel.pp_schedule=interleaved_1f1b",
+        "parallel.pp_split=[0,1,2,3]"], world=2)
+    assert_matches("rmoe_pp2_virtual2", ref, got, RMOE_KEYS)
+
+
 def test_rmoe_full_activation_checkpointing_under_pp2(runs):
     """``parallel.ac=full`` recomputes each block in the backward with the router state
     it got as an input: the 1-process numbers under pp=2."""
@@ -255,6 +266,15 @@ def test_compete_ep2_dp2_matches_single_process(runs):
     assert len(step_rows(got)) == STEPS
     assert_matches("compete_ep2_dp2", ref, got, COMPETE_KEYS)
     assert all(r["a2a_bytes"] > 0 for r in step_rows(got))
+
+
+def test_compete_pp2_matches_single_process(runs):
+    """pp=2: each stage's layers draw their competition steps from (seed, step, layer),
+    so the stages compete exactly where the 1-process run does."""
+    ref = runs.get("ppref_compete", PP_BASE + COMPETE)
+    got = runs.get("pp2_compete", PP_BASE + COMPETE + ["parallel.pp=2"], world=2)
+    assert_matches("compete_pp2", ref, got, COMPETE_KEYS)
+    assert any(r["competed_layers"] > 0 for r in step_rows(ref))
 
 
 def test_compete_tp2_matches_single_process(runs):
