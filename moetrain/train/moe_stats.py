@@ -58,6 +58,10 @@ class MoEStatsTracker:
                                      device=self.device, dtype=torch.float64)
         self.round_aux_LR = torch.zeros(n, self.round_LRE.shape[1], device=self.device,
                                         dtype=torch.float64)
+        # CompeteSMoE: the competition's router MSE, diversity and balance terms (raw),
+        # summed over the layers' competing forwards
+        self.compete_L3 = torch.zeros(n, 3 if self.compete else 0, device=self.device,
+                                      dtype=torch.float64)
 
     def accumulate(self, only=None) -> None:
         """Add each layer's last micro-batch statistics (only layer ``only`` if given)."""
@@ -77,6 +81,11 @@ class MoEStatsTracker:
                 (s.num_null.float() if getattr(s, "num_null", None) is not None
                  else torch.zeros((), device=self.device)),
             ])
+            terms = getattr(layer, "last_compete", None)
+            if self.compete and getattr(layer, "competed", False) and terms is not None:
+                self.compete_L3[i] += torch.stack([
+                    terms["router_loss"], terms["diversity_loss"], terms["balance_loss"],
+                ]).double().to(self.device)
             for t, r in enumerate(getattr(layer, "last_round_stats", [])[:self.rounds]):
                 if self.round_LRE.shape[1]:
                     self.round_LRE[i, t] += r.load_E.double()
@@ -108,7 +117,8 @@ class MoEStatsTracker:
         spread_L1 = self._bias_spread_L()[:, None].double() / max(world, 1)
         L = len(self.layers)
         packed = torch.cat([self.load_LE, self.scalars_LC, spread_L1,
-                            self.round_LRE.reshape(L, -1), self.round_aux_LR], dim=1)
+                            self.round_LRE.reshape(L, -1), self.round_aux_LR,
+                            self.compete_L3], dim=1)
         if world > 1:
             dist.all_reduce(packed, group=group)
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
@@ -168,6 +178,12 @@ class MoEStatsTracker:
         if self.compete:  # MoE layers that competed this step (CompeteSMoE)
             names.append("competed_layers")
             values.append((s[:, 9] / n_mb).sum())
+            # the competition's raw terms, mean over the competing layer forwards (0 on a
+            # step without competition)
+            forwards = s[:, 9].sum().clamp_min(1)
+            terms_3 = s[:, -3:].sum(dim=0) / forwards
+            names += ["compete/router_mse", "compete/diversity", "compete/balance"]
+            values += list(terms_3.unbind(0))
         for key, v_L in per_layer.items():
             names += [f"moe/layer{i}/{key}" for i in range(v_L.shape[0])]
             values += list(v_L.unbind(0))

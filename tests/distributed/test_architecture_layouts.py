@@ -80,7 +80,8 @@ COE_PP_KEYS = KEYS + tuple(
 # stage boundary moves it by ~1e-3 relative, the gradient norm by ~4e-4).
 RMOE_KEYS = KEYS + tuple(f"moe/layer{i}/load_imbalance" for i in range(3))
 # router_loss: the competition's weighted losses; competed_layers: the step's competitions.
-COMPETE_KEYS = KEYS + ("router_loss", "competed_layers")
+COMPETE_KEYS = KEYS + ("router_loss", "competed_layers", "compete/router_mse",
+                       "compete/diversity", "compete/balance")
 
 # name -> {metric: max relative difference to the 1-process run}, printed at the end.
 MEASURED: dict[str, dict[str, float]] = {}
@@ -255,6 +256,10 @@ def test_compete_schedule_mixes_steps(runs):
     # metrics row s + 1 is 0-based step s
     assert [r["competed_layers"] for r in step_rows(ref)] == [
         per_step[s] for s in range(STEPS)], sorted(pairs)
+    # the competition's terms are logged on its steps only (0 elsewhere)
+    for s, r in enumerate(step_rows(ref)):
+        assert (r["compete/router_mse"] > 0) == (per_step[s] > 0), (s, r["compete/router_mse"])
+        assert (r["compete/balance"] > 0) == (per_step[s] > 0)
 
 
 def test_compete_ep2_dp2_matches_single_process(runs):

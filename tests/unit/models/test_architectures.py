@@ -889,3 +889,29 @@ def test_coe_takes_its_recipe_in_a_chain():
     layer = MoELayer(8, ModelConfig(dim=8, n_heads=2, num_experts=4, top_k=2,
                                     expert_hidden=12), chain)
     assert (layer.balance_loss, layer.aux_loss_coef, layer.z_loss_coef) == ("seq", 1e-3, 0.0)
+
+
+def test_the_step_logs_the_competition_terms_averaged_over_competing_forwards():
+    """metrics.jsonl's compete/router_mse, compete/diversity and compete/balance: the raw
+    terms of the step's competing forwards, averaged; competed_layers counts the layers."""
+    from moetrain.train.moe_stats import MoEStatsTracker
+
+    layer = _compete_layer(**COEFS)
+    tracker = MoEStatsTracker([layer], torch.device("cpu"), num_experts=4, compete=True)
+    seen = []
+    for seed in (1, 2):  # two micro-batches of one step
+        layer(torch.randn(8, 8, generator=torch.Generator().manual_seed(seed)))
+        seen.append(dict(layer.last_compete))
+        tracker.accumulate()
+    out = tracker.reduce(None, 1)
+    assert out["competed_layers"] == 1.0
+    for key, name in (("compete/router_mse", "router_loss"), ("compete/diversity",
+                                                             "diversity_loss"),
+                      ("compete/balance", "balance_loss")):
+        want = (seen[0][name] + seen[1][name]).item() / 2
+        assert out[key] == pytest.approx(want, rel=1e-6)
+    layer.router.force = False  # a routed step: nothing competed, the terms are 0
+    layer(torch.randn(8, 8))
+    tracker.accumulate()
+    out = tracker.reduce(None, 1)
+    assert out["competed_layers"] == 0 and out["compete/router_mse"] == 0
