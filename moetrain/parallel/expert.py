@@ -75,6 +75,18 @@ def ep_bytes_sent(moe_layers: list[nn.Module]) -> int:
     return total
 
 
+def ep_bytes_saved(moe_layers: list[nn.Module], device: torch.device) -> torch.Tensor:
+    """Bytes that rows never dispatched (MoE++'s zero-computation experts) did not send
+    through all-to-all since the last call (then reset), float64 on ``device``."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for layer in moe_layers:
+        d = layer.dispatcher
+        if isinstance(d, AllToAllDispatcher) and d.bytes_saved is not None:
+            total += d.bytes_saved.to(device=device, dtype=torch.float64)
+            d.bytes_saved = None
+    return total
+
+
 def count_all_reducer(group: dist.ProcessGroup):
     """Sum expert counts over ``group`` (the tp ranks that each route a sequence shard).
 

@@ -34,6 +34,7 @@ from moetrain.parallel.expert import (
     apply_ep,
     count_all_reducer,
     count_prefix_reducer,
+    ep_bytes_saved,
     ep_bytes_sent,
 )
 from moetrain.parallel.fsdp import GradReplicator, apply_fsdp, grad_sync_mode
@@ -150,16 +151,8 @@ class ParallelModel:
     def ep_bytes_sent(self) -> int:
         return ep_bytes_sent(self.moe_layers)
 
-    def ep_bytes_saved(self) -> torch.Tensor:
-        """All-to-all bytes that MoE++'s zero-computation rows did not send since the last
-        call (then reset): a device count, read with the step's other statistics."""
-        total = torch.zeros((), dtype=torch.float64)
-        for layer in self.moe_layers:
-            saved = getattr(layer, "a2a_bytes_saved", None)
-            if saved is not None:
-                total = total + saved.detach().double().cpu()
-                layer.a2a_bytes_saved = None
-        return total
+    def ep_bytes_saved(self, device: torch.device) -> torch.Tensor:
+        return ep_bytes_saved(self.moe_layers, device)
 
 
 def _wire_count_reducers(moe_layers: list[nn.Module], mesh: MoEMesh, layout: Layout,

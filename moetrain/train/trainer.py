@@ -333,7 +333,7 @@ class Trainer:
                 dist.all_reduce(sent, group=self.pm.pp_group)
             out["a2a_bytes"] = sent.item()
             if cfg.model.null_experts:  # MoE++: rows of zero-computation experts never sent
-                saved = self.pm.ep_bytes_saved().to(self.device).double()
+                saved = self.pm.ep_bytes_saved(self.device)
                 if self.pm.stats_size > 1:
                     dist.all_reduce(saved, group=self.pm.stats_group)
                 if self.pm.pp_group is not None:

@@ -17,25 +17,11 @@ import copy
 
 import pytest
 import torch
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from moetrain.config.schema import DropPolicy, ExpertBackend, KernelBackend, RouterType
-from tests.unit.models.test_no_host_sync import _layer, _run, _x
+from tests.unit.models.test_no_host_sync import _layer, _run, _static_shapes_backend, _x
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _inductor_recording_unbacked(unbacked: list[str]):
-    """inductor, after recording every graph node whose value has a data-dependent size."""
-    inductor = torch._dynamo.lookup_backend("inductor")
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        for node in gm.graph.nodes:
-            if free_unbacked_symbols(node.meta.get("example_value")):
-                unbacked.append(node.format_node())
-        return inductor(gm, example_inputs)
-
-    return backend
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,7 +38,7 @@ def test_capacity_layer_compiles_fullgraph_on_cuda_without_host_reads(policy, ro
     eager = _layer(policy, backend, router, KernelBackend.torch).cuda()
     compiled = copy.deepcopy(eager)
     unbacked: list[str] = []
-    fn = torch.compile(compiled, fullgraph=True, backend=_inductor_recording_unbacked(unbacked))
+    fn = torch.compile(compiled, fullgraph=True, backend=_static_shapes_backend(unbacked, "inductor"))
     x = _x().cuda()
     want, got = _run(eager, x), _run(compiled, x, fn)
     assert unbacked == []

@@ -108,6 +108,12 @@ class Dispatcher(Protocol):
         """(E, T, D): every expert's output on every token of ``x_TD`` (a dense step)."""
         ...
 
+    def skip_rows(self, rows: torch.Tensor, row_bytes: int) -> None:
+        """``rows`` (a device count) were computed where their tokens are and never
+        dispatched (MoE++'s zero-computation experts): an exchanging dispatcher counts
+        the bytes they saved."""
+        ...
+
 
 # DeepSpeed's (and XMoE's) min_capacity: the tokens rule never gives fewer rows.
 MIN_TOKENS_CAPACITY = 4
@@ -381,6 +387,9 @@ class LocalDispatcher:
         )
         return x_RD, meta
 
+    def skip_rows(self, rows: torch.Tensor, row_bytes: int) -> None:
+        """Nothing is exchanged on one device: nothing to count."""
+
     def dense(self, x_TD: torch.Tensor, experts: Callable) -> torch.Tensor:
         """Every expert's output on every token, (E, T, D): a dense step (CompeteSMoE's
         competition). Nothing is dropped, whatever the capacity factor."""
@@ -474,6 +483,9 @@ class AllToAllDispatcher:
         self.local = LocalDispatcher(num_experts, capacity_factor, kernel_backend, drop_policy,
                                      capacity_rule, expert_order)
         self.bytes_sent = 0  # token bytes sent by dispatch + combine since the last reset
+        # Bytes that rows never dispatched (MoE++) did not send, a device count (no host
+        # read on the step's path), since the last reset.
+        self.bytes_saved: torch.Tensor | None = None
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
         """counts_E[j*e + l]: rows for expert l of EP rank j -> counts_Se[src, l] received."""
@@ -521,6 +533,11 @@ class AllToAllDispatcher:
             rows_per_expert=None if C is None else ep * C,
         )
         return x_out, meta
+
+    def skip_rows(self, rows: torch.Tensor, row_bytes: int) -> None:
+        """Count what the rows would have sent: dispatch and combine, as ``bytes_sent``."""
+        saved = rows * (2 * row_bytes)
+        self.bytes_saved = saved if self.bytes_saved is None else self.bytes_saved + saved
 
     def dense(self, x_TD: torch.Tensor, experts: Callable) -> torch.Tensor:
         """Every expert's output on this rank's tokens, (E, T, D) (CompeteSMoE's dense

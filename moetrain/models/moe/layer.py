@@ -202,9 +202,6 @@ class MoELayer(nn.Module):
         self.competed = False  # the last training forward was a competition step
         # The recurrent router's new state after the last forward (handed to the block).
         self.state_out: torch.Tensor | None = None
-        # MoE++ under EP: bytes the zero-computation rows did not send (a device count,
-        # read and reset with the step's all-to-all bytes).
-        self.a2a_bytes_saved: torch.Tensor | None = None
 
     @property
     def routers(self) -> list[nn.Module]:
@@ -297,12 +294,8 @@ class MoELayer(nn.Module):
             y_TD = self.dispatcher.combine(y_RD, meta)
             if self.num_null:
                 y_TD = y_TD + self._null_out(cur_TD, routed)
-                if hasattr(self.dispatcher, "bytes_sent"):  # EP: what these rows did not send
-                    rows = (null_TK if routed.active_TK is None
-                            else null_TK & routed.active_TK).sum()
-                    saved = rows * (2 * cur_TD.shape[1] * cur_TD.element_size())
-                    self.a2a_bytes_saved = (saved if self.a2a_bytes_saved is None
-                                            else self.a2a_bytes_saved + saved)
+                kept_TK = null_TK if routed.active_TK is None else null_TK & routed.active_TK
+                self.dispatcher.skip_rows(kept_TK.sum(), cur_TD.shape[1] * cur_TD.element_size())
             if self.shared_experts is not None:  # re-run every round (CoE's official code)
                 y_TD = y_TD + self.shared_experts(cur_TD)
             cur_TD = cur_TD + y_TD if self.inner_residual else y_TD

@@ -178,15 +178,16 @@ def test_dropless_layer_still_reads_the_counts():
     assert "tolist" in h.reads
 
 
-def _static_shapes_backend(unbacked: list[str]):
-    """aot_eager, after recording every graph node whose value has a data-dependent size."""
-    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+def _static_shapes_backend(unbacked: list[str], name: str = "aot_eager"):
+    """The compile backend ``name``, after recording every graph node whose value has a
+    data-dependent size."""
+    compile_with = torch._dynamo.lookup_backend(name)
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         for node in gm.graph.nodes:
             if free_unbacked_symbols(node.meta.get("example_value")):
                 unbacked.append(node.format_node())
-        return aot_eager(gm, example_inputs)
+        return compile_with(gm, example_inputs)
 
     return backend
 
