@@ -25,13 +25,17 @@
 #   RDZV_CONF             extra --rdzv-conf (default: dead nodes detected in ~15 s, and a
 #                         round closes 10 s after MIN_NODES joined)
 #
-# On SLURM: one task per node running this script (srun --ntasks-per-node=1), with
-# MASTER_ADDR the first host of the allocation:
-#   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1) \
-#     MIN_NODES=2 MAX_NODES=$SLURM_NNODES srun --ntasks-per-node=1 launch/elastic.sh ...
+# On SLURM: one task per node running this script, MASTER_ADDR the first host of the
+# allocation, in a job that outlives a lost node (sbatch --no-kill, and srun without
+# --kill-on-bad-exit). In the batch script:
+#   mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+#   MASTER_ADDR=${hosts[0]} MIN_NODES=1 MAX_NODES=$SLURM_NNODES \
+#     srun --kill-on-bad-exit=0 --ntasks-per-node=1 launch/elastic.sh ...
 # Nodes added later (another srun step, or a new job with the same RDZV_ID and
 # MASTER_ADDR) join at the next rendezvous; the running workers are stopped with a
-# checkpoint (SIGTERM) and restarted with the larger world.
+# checkpoint (SIGTERM) and restarted with the larger world. Under srun the agent ignores
+# SIGTERM, SIGUSR1 and SIGUSR2: SLURM signals the workers too (they stop with a
+# checkpoint), and the agent must outlive their save (see launch/slurm.sbatch).
 set -euo pipefail
 
 if [[ -z "${NPROC:-}" ]]; then
@@ -52,6 +56,21 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_ID="${RDZV_ID:-moetrain-elastic}"
 RDZV_CONF="${RDZV_CONF:-keep_alive_interval=5,keep_alive_max_attempt=3,last_call_timeout=10}"
 read -r -a LAUNCHER <<< "${TORCHRUN:-torchrun}"
+
+if [[ -n "${SLURM_STEP_ID:-}" ]]; then
+  trap '' TERM USR1 USR2  # inherited by torchrun, which then handles only INT, HUP, QUIT
+  LAUNCHER+=(--signals-to-handle=SIGINT,SIGHUP,SIGQUIT)
+  # The allocation's first node hosts the rendezvous store when MASTER_ADDR names it.
+  # Said explicitly: where the nodes share an address (one machine, containers) every
+  # node would take MASTER_ADDR for itself, and the first to bind the port would host.
+  if [[ "$RDZV_CONF" != *is_host=* && -n "${SLURM_JOB_NODELIST:-}" ]]; then
+    mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    if [[ "$MASTER_ADDR" == "${hosts[0]:-}" ]]; then
+      if [[ "${SLURM_NODEID:-}" == 0 ]]; then host=true; else host=false; fi
+      RDZV_CONF+=",is_host=$host"
+    fi
+  fi
+fi
 
 # A fresh worker store for every rendezvous round: with the agent's shared store
 # (torch's default), a node joining a running job waits forever for bootstrap keys

@@ -37,4 +37,23 @@ def __getattr__(name: str):
         from moetrain.checkpoint.load import load
 
         return load
+    if name == "load_tokenizer":
+        return _load_tokenizer
     raise AttributeError(f"module 'moetrain' has no attribute {name!r}")
+
+
+def _load_tokenizer(path):
+    """The tokenizer the model of checkpoint ``path`` was trained with (``moetrain.load``'s
+    companion): a committed ``step_N`` directory, a checkpoints directory or a run.dir. Every
+    checkpoint carries it as Hugging Face files; the result encodes and decodes as the
+    data did (``encode``, ``decode``, ``eos_id``, ``bos_id``)."""
+    from moetrain.checkpoint.load import resolve_checkpoint
+    from moetrain.data.tokenizer import HFTokenizer
+
+    ckpt = resolve_checkpoint(path)
+    if not (ckpt / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{ckpt} carries no tokenizer (tokenizer.json): it was written before checkpoints "
+            f"saved their tokenizer; load the data directory's tokenizer instead "
+            f"(moetrain.data.load_tokenizer(read_meta(DIR), DIR))")
+    return HFTokenizer(ckpt)

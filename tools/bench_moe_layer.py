@@ -20,6 +20,14 @@ Implementations, all on the same shapes (inputs (T/S, S, D), S = min(2048, T)):
   weight to ``torch.cuda.current_device()``, so it runs on CUDA only (one-rank process group).
 Peers that are not importable are reported as skipped with the reason.
 
+``--capacity-factor CF`` (repeatable) adds ``capacity_cf<CF>``: the same layer with
+``moe.dispatch=capacity`` and ``moe.capacity_factor=CF`` (``--kernel-backend``'s kernels):
+a fixed capacity for CF > 0, Tutel's adaptive capacity for CF <= 0 (0: C = the largest
+expert load; -c: min(that, the factor-c capacity)). Each row notes its C, its E x C rows
+against the T*K routed rows, and the share of rows dropped; these rows are not judged
+against the targets (a dropping layer is another function). With CF = 0 nothing is dropped
+and the row must match the naive loop.
+
 Every moetrain variant is checked against the naive loop before anything is timed. On a GPU
 the report marks whether the fastest moetrain variant meets the shape's targets, ratios
 measured in the same run: at most ``max_vs_torchtitan`` x torchtitan's time, and at least
@@ -32,6 +40,8 @@ Each figure is the mean of ``--iters`` timed iterations after ``--warmup`` warm-
     python tools/bench_moe_layer.py --json bench.json            # GPU, the three shapes
     python tools/bench_moe_layer.py --device cpu --shape tiny    # CPU smoke run
     python tools/bench_moe_layer.py --device cpu --shape qwen3_like --scale 32   # E, K kept
+    python tools/bench_moe_layer.py --device cpu --shape tiny --impl moetrain_torch \
+        --capacity-factor 1.25 --capacity-factor 0 --capacity-factor -1   # capacity modes
 """
 
 from __future__ import annotations
@@ -135,13 +145,18 @@ def make_weights(s: Shape, device: torch.device, dtype: torch.dtype, seed: int) 
 
 
 # ----------------------------------------------------------------------------- modules
-def build_moetrain(s: Shape, w: Weights, kernel_backend: str, expert_backend: str) -> nn.Module:
-    from moetrain.config.schema import ModelConfig, MoEConfig
+def build_moetrain(s: Shape, w: Weights, kernel_backend: str, expert_backend: str,
+                   capacity_factor: float | None = None) -> nn.Module:
+    """moetrain's MoELayer with the shared weights: dropless, or ``moe.dispatch=capacity``
+    with ``capacity_factor`` (<= 0: the adaptive capacity)."""
+    from moetrain.config.schema import DispatchMode, ModelConfig, MoEConfig
     from moetrain.models.moe.layer import MoELayer
 
     mcfg = ModelConfig(dim=s.D, n_heads=1, num_experts=s.E, top_k=s.K, expert_hidden=s.F)
+    capacity = {} if capacity_factor is None else {"dispatch": DispatchMode.capacity,
+                                                   "capacity_factor": capacity_factor}
     moe_cfg = MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0, kernel_backend=kernel_backend,
-                        expert_backend=expert_backend)
+                        expert_backend=expert_backend, **capacity)
     layer = MoELayer(s.D, mcfg, moe_cfg).to(device=w.w1_EFD.device, dtype=w.w1_EFD.dtype)
     with torch.no_grad():
         layer.router.gate.weight.copy_(w.gate_ED)
@@ -399,6 +414,24 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+def capacity_name(cf: float) -> str:
+    """The row name of a capacity variant: capacity_cf1.25, capacity_cf0, capacity_cf-1."""
+    return f"capacity_cf{cf:g}"
+
+
+def capacity_stats(layer: nn.Module, x: torch.Tensor) -> dict:
+    """C, the E x C rows the experts compute and the share of routed rows dropped, for
+    ``layer`` (a capacity-mode MoELayer) on ``x``."""
+    with torch.no_grad():
+        x_TD = x.reshape(-1, x.shape[-1])
+        r = layer.router(x_TD)
+        extra = () if r.active_TK is None else (r.active_TK,)
+        x_RD, meta = layer.dispatcher.dispatch(x_TD, r.ids_TK, r.weights_TK, *extra)
+    routed = r.ids_TK.numel() if r.active_TK is None else int(r.active_TK.sum())
+    return {"rows_per_expert": meta.rows_per_expert, "rows": x_RD.shape[0],
+            "routed_rows": routed, "dropped_frac": int(meta.num_dropped) / max(routed, 1)}
+
+
 def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     xi = x.clone().requires_grad_()
     y = module(xi)
@@ -408,8 +441,10 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
 
 def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.dtype,
                 warmup: int, iters: int, seed: int, kernel_backend: str = "auto",
-                expert_backend: str = "auto", check_tol: float | None = None) -> dict:
-    """Verify moetrain against the naive loop, then time every implementation."""
+                expert_backend: str = "auto", check_tol: float | None = None,
+                capacity_factors: tuple[float, ...] = ()) -> dict:
+    """Verify moetrain against the naive loop, then time every implementation, then the
+    capacity variants of ``capacity_factors``."""
     w = make_weights(s, device, dtype, seed)
     g = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(*s.input_shape, generator=g, device=device).to(dtype)
@@ -451,8 +486,11 @@ def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.d
         "torchtitan": lambda: build_torchtitan(s, w),
         "megatron": lambda: build_megatron(s, w),
     }
+    factor = {capacity_name(cf): cf for cf in capacity_factors}
+    builders.update({n: functools.partial(build_moetrain, s, w, kernel_backend, expert_backend,
+                                          cf) for n, cf in factor.items()})
     rows = []
-    for name in impls:
+    for name in [*impls, *factor]:
         row: dict = {"impl": name, "status": "ok", "ms": None, "tflops": None,
                      "pct_of_dense": None, "peak_mem_gib": None, "rel_err_vs_naive": None,
                      "note": ""}
@@ -473,6 +511,14 @@ def bench_shape(s: Shape, impls: list[str], device: torch.device, dtype: torch.d
             if name != "dense_limit":  # the same function of the same weights?
                 with torch.no_grad():
                     row["rel_err_vs_naive"] = _rel_err(module(x), ref_y)
+            if name in factor:
+                st = capacity_stats(module, x)
+                row.update(st, note=f"C={st['rows_per_expert']}: {st['rows']} rows for "
+                                    f"{st['routed_rows']} routed, "
+                                    f"{100 * st['dropped_frac']:.1f}% dropped")
+                if factor[name] == 0 and row["rel_err_vs_naive"] > tol:  # drops nothing
+                    raise RuntimeError(f"{name} disagrees with the naive loop: "
+                                       f"{row['rel_err_vs_naive']:.2e} > {tol}")
             ms = time_fwd_bwd(module, inp, g_out, warmup, iters)
         except ConfigError as e:  # a variant this machine cannot run (triton on a CPU)
             row.update(status="skipped", note=str(e)[:300])
@@ -555,7 +601,8 @@ def format_table(report: dict) -> str:
 
             lines.append(f"  {r['impl']:<24}{fmt(r['ms'], '10.2f')}{fmt(r['tflops'], '10.1f')}"
                          f"{fmt(r['pct_of_dense'], '10.1f')}{fmt(r['peak_mem_gib'], '10.2f')}"
-                         f"{fmt(r['rel_err_vs_naive'], '10.1e')}")
+                         f"{fmt(r['rel_err_vs_naive'], '10.1e')}"
+                         + (f"  {r['note']}" if r.get("note") else ""))
     return "\n".join(lines)
 
 
@@ -575,6 +622,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--expert-backend", default="auto", choices=["auto", "loop", "grouped_mm"])
+    p.add_argument("--capacity-factor", type=float, action="append", default=[],
+                   help="repeatable: also time the layer with moe.dispatch=capacity and "
+                        "this moe.capacity_factor (<= 0: adaptive); rows capacity_cf<CF>")
     p.add_argument("--json", default=None, help="write the report to this path")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -584,12 +634,14 @@ def main(argv: list[str] | None = None) -> dict:
     impls = a.impl or list(IMPLS)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     report = {"device": name or device.type, "torch": torch.__version__, "dtype": dtype_name,
-              "warmup": a.warmup, "iters": a.iters, "scale": a.scale, "shapes": []}
+              "warmup": a.warmup, "iters": a.iters, "scale": a.scale,
+              "capacity_factors": a.capacity_factor, "shapes": []}
     for n in shapes:
         s = SHAPES[n].scaled(1 if n == "tiny" else a.scale)
         try:
             report["shapes"].append(bench_shape(s, impls, device, dtype, a.warmup, a.iters,
-                                                a.seed, a.kernel_backend, a.expert_backend))
+                                                a.seed, a.kernel_backend, a.expert_backend,
+                                                capacity_factors=tuple(a.capacity_factor)))
         except Exception as e:  # noqa: BLE001 - e.g. a failed correctness check: report it
             report["shapes"].append({**asdict(s), "error": f"{type(e).__name__}: {e}"[:2000],
                                      "results": []})

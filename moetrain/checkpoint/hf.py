@@ -85,7 +85,7 @@ def _read_json(path: Path) -> dict:
         raise HFConversionError(f"{path} is missing: a Hugging Face model directory holds "
                                 f"config.json and *.safetensors (save_pretrained writes them)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise HFConversionError(f"{path} is not valid JSON ({e})") from e
 
@@ -903,13 +903,52 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, target: Target | str = 
     logits. ``target``: see the module docstring; ``auto`` picks the first that holds the
     model exactly. ``config`` overrides the checkpoint's ``config.yaml``. Returns the target.
     """
-    from moetrain.checkpoint.load import load
+    from moetrain.checkpoint.load import load, resolve_checkpoint
 
     _check_out_dir(Path(out_dir).expanduser(), overwrite, source=Path(ckpt_dir).expanduser())
     log.info("loading %s into one process (DCP reshards any layout)", ckpt_dir)
     model, cfg = load(ckpt_dir, "cpu", config=config)
     return export_model(model, cfg, out_dir, target, dtype=dtype, max_shard_size=max_shard_size,
-                        overwrite=overwrite, progress=progress)
+                        overwrite=overwrite, progress=progress,
+                        tokenizer_dir=resolve_checkpoint(ckpt_dir))
+
+
+# The model's tokenizer as a checkpoint carries it (a Hugging Face tokenizer; written by
+# the trainer, moetrain/data/hf_tokenizer.py), copied into the export as it is.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+def _special_id(tokenizer_dir: Path, name: str) -> int | None:
+    """The id of the tokenizer's ``name`` token (``eos_token``, ``bos_token``), from
+    tokenizer_config.json and tokenizer.json; None if it names none."""
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        return None
+    config = _read_json(tokenizer_dir / "tokenizer_config.json")
+    token = config.get(name)
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not isinstance(token, str):
+        return None
+    tok = _read_json(tokenizer_dir / "tokenizer.json")
+    for added in tok.get("added_tokens", []):
+        if added.get("content") == token:
+            return int(added["id"])
+    vocab = tok.get("model", {}).get("vocab")
+    return int(vocab[token]) if isinstance(vocab, dict) and token in vocab else None
+
+
+def _copy_tokenizer(tokenizer_dir: Path | None, out: Path, hf: dict) -> bool:
+    """Copy the checkpoint's tokenizer into ``out`` and put its BOS/EOS ids into the
+    model config ``hf``; False when the checkpoint carries none."""
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
+        return False
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out / name)
+    hf["bos_token_id"] = _special_id(tokenizer_dir, "bos_token")
+    hf["eos_token_id"] = _special_id(tokenizer_dir, "eos_token")
+    return True
 
 
 def _check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
@@ -933,9 +972,13 @@ def _check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> No
 def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
                  target: Target | str = "auto", *, dtype: torch.dtype = torch.float32,
                  max_shard_size: int | str = "5GB", overwrite: bool = False,
-                 progress: bool = True) -> Target:
+                 progress: bool = True, tokenizer_dir: Path | None = None) -> Target:
     """Write a whole single-process ``Transformer`` built from ``cfg`` as a Hugging Face
     directory (what :func:`export_hf` does after loading the checkpoint).
+
+    ``tokenizer_dir``: a directory holding the model's tokenizer as Hugging Face files (a
+    checkpoint carries it): copied into the export, its BOS/EOS ids into config.json, so
+    that ``AutoTokenizer.from_pretrained(out_dir)`` works too.
 
     Capacity-limited dispatch (``moe.dispatch=capacity``) exports as dropless, as every
     target is: the logits match wherever moetrain drops no token.
@@ -955,6 +998,9 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-export-", dir=out.resolve().parent))
     try:
+        if not _copy_tokenizer(tokenizer_dir, tmp, hf) and tokenizer_dir is not None:
+            log.warning("no tokenizer in %s (a checkpoint from before tokenizers were saved "
+                        "with it): the export has none", tokenizer_dir)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         _write_safetensors(items, tmp, _parse_size(max_shard_size), progress)
         old = None

@@ -515,7 +515,7 @@ class CheckpointManager:
 
         def extra_files() -> list[str]:
             for name, text in self.files.items():
-                (tmp / name).write_text(text)
+                (tmp / name).write_text(text, encoding="utf-8")
             return _listed_files(tmp)
 
         names = self._on_rank0(extra_files)

@@ -8,6 +8,7 @@ the field, the bad value and the fix.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -219,6 +220,15 @@ class FSDPGradSync(str, Enum):
     last_microbatch = "last_microbatch"  # keep unsharded fp32 gradients until the last one
 
 
+class ExpertMode(str, Enum):
+    """How an MoE layer with fewer experts than parallel.ep ranks runs its sharded experts
+    (Tutel's adaptive parallelism; moetrain/parallel/adaptive.py)."""
+
+    fixed = "fixed"  # one mode for the whole run: parallel.expert_r, else r=1
+    adaptive = "adaptive"  # per layer call, the mode that moves the fewest bytes
+    cycle = "cycle"  # every valid mode in turn, one per step (measuring, testing)
+
+
 class ExpertTP(str, Enum):
     """How routed experts use the tensor-parallel ranks (parallel.tp > 1).
 
@@ -229,6 +239,15 @@ class ExpertTP(str, Enum):
     # over parallel.ep ranks (parallel.ep=tp: the ep group is the tp group), else replicated
     etp = "etp"  # expert-tensor-parallel: tokens gathered over tp, every expert's hidden
     # dim F sharded over tp (needs parallel.ep=1 and model.expert_hidden % tp == 0)
+
+
+class AllToAllMode(str, Enum):
+    """How the expert-parallel all-to-all moves rows (moetrain/parallel/hierarchical.py)."""
+
+    flat = "flat"  # one all-to-all over the EP group: W - 1 peers per rank
+    # Tutel's 2DH: an all-to-all inside each node, then one across nodes among the ranks of
+    # the same local index: G - 1 + N - 1 peers per rank, in fewer, larger messages
+    hierarchical = "hierarchical"
 
 
 class DropMode(str, Enum):
@@ -521,7 +540,10 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     dispatch: DispatchMode = DispatchMode.dropless
     # dispatch=capacity: rows per expert = ceil(capacity_factor * T * K / E)
-    # (capacity_rule=slots), or max(ceil(capacity_factor * T / E), 4) (tokens).
+    # (capacity_rule=slots), or max(ceil(capacity_factor * T / E), 4) (tokens). Tutel's
+    # adaptive capacity: 0 = the step's largest expert load (max over the EP group, no
+    # drops); -c = min(that load, the rule's rows for factor c). <= 0 reads C back once
+    # per MoE layer call.
     capacity_factor: float = 1.25
     expert_backend: ExpertBackend = ExpertBackend.auto
     # Routing/permute/combine kernels: auto = Triton on CUDA once its self-test against the
@@ -546,7 +568,9 @@ class MoEConfig:
     # Expert parallelism: split each rank's routed rows into this many chunks and overlap
     # the all-to-all of one chunk with the experts' compute on another (Tutel's
     # a2a_ffn_overlap_degree). 1 = one exchange each way, no overlap. Same math either way.
-    a2a_overlap_chunks: int = 1
+    # auto: a tuner times the steps and picks the fastest of 1, 2, 4, 8 per load
+    # (moetrain/parallel/overlap_tuner.py).
+    a2a_overlap_chunks: int | str = 1
     # Chain-of-Experts (Wang et al., arXiv 2506.18945; ZihanWang314/CoE): C sequential
     # rounds of route -> dispatch -> experts -> combine inside each MoE layer, the experts
     # (and shared experts) reused every round. 1 = the standard MoE layer.
@@ -561,11 +585,22 @@ class MoEConfig:
     null_expert_tau: float = 0.75
 
     def __post_init__(self) -> None:
-        _require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
-                 "must be > 0 (1.0 = exactly T*K/E rows per expert)")
-        _require(isinstance(self.a2a_overlap_chunks, int) and self.a2a_overlap_chunks >= 1,
-                 "moe.a2a_overlap_chunks", self.a2a_overlap_chunks,
-                 "must be an integer >= 1 (1 = one exchange each way, no overlap)")
+        cf = self.capacity_factor
+        _require(math.isfinite(cf), "moe.capacity_factor", cf,
+                 "must be a finite number (> 0 fixed capacity, 1.0 = exactly T*K/E rows per "
+                 "expert; 0 adaptive; < 0 adaptive with a cap)")
+        _require(cf > 0 or DispatchMode(self.dispatch) == DispatchMode.capacity,
+                 "moe.capacity_factor", cf,
+                 "a factor <= 0 is the adaptive capacity of moe.dispatch=capacity: set "
+                 "moe.dispatch=capacity, or a factor > 0 (dropless ignores it)")
+        n = self.a2a_overlap_chunks
+        if isinstance(n, str) and n.strip().isdigit():  # "4" from a quoted YAML value
+            self.a2a_overlap_chunks = n = int(n)
+        _require(n == AUTO if isinstance(n, str) else
+                 isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+                 "moe.a2a_overlap_chunks", n,
+                 "must be an integer >= 1 (1 = one exchange each way, no overlap), or auto "
+                 "(tuned per step)")
         _require(isinstance(self.chain_iterations, int) and self.chain_iterations >= 1,
                  "moe.chain_iterations", self.chain_iterations,
                  "must be an integer >= 1 (1 = the standard MoE layer; CoE uses 2)")
@@ -609,26 +644,56 @@ class OptimConfig:
 
 # ----------------------------------------------------------------------------- data
 @dataclass
+class DataSourceConfig:
+    """One source of a weighted mixture (``data.sources``)."""
+
+    # A directory written by tools/prepare_data.py, megatron:PATH_PREFIX, or default.
+    path: str = ""
+    weight: float = 1.0  # relative share of the training samples (normalised to sum to 1)
+    name: str = ""  # metrics.jsonl's val_loss/<name>; empty = the directory (prefix) name
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "data.sources[].path", self.path,
+                 "give each source a path: a prepared data directory or megatron:PREFIX")
+        _require(self.weight > 0 and math.isfinite(self.weight), "data.sources[].weight",
+                 self.weight, "must be a finite number > 0")
+
+
+@dataclass
 class DataConfig:
     # "default" = the embedded corpus (text of the Python installation, byte-level).
-    # Otherwise a directory written by tools/prepare_data.py.
+    # Otherwise a directory written by tools/prepare_data.py, or megatron:PATH_PREFIX: the
+    # PATH_PREFIX.bin/.idx pair of Megatron-LM's preprocess_data.py, read in place (it
+    # carries no tokenizer: model.vocab_size sets the vocabulary).
     source: str = "default"
+    # A weighted mixture instead of one source, e.g.
+    # [{path: data/a, weight: 0.3, name: a}, {path: megatron:/data/b_text_document, weight: 0.7}]
+    # (a deterministic blend; validation per source as val_loss/<name>). Empty = data.source.
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    # The tokenizer of megatron: sources, for decoding and export: a Hugging Face
+    # tokenizer.json or directory, or a prepared data directory. Empty = none.
+    tokenizer: str = ""
     # Where the default corpus is cached as token shards. Empty = ~/.cache/moetrain
     # (or $MOETRAIN_CACHE).
     cache_dir: str = ""
     # Size cap of the default corpus in MiB of text (it is cut deterministically).
     default_corpus_mb: float = 8.0
-    val_fraction: float = 0.01  # share of tokens held out for validation
+    # Share of the documents (the last ones) held out for validation, for the default
+    # corpus and megatron: sources (a prepared directory fixed its own split).
+    val_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         _require(0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
                  "must be in (0, 0.5)")
         _require(self.default_corpus_mb > 0, "data.default_corpus_mb", self.default_corpus_mb,
                  "must be > 0")
+        _require(not (self.sources and self.source != "default"), "data.source", self.source,
+                 "data.sources is set too: give one source with data.source, or a mixture "
+                 "with data.sources (and leave data.source=default)")
 
 
 # ----------------------------------------------------------------------------- train
-AUTO = "auto"  # train.micro_batch_size=auto
+AUTO = "auto"  # train.micro_batch_size=auto, moe.a2a_overlap_chunks=auto
 
 
 @dataclass
@@ -749,6 +814,14 @@ class ParallelConfig:
     # Routed experts under tensor parallelism: ep (expert-parallel, tokens stay sequence-
     # sharded) | etp (expert-tensor-parallel). See ExpertTP and moetrain/parallel/tensor.py.
     expert_tp: ExpertTP = ExpertTP.ep
+    # Fewer experts than parallel.ep (Tutel): each expert's hidden dim F is split over
+    # ep / num_experts ranks, and each layer call runs in mode r: 0 gathers every expert
+    # (no all-to-all), 1 gathers each expert on its ranks (expert-parallel), ep/num_experts
+    # moves no weights (expert-tensor-parallel). expert_mode=adaptive picks r per call by
+    # a cost model; expert_r pins it (null: 1, or the cost model's). See
+    # moetrain/parallel/adaptive.py.
+    expert_mode: ExpertMode = ExpertMode.fixed
+    expert_r: int | None = None
     # Activation checkpointing, applied by parallelize() after TP/EP and before compile/FSDP
     # (see moetrain/parallel/activation_checkpoint.py). Checkpoints load across settings.
     ac: ActivationCheckpointing = ActivationCheckpointing.none
@@ -761,13 +834,32 @@ class ParallelConfig:
     # First layer of each of the pp * pp_virtual_stages stages, e.g. [0, 3] for pp=2 on 6
     # layers; null = balance parameters and FLOPs (pipeline.default_split).
     pp_split: list[int] | None = None
+    # Expert-parallel all-to-all (parallel.ep > 1): flat | hierarchical (Tutel's 2DH: inside
+    # each node, then across nodes; the same rows arrive, in the same order). See
+    # moetrain/parallel/hierarchical.py.
+    a2a: AllToAllMode = AllToAllMode.flat
+    # Ranks per node for a2a=hierarchical; null = torchrun's LOCAL_WORLD_SIZE (the whole
+    # world when unset). Nodes are blocks of consecutive ranks; an EP group inside one node
+    # falls back to the flat all-to-all.
+    a2a_local_size: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.dp == -1 or self.dp >= 1, "parallel.dp", self.dp, "must be >= 1 or -1 (infer)")
+        a2a = AllToAllMode(self.a2a).value
+        if self.a2a_local_size is not None:
+            _require(self.a2a_local_size >= 1, "parallel.a2a_local_size", self.a2a_local_size,
+                     "must be >= 1 (ranks per node), or null for torchrun's LOCAL_WORLD_SIZE")
+            _require(a2a == "hierarchical", "parallel.a2a_local_size", self.a2a_local_size,
+                     f"only applies to parallel.a2a=hierarchical (got parallel.a2a={a2a}): "
+                     f"set parallel.a2a=hierarchical or drop parallel.a2a_local_size")
         ac = ActivationCheckpointing(self.ac).value
         _require(not self.ac_attention or ac == "selective", "parallel.ac_attention",
                  self.ac_attention, f"only applies to parallel.ac=selective (got parallel.ac="
                  f"{ac}): set parallel.ac=selective or drop parallel.ac_attention")
+        _require(self.expert_r is None or (isinstance(self.expert_r, int) and self.expert_r >= 0),
+                 "parallel.expert_r", self.expert_r,
+                 "must be null or an int >= 0 (0 gathered, 1 expert-parallel, a divisor of "
+                 "parallel.ep / model.num_experts)")
         for name in ("ep", "tp", "pp"):
             _require(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "must be >= 1")
         _require(self.pp_virtual_stages >= 1, "parallel.pp_virtual_stages",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from moetrain.config.recipes import _OVERRIDES, off_recipe_losses, recipe_name, resolve_recipe
 from moetrain.config.schema import (
     AUTO,
+    AllToAllMode,
     AuxLossScope,
     BalanceLoss,
     Config,
@@ -73,11 +74,15 @@ def resolve_layout(par: ParallelConfig, world_size: int, num_experts: int | None
             f"(EP is carved out of the data- and tensor-parallel ranks): use an ep that divides "
             f"{dp * par.tp}"
         )
-    if num_experts is not None and num_experts % par.ep:
-        valid = [d for d in range(1, num_experts + 1) if num_experts % d == 0 and (dp * par.tp) % d == 0]
+    # ep > num_experts (a multiple of it): each expert is split over ep / num_experts ranks
+    # (Tutel's sharded experts, moetrain/parallel/adaptive.py; _validate_sharded_experts).
+    if num_experts is not None and num_experts % par.ep and par.ep % num_experts:
+        valid = [d for d in range(1, dp * par.tp + 1) if (dp * par.tp) % d == 0
+                 and (num_experts % d == 0 or d % num_experts == 0)]
         raise ConfigError(
-            f"model.num_experts={num_experts} is not divisible by parallel.ep={par.ep}: "
-            f"use parallel.ep in {valid}"
+            f"model.num_experts={num_experts} and parallel.ep={par.ep}: ep must divide the "
+            f"experts (each rank holds num_experts/ep of them) or be a multiple of them "
+            f"(each expert split over ep/num_experts ranks): use parallel.ep in {valid}"
         )
     return Layout(world_size=world_size, pp=par.pp, dp=dp, tp=par.tp, ep=par.ep)
 
@@ -377,6 +382,12 @@ def _validate_schedule(cfg: Config, layout: Layout) -> None:
         raise ConfigError(
             f"schedule=capacity with moe.dispatch={DispatchMode(moe.dispatch).value}: there is "
             f"no capacity factor to anneal: set moe.dispatch=capacity, or another schedule")
+    if name == ScheduleName.capacity and moe.capacity_factor <= 0:
+        raise ConfigError(
+            f"schedule=capacity with moe.capacity_factor={moe.capacity_factor}: a factor <= 0 "
+            f"is the adaptive capacity (the step's largest expert load), not a factor to "
+            f"anneal to: set moe.capacity_factor > 0 (the schedule's end value), or "
+            f"schedule=none")
     if name == ScheduleName.evomoe:
         if DispatchMode(moe.dispatch) != DispatchMode.dropless:
             raise ConfigError(
@@ -588,6 +599,87 @@ def _validate_grad_sync(par: ParallelConfig, layout: Layout) -> None:
             "parallel.fsdp_grad_sync=auto, or parallel.dp_mode=fsdp")
 
 
+def _validate_a2a(cfg: Config, layout: Layout) -> None:
+    """``parallel.a2a=hierarchical`` (moetrain/parallel/hierarchical.py): nodes are blocks
+    of ``parallel.a2a_local_size`` consecutive ranks and EP groups blocks of ep consecutive
+    ranks, so an EP group must span whole nodes (local size divides ep) or sit inside one
+    (ep divides the local size: the flat all-to-all then runs, all of it inside the node).
+    A null local size (torchrun's LOCAL_WORLD_SIZE) is checked the same way when the
+    exchange is built."""
+    par, ep = cfg.parallel, layout.ep
+    if AllToAllMode(par.a2a) != AllToAllMode.hierarchical or ep == 1:
+        return
+    chunks = cfg.moe.a2a_overlap_chunks
+    if chunks != 1:
+        raise ConfigError(
+            f"parallel.a2a=hierarchical with moe.a2a_overlap_chunks={chunks}: the chunked, "
+            f"overlapped exchange runs flat all-to-alls of its own: set "
+            f"moe.a2a_overlap_chunks=1, or parallel.a2a=flat")
+    G = par.a2a_local_size
+    if G is None:
+        return
+    if layout.world_size % G:
+        raise ConfigError(
+            f"parallel.a2a_local_size={G} does not divide the world size "
+            f"{layout.world_size} (every node holds the same number of ranks): use a "
+            f"divisor of {layout.world_size}, or null for torchrun's LOCAL_WORLD_SIZE")
+    if ep % G and G % ep:
+        raise ConfigError(
+            f"parallel.a2a_local_size={G} with parallel.ep={ep}: an EP group of {ep} "
+            f"consecutive ranks must span whole nodes of {G} ranks (local size divides ep) "
+            f"or sit inside one (ep divides the local size): use a parallel.ep that is a "
+            f"multiple or a divisor of {G}, or parallel.a2a=flat")
+
+
+def _validate_sharded_experts(cfg: Config, layout: Layout) -> None:
+    """Tutel's sharded experts (parallel.ep > model.num_experts; moetrain/parallel/
+    adaptive.py): the modes that exist for the layout, and what the layout composes with."""
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    E, ep, r = m.num_experts, layout.ep, par.expert_r
+    if E == 0 or ep <= E:
+        if r is not None and r != 1:
+            raise ConfigError(
+                f"parallel.expert_r={r} with model.num_experts={E} and parallel.ep={ep}: "
+                f"every rank holds whole experts, so the only mode is r=1 (expert-parallel); "
+                f"modes 0 and >1 need fewer experts than parallel.ep ranks (e.g. parallel.ep="
+                f"{2 * E if E else 2}); set parallel.expert_r=null")
+        return
+    s = ep // E
+    what = f"parallel.ep={ep} with model.num_experts={E} (each expert split over {s} ranks)"
+    rs = [0] + [d for d in range(1, s + 1) if s % d == 0]
+    if r is not None and r not in rs:
+        raise ConfigError(
+            f"parallel.expert_r={r} with {what}: the valid modes are r in {rs} (0 gathered, "
+            f"1 expert-parallel, {s} expert-tensor-parallel); pick one, or null")
+    if m.expert_hidden % s:
+        raise ConfigError(
+            f"model.expert_hidden={m.expert_hidden} with {what}: each rank holds 1/{s} of "
+            f"every expert's hidden units; use a model.expert_hidden that is a multiple of {s}")
+    refusals = [
+        (m.expert_sizes is not None, f"model.expert_sizes={m.expert_sizes}",
+         "set model.expert_sizes=null"),
+        (bool(m.null_experts), "zero-computation experts (model.zero/copy/constant_experts)",
+         "set them to 0"),
+        (layout.tp > 1, f"parallel.tp={layout.tp}", "use parallel.tp=1"),
+        (moe.a2a_overlap_chunks != 1, f"moe.a2a_overlap_chunks={moe.a2a_overlap_chunks}",
+         "set moe.a2a_overlap_chunks=1"),
+        (AllToAllMode(par.a2a) != AllToAllMode.flat, f"parallel.a2a={AllToAllMode(par.a2a).value}",
+         "use parallel.a2a=flat"),
+        (RouterType(moe.router.name) == RouterType.compete,
+         "moe/router=compete (its dense steps run every expert)", "use another router"),
+    ]
+    for bad, name, fix in refusals:
+        if bad:
+            raise ConfigError(f"{name} with {what}: not supported with sharded experts; {fix}, "
+                              f"or use a parallel.ep that divides model.num_experts")
+    edp = layout.dp * layout.tp // ep
+    if edp > 1 and layout.dp > 1 and DataParallelMode(par.dp_mode) == DataParallelMode.fsdp:
+        raise ConfigError(
+            f"{what} and {edp} replicas of each expert shard (dp*tp/ep) under "
+            f"parallel.dp_mode=fsdp: FSDP cannot shard the experts' 2-D layout over the "
+            f"replicas; use parallel.dp_mode=replicate, or parallel.ep={layout.dp * layout.tp}")
+
+
 def validate(cfg: Config, world_size: int) -> Layout:
     """All cross-field rules. Returns the resolved layout, and resolves
     ``train.micro_batch_size=auto`` in ``cfg`` to an int (:func:`resolve_micro_batch_size`)."""
@@ -623,9 +715,11 @@ def validate(cfg: Config, world_size: int) -> Layout:
     _validate_tp(cfg, layout)
     _validate_pp(cfg, layout)
     _validate_grad_sync(cfg.parallel, layout)
+    _validate_a2a(cfg, layout)
     _validate_routing(cfg, layout)
     _validate_architectures(cfg, layout)
     _validate_expert_sizes(cfg, layout)
+    _validate_sharded_experts(cfg, layout)
     _validate_mixer(cfg, layout)
     _validate_null_experts(cfg, layout)
     _validate_schedule(cfg, layout)

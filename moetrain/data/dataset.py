@@ -31,17 +31,32 @@ class TokenDataset:
         meta: dict[str, Any] | None = None,
         verify: bool = True,
     ):
-        self.data_dir = Path(data_dir)
+        self.meta = meta if meta is not None else read_meta(Path(data_dir))
+        shards = open_split(Path(data_dir), split, self.meta, verify=verify)
+        self._init_stream(Path(data_dir), split, seq_len, shards)
+
+    @classmethod
+    def from_arrays(cls, arrays: list[np.ndarray], seq_len: int, *, where: str | os.PathLike,
+                    split: str) -> TokenDataset:
+        """A dataset over token arrays (memmaps are not copied) taken as one stream;
+        ``where`` names the data in messages (e.g. a Megatron dataset's prefix)."""
+        self = cls.__new__(cls)
+        self.meta = {}
+        self._init_stream(Path(where), split, seq_len, arrays)
+        return self
+
+    def _init_stream(self, where: Path, split: str, seq_len: int,
+                     shards: list[np.ndarray]) -> None:
+        self.data_dir = where
         self.split = split
         self.seq_len = int(seq_len)
         if self.seq_len < 1:
             raise ConfigError(f"train.seq_len={seq_len} is invalid: must be >= 1")
-        self.meta = meta if meta is not None else read_meta(self.data_dir)
-        self._shards = open_split(self.data_dir, split, self.meta, verify=verify)
+        self._shards = [s for s in shards if s.size]
         sizes = np.array([s.size for s in self._shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])  # shard k covers [starts[k], starts[k+1])
         self.num_tokens = int(self._starts[-1])
-        self._len = (self.num_tokens - 1) // self.seq_len
+        self._len = max(self.num_tokens - 1, 0) // self.seq_len
         if self._len < 1:
             raise ConfigError(
                 f"train.seq_len={self.seq_len} is too long for the {split!r} split of "

@@ -7,12 +7,15 @@ Layout of a data directory::
     train_00000.bin ...  raw little-endian uint16 (uint32 when vocab_size > 65535) tokens
     val_00000.bin ...
     tokenizer.json       (BPE only)
+    tokenizer/           (a Hugging Face tokenizer's files, --tokenizer PATH only)
     .verified.json       (reader cache: shards whose sha256 was checked, keyed by size+mtime)
 
-Every document is followed by EOS. The writer streams documents in one pass: it writes all
-tokens, then moves the LAST documents (``val_fraction`` of them by count, at least one, and
-at least ``min_val_tokens`` tokens) into the val shards by truncating the train stream at a
-document boundary. A directory is built under a temporary sibling name and published with
+Every document is ``[BOS if the tokenizer adds one] + its tokens + [EOS]``. The writer
+streams documents in one pass, so memory stays bounded whatever the corpus size: it appends
+each batch's tokens to the shard files and each document's end offset to a file on disk,
+then moves the LAST documents (``val_fraction`` of them by count, at least one, and at least
+``min_val_tokens`` tokens) into the val shards by truncating the train stream at a document
+boundary. No counting pass is needed: the split is decided once the stream has ended. A directory is built under a temporary sibling name and published with
 ``os.replace``, so concurrent builders (torchrun ranks) never see a half-written directory:
 the first to finish wins and the others discard their copy.
 """
@@ -26,15 +29,14 @@ import os
 import shutil
 import sys
 import uuid
-from array import array
 from collections.abc import Iterable
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from moetrain.data.encode import encode_documents
 from moetrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,6 @@ META_FILE = "meta.json"
 VERIFIED_FILE = ".verified.json"
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB per shard at uint16
-_ENCODE_BATCH = 256  # documents per tokenizer call (BPE encodes a batch in parallel)
 _COPY_CHUNK = 1 << 24  # tokens per copy when moving the tail into val shards
 _HASH_CHUNK = 1 << 23  # bytes
 
@@ -93,7 +94,7 @@ class _ShardStream:
             if self._f is None or self.counts[-1] == self.cap:
                 self._open_next()
             take = min(self.cap - self.counts[-1], tokens.size)
-            self._f.write(tokens[:take].tobytes())
+            self._f.write(tokens[:take].data)  # no copy
             self.counts[-1] += take
             tokens = tokens[take:]
 
@@ -109,17 +110,19 @@ class _ShardStream:
             self._f = None
 
 
-def _num_val_docs(doc_ends: array, val_fraction: float, min_val_tokens: int) -> int:
+def num_val_docs(doc_ends: np.ndarray, val_fraction: float, min_val_tokens: int) -> int:
     """The number of trailing documents held out: val_fraction of them by count (at least
-    one), grown until they hold min_val_tokens tokens; at least one document stays in train."""
+    one), grown until they hold min_val_tokens tokens; at least one document stays in train.
+    ``doc_ends``: the cumulative token count after each document."""
     n = len(doc_ends)
     if n < 2:
         raise SplitError(f"got {n} non-empty document(s): a train/val split needs at least 2")
-    total = doc_ends[-1]
+    total = int(doc_ends[-1])
     n_val = min(max(1, int(n * val_fraction)), n - 1)
-    while n_val < n - 1 and total - doc_ends[n - n_val - 1] < min_val_tokens:
-        n_val += 1
-    val_tokens = total - doc_ends[n - n_val - 1]
+    # the first n_val with total - doc_ends[n - n_val - 1] >= min_val_tokens (ends ascend)
+    first = int(np.searchsorted(doc_ends, total - min_val_tokens, side="right")) - 1
+    n_val = min(max(n_val, n - 1 - max(first, 0)), n - 1)
+    val_tokens = total - int(doc_ends[n - n_val - 1])
     if val_tokens < min_val_tokens:
         raise SplitError(
             f"the val split needs at least {min_val_tokens} tokens (min_val_tokens) but all "
@@ -140,27 +143,29 @@ def _build(
     num_documents: int | None,
     source: dict[str, Any] | None,
     progress: bool,
+    workers: int,
 ) -> dict[str, Any]:
     dtype = np.dtype(dtype_for_vocab(tokenizer.vocab_size))
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
     stream = _ShardStream(tmp, "all", dtype, shard_tokens)
-    doc_ends = array("q")  # cumulative token count after each document
+    ends_path = tmp / ".doc_ends.bin"  # int64: cumulative token count after each document
     total = 0
-    docs = iter(documents)
-    with _progress(progress, total=num_documents, unit="doc", desc="tokenizing") as bar:
-        while raw := list(islice(docs, _ENCODE_BATCH)):
-            batch = [d for d in raw if d]
-            for ids in tokenizer.encode_batch(batch) if batch else []:
-                stream.append(ids)
-                stream.append(eos)
-                total += ids.size + 1
-                doc_ends.append(total)
-            bar.update(len(raw))
+    with _progress(progress, total=num_documents, unit="doc", desc="tokenizing") as bar, \
+            open(ends_path, "wb") as ends:
+        for batch in encode_documents(documents, tokenizer, workers=workers):
+            stream.append(batch.tokens)
+            ends.write((total + np.cumsum(batch.lengths)).tobytes())
+            total += int(batch.tokens.size)
+            bar.update(batch.num_documents)
             bar.set_postfix(tokens=total, refresh=False)
     stream.close()
 
-    n_val = _num_val_docs(doc_ends, val_fraction, max(min_val_tokens, 2))
-    split_at = doc_ends[len(doc_ends) - n_val - 1]  # first val token in the full stream
+    doc_ends = (np.memmap(ends_path, dtype=np.int64, mode="r") if ends_path.stat().st_size
+                else np.empty(0, np.int64))
+    n_val = num_val_docs(doc_ends, val_fraction, max(min_val_tokens, 2))
+    n_docs = len(doc_ends)
+    split_at = int(doc_ends[n_docs - n_val - 1])  # first val token in the full stream
+    del doc_ends
+    ends_path.unlink()
 
     # Copy the tail [split_at, total) into val shards, then cut the full stream to the train part.
     all_files = [tmp / shard_name("all", i) for i in range(len(stream.counts))]
@@ -197,7 +202,7 @@ def _build(
         "version": FORMAT_VERSION,
         "tokenizer": tokenizer.meta(),
         "dtype": dtype.name,
-        "num_documents": {"train": len(doc_ends) - n_val, "val": n_val},
+        "num_documents": {"train": n_docs - n_val, "val": n_val},
         "num_tokens": {"train": split_at, "val": total - split_at},
         "val_fraction": val_fraction,
         "splits": splits,
@@ -235,11 +240,13 @@ def write_token_dataset(
     num_documents: int | None = None,
     source: dict[str, Any] | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
-    """Tokenize ``documents`` (EOS after each; empty ones skipped) into a data directory.
+    """Tokenize ``documents`` (EOS after each, BOS before each if the tokenizer adds one;
+    empty ones skipped) into a data directory, in ``workers`` processes (same output).
 
-    The last documents go to val (see the module docstring). ``num_documents`` only sizes the
-    progress bar. If ``out_dir`` already holds a complete data directory it is returned as is
+    ``documents`` may be any iterable (a generator streams). The last documents go to val
+    (see the module docstring). ``num_documents`` only sizes the progress bar. If ``out_dir`` already holds a complete data directory it is returned as is
     (a concurrent builder finished first). Returns ``out_dir``.
     """
     final = Path(out_dir)
@@ -255,7 +262,7 @@ def write_token_dataset(
     try:
         _build(documents, tmp, tokenizer, val_fraction=val_fraction, shard_tokens=shard_tokens,
                min_val_tokens=min_val_tokens, num_documents=num_documents, source=source,
-               progress=progress)
+               progress=progress, workers=workers)
         if not publish_dir(tmp, final):
             log.info("data directory %s was built concurrently by another process; using it",
                      final)

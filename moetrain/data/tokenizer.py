@@ -1,15 +1,20 @@
-"""Tokenizers: raw bytes (no dependency) and byte-level BPE (the optional ``tokenizers`` package).
+"""Tokenizers: raw bytes (no dependency), byte-level BPE (the optional ``tokenizers``
+package) and a model's own Hugging Face tokenizer.
 
-Both expose ``vocab_size``, ``eos_id``, ``encode(text) -> np.ndarray`` and ``decode(ids)``.
-Documents are separated by ``eos_id`` in the token stream. A tokenizer describes itself in
-``meta.json`` (:meth:`meta`) and writes any file it needs beside the shards (:meth:`save`),
-so :func:`load_tokenizer` can rebuild it from a data directory alone.
+All expose ``vocab_size``, ``eos_id``, ``bos_id``/``add_bos``, ``encode(text) -> np.ndarray``
+(the text's ids, no special tokens) and ``decode(ids)``. In the token stream every document
+is ``[BOS if add_bos] + encode(text) + [EOS]`` (:mod:`moetrain.data.encode`). A tokenizer describes itself
+in ``meta.json`` (:meth:`meta`) and writes any file it needs beside the shards
+(:meth:`save`), so :func:`load_tokenizer` can rebuild it from a data directory alone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,8 +30,11 @@ _BPE_INSTALL_HINT = "install it with: pip install 'moetrain[bpe]' (or pip instal
 
 
 class Tokenizer(Protocol):
+    kind: str
     vocab_size: int
     eos_id: int
+    bos_id: int | None
+    add_bos: bool  # every document starts with bos_id
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -38,6 +46,8 @@ class Tokenizer(Protocol):
 
     def save(self, directory: str | os.PathLike) -> None: ...
 
+    def fingerprint(self) -> str: ...  # equal iff two tokenizers give text the same ids
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, plus EOS = 256 (vocab 257). Needs no training."""
@@ -45,6 +55,8 @@ class ByteTokenizer:
     kind = "byte"
     vocab_size = 257
     eos_id = 256
+    bos_id = None
+    add_bos = False
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
@@ -71,6 +83,10 @@ class ByteTokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         """Nothing to write: the byte tokenizer is fully described by its meta."""
 
+    def fingerprint(self) -> str:
+        """Equal for tokenizers that map text to the same ids (data from both can be mixed)."""
+        return self.kind
+
 
 def _import_tokenizers():
     try:
@@ -85,6 +101,8 @@ class BPETokenizer:
     """A ``tokenizers.Tokenizer`` (byte-level BPE) with a special EOS token."""
 
     kind = "bpe"
+    bos_id = None
+    add_bos = False
 
     def __init__(self, tok: Any, eos_token: str = EOS_TEXT):
         self._tok = tok
@@ -123,6 +141,9 @@ class BPETokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         self._tok.save(str(Path(directory) / BPE_FILE))
 
+    def fingerprint(self) -> str:
+        return f"{self.kind}:{hashlib.sha256(self._tok.to_str().encode()).hexdigest()}"
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, progress: bool = True) -> BPETokenizer:
     """Train a byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer and decoder, the 256-byte
@@ -144,22 +165,216 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, progress: bool = True) -
     return BPETokenizer(tok)
 
 
-def load_tokenizer(meta: dict[str, Any], data_dir: str | os.PathLike) -> ByteTokenizer | BPETokenizer:
+# ----------------------------------------------------------------------------- Hugging Face
+HF_DIR = "tokenizer"  # a data directory's copy of a Hugging Face tokenizer's files
+# The files of a Hugging Face tokenizer directory (copied as they are when present).
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
+            "chat_template.jinja")
+HF_CONFIG = "tokenizer_config.json"
+# EOS spellings tried, in order, for a bare tokenizer.json that names no eos_token.
+_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+
+
+def _special(value: Any) -> str | None:
+    """A special-token entry of tokenizer_config.json: a string, or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the tokenizer directory is "
+                         f"damaged") from None
+
+
+class HFTokenizer:
+    """A model's own Hugging Face tokenizer (``tools/prepare_data.py --tokenizer PATH``).
+
+    ``PATH`` is a ``tokenizer.json`` or a model/tokenizer directory. With a
+    ``tokenizer.json`` the fast ``tokenizers`` library runs it; a directory with only slow
+    files (``tokenizer.model``, ``vocab.json`` + ``merges.txt``) goes through
+    ``transformers.AutoTokenizer``. ``vocab_size`` counts the added tokens (``len(tok)``, or
+    the largest id + 1 if that is larger).
+
+    Conventions (the way the model saw documents in pretraining): every document ends with
+    ``eos_token`` (``--eos-token``, else tokenizer_config.json's or special_tokens_map.json's
+    ``eos_token``, else the first of ``_EOS_CANDIDATES`` in the vocabulary), and starts with
+    BOS iff the tokenizer adds one itself: tokenizer_config.json's ``add_bos_token`` where it
+    says, else whether encoding with special tokens puts a token in front (the
+    post-processor of Llama 3's tokenizer.json, for instance). Qwen2 (no BOS) gets none.
+    """
+
+    kind = "hf"
+
+    def __init__(self, path: str | os.PathLike, *, eos_token: str | None = None,
+                 add_bos: bool | None = None):
+        path = Path(path).expanduser()
+        if path.is_file():
+            self.files_dir, fast_file = path.parent, path
+        elif path.is_dir():
+            self.files_dir, fast_file = path, path / "tokenizer.json"
+        else:
+            raise FileNotFoundError(f"tokenizer {path} does not exist: pass a tokenizer.json "
+                                    f"or a Hugging Face model/tokenizer directory")
+        self.source = str(path)
+        self._own_file = fast_file if fast_file.is_file() else None  # copied by save()
+        config = {**_read_json(self.files_dir / "special_tokens_map.json"),
+                  **_read_json(self.files_dir / HF_CONFIG)}
+        if fast_file.is_file():
+            tk = _import_tokenizers()
+            self.backend = "tokenizers"
+            self._tok = tk.Tokenizer.from_file(str(fast_file))
+            self._tok.no_truncation()  # documents are not cut to a model length here
+            self._tok.no_padding()
+            vocab = self._tok.get_vocab(with_added_tokens=True)
+            n = self._tok.get_vocab_size(with_added_tokens=True)
+        else:
+            if not any((self.files_dir / f).is_file() for f in HF_FILES):
+                raise FileNotFoundError(f"{path} holds no tokenizer files (one of "
+                                        f"{', '.join(HF_FILES)})")
+            try:
+                from transformers import AutoTokenizer
+            except ImportError as e:
+                raise ImportError(f"{path} has no tokenizer.json: reading its slow tokenizer "
+                                  f"files needs transformers (pip install transformers)") from e
+            self.backend = "transformers"
+            self._tok = AutoTokenizer.from_pretrained(str(self.files_dir))
+            vocab = self._tok.get_vocab()
+            n = len(self._tok)
+        self.vocab_size = max(n, max(vocab.values()) + 1)
+        self._dtype = np.uint16 if self.vocab_size <= 65535 else np.uint32
+
+        self.eos_token = eos_token or _special(config.get("eos_token")) or next(
+            (t for t in _EOS_CANDIDATES if t in vocab), None)
+        if self.eos_token is None or self.eos_token not in vocab:
+            what = (f"has no token {self.eos_token!r}" if self.eos_token
+                    else "names no eos_token (tokenizer_config.json)")
+            raise ValueError(f"the tokenizer {path} {what}: pass --eos-token TOKEN, the token "
+                             f"that ends a document for this model")
+        self.eos_id = int(vocab[self.eos_token])
+
+        # BOS: what the tokenizer does itself with its special tokens.
+        with_special, plain = self._ids("a", True), self._ids("a", False)
+        at = next((i for i in range(len(with_special) - len(plain) + 1)
+                   if with_special[i:i + len(plain)] == plain), 0)
+        prefix = with_special[:at]  # what the tokenizer puts before the text
+        self.bos_token = _special(config.get("bos_token"))
+        if self.bos_token is None and prefix:
+            self.bos_token = self._id_to_token(prefix[0])
+        self.bos_id = int(vocab[self.bos_token]) if self.bos_token in vocab else None
+        if add_bos is None:
+            add_bos = config["add_bos_token"] if (isinstance(config.get("add_bos_token"), bool)
+                                                  and self.backend == "tokenizers") \
+                else bool(prefix) and prefix[0] == self.bos_id
+        if add_bos and self.bos_id is None:
+            raise ValueError(f"the tokenizer {path} adds a BOS token but names none "
+                             f"(bos_token in tokenizer_config.json)")
+        self.add_bos = bool(add_bos)
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        if self.backend == "tokenizers":
+            return list(self._tok.encode(text, add_special_tokens=special).ids)
+        return list(self._tok(text, add_special_tokens=special, verbose=False)["input_ids"])
+
+    def _id_to_token(self, i: int) -> str | None:
+        return (self._tok.id_to_token(i) if self.backend == "tokenizers"
+                else self._tok.convert_ids_to_tokens(i))
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._ids(text, False), dtype=self._dtype)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        if self.backend == "tokenizers":
+            out = self._tok.encode_batch(list(texts), add_special_tokens=False)
+            return [np.asarray(e.ids, dtype=self._dtype) for e in out]
+        ids = self._tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        return [np.asarray(x, dtype=self._dtype) for x in ids]
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        ids = [int(i) for i in (ids.tolist() if isinstance(ids, np.ndarray) else ids)]
+        if self.backend == "tokenizers":
+            return self._tok.decode(ids, skip_special_tokens=False)
+        return self._tok.decode(ids, skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+
+    def meta(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "eos_token": self.eos_token, "bos_id": self.bos_id, "bos_token": self.bos_token,
+                "add_bos": self.add_bos, "dir": HF_DIR, "backend": self.backend,
+                "source": self.source}
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Copy the tokenizer's files into ``directory/tokenizer/`` (``AutoTokenizer`` reads
+        it back); its tokenizer_config.json gets the EOS/BOS used here if it lacks them."""
+        out = Path(directory) / HF_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        for name in HF_FILES:
+            src = self.files_dir / name
+            if name == "tokenizer.json" and self._own_file is not None:
+                src = self._own_file
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
+        config = _read_json(out / HF_CONFIG)
+        want = {"eos_token": self.eos_token, "bos_token": self.bos_token}
+        if not config:
+            config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                      "clean_up_tokenization_spaces": False}
+        changed = False
+        for key, value in want.items():
+            if value is not None and _special(config.get(key)) != value:
+                config[key] = value
+                changed = True
+        if changed or not (out / HF_CONFIG).is_file():
+            (out / HF_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+
+    def fingerprint(self) -> str:
+        if self.backend == "tokenizers":
+            text = self._tok.to_str()
+        else:
+            text = json.dumps(sorted(self._tok.get_vocab().items()), ensure_ascii=False)
+        return f"{self.kind}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def load_tokenizer(meta: dict[str, Any], data_dir: str | os.PathLike) -> Tokenizer:
     """Rebuild the tokenizer described by a data directory's ``meta.json`` (the whole meta or
     its ``"tokenizer"`` entry) and check that it matches the recorded vocab and EOS."""
     info = meta.get("tokenizer", meta)
     kind = info["kind"]
     if kind == "byte":
-        tok: ByteTokenizer | BPETokenizer = ByteTokenizer()
+        tok: Tokenizer = ByteTokenizer()
     elif kind == "bpe":
         tok = BPETokenizer.from_file(Path(data_dir) / info["file"], info.get("eos_token", EOS_TEXT))
+    elif kind == "hf":
+        path = Path(data_dir) / info.get("dir", HF_DIR)
+        if not path.is_dir():
+            raise FileNotFoundError(f"the Hugging Face tokenizer's files {path} are missing: "
+                                    f"re-run tools/prepare_data.py --tokenizer PATH")
+        tok = HFTokenizer(path, eos_token=info["eos_token"], add_bos=info["add_bos"])
     else:
         raise ValueError(f"{Path(data_dir) / 'meta.json'}: unknown tokenizer kind {kind!r} "
-                         f"(expected 'byte' or 'bpe'); re-run tools/prepare_data.py")
-    if (tok.vocab_size, tok.eos_id) != (info["vocab_size"], info["eos_id"]):
+                         f"(expected 'byte', 'bpe' or 'hf'); re-run tools/prepare_data.py")
+    got = (tok.vocab_size, tok.eos_id, tok.bos_id if tok.add_bos else None)
+    want = (info["vocab_size"], info["eos_id"], info.get("bos_id") if info.get("add_bos") else None)
+    if got != want:
         raise ValueError(
             f"{Path(data_dir)}: tokenizer has vocab_size={tok.vocab_size}, eos_id={tok.eos_id} but "
-            f"meta.json records vocab_size={info['vocab_size']}, eos_id={info['eos_id']}: the "
+            f"meta.json records vocab_size={info['vocab_size']}, eos_id={info['eos_id']}"
+            f"{'' if got[2] == want[2] else f' (BOS {got[2]} vs {want[2]})'}: the "
             f"directory is inconsistent; delete it and re-run tools/prepare_data.py"
         )
     return tok
+
+
+def open_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer named by a path (``data.tokenizer``): a moetrain data directory (its own
+    tokenizer), or a Hugging Face ``tokenizer.json`` / tokenizer directory."""
+    path = Path(path).expanduser()
+    if (path / "meta.json").is_file():
+        meta = json.loads((path / "meta.json").read_text())
+        return load_tokenizer(meta, path)
+    return HFTokenizer(path)

@@ -6,7 +6,9 @@ stays (E, F, D): checkpoints are layout-free and reshard when the EP degree chan
 
 With ``moe.a2a_overlap_chunks=n > 1`` the layer gets a :class:`ChunkedAllToAllDispatcher`,
 which overlaps the all-to-all of one chunk of rows with the experts' compute on another
-(Tutel's ``a2a_ffn_overlap_degree``; Hwang et al., 2023, arXiv 2206.03382).
+(Tutel's ``a2a_ffn_overlap_degree``; Hwang et al., 2023, arXiv 2206.03382). With
+``moe.a2a_overlap_chunks=auto`` the trainer's ``OverlapTuner``
+(:mod:`moetrain.parallel.overlap_tuner`) sets ``n`` before every step.
 
 Legend: T tokens, D model dim, E experts, e local experts (E/ep), K top-k, R routed rows
 on this rank (E*C in capacity mode: C rows per expert), n chunks.
@@ -26,6 +28,8 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from moetrain.config.recipes import recipe_values
 from moetrain.config.schema import (
+    AUTO,
+    AllToAllMode,
     CapacityRule,
     ConfigError,
     DispatchMode,
@@ -34,14 +38,30 @@ from moetrain.config.schema import (
     MoEConfig,
 )
 from moetrain.models.moe.dispatcher import AllToAllDispatcher, DispatchMeta
+from moetrain.parallel.hierarchical import hierarchical_exchange
 
 
-def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfig) -> None:
-    """Keep each rank's E/ep experts and route tokens to them by all-to-all."""
+def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfig, *,
+             a2a: AllToAllMode = AllToAllMode.flat, a2a_local_size: int | None = None) -> None:
+    """Keep each rank's E/ep experts and route tokens to them by all-to-all.
+
+    ``a2a`` / ``a2a_local_size`` (``parallel.a2a``, ``parallel.a2a_local_size``): with
+    ``hierarchical`` every dispatcher exchanges through one 2DH all-to-all
+    (``moetrain.parallel.hierarchical``), whose process groups are created here, by every
+    rank: call it on every rank, also on one without MoE layers."""
     capacity = moe_cfg.capacity_factor if moe_cfg.dispatch == DispatchMode.capacity else None
     recipe = recipe_values(moe_cfg)  # the drop policy and capacity rule, as MoELayer's
     drop, rule = recipe["drop_policy"], recipe["capacity_rule"]
     group = ep_mesh.get_group()
+    exchange = None
+    if AllToAllMode(a2a) == AllToAllMode.hierarchical and ep_mesh.size() > 1:
+        if moe_cfg.a2a_overlap_chunks != 1:
+            raise ConfigError(
+                f"parallel.a2a=hierarchical with moe.a2a_overlap_chunks="
+                f"{moe_cfg.a2a_overlap_chunks}: the chunked exchange runs flat all-to-alls: "
+                f"set moe.a2a_overlap_chunks=1, or parallel.a2a=flat")
+        # Capacity mode: equal splits everywhere, so no counts and no host read.
+        exchange = hierarchical_exchange(group, a2a_local_size, uniform=capacity is not None)
     for layer in moe_layers:
         experts = layer.experts
         # HMoE's ragged experts: each size class's stack is sharded on its own, so every
@@ -54,13 +74,16 @@ def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfi
             experts.ep = ep_mesh.size()
         order = getattr(experts, "expert_order", None)  # rows sorted by slot, not by id
         ffn = layer.num_ffn_experts  # MoE++'s zero-computation experts are never sent
-        if moe_cfg.a2a_overlap_chunks > 1:
+        chunks = moe_cfg.a2a_overlap_chunks  # auto: the trainer's OverlapTuner sets it
+        if chunks == AUTO or chunks > 1:
             dispatcher = ChunkedAllToAllDispatcher(
-                ffn, group, moe_cfg.a2a_overlap_chunks, capacity, moe_cfg.kernel_backend, drop,
-                rule, order)
+                ffn, group, 1 if chunks == AUTO else chunks, capacity, moe_cfg.kernel_backend,
+                drop, rule, order)
         else:
             dispatcher = AllToAllDispatcher(ffn, group, capacity, moe_cfg.kernel_backend, drop,
                                             rule, order)
+        if exchange is not None:
+            dispatcher.exchange = exchange
         layer.set_dispatcher(dispatcher)
 
 
@@ -69,7 +92,7 @@ def ep_bytes_sent(moe_layers: list[nn.Module]) -> int:
     total = 0
     for layer in moe_layers:
         d = layer.dispatcher
-        if isinstance(d, AllToAllDispatcher):
+        if getattr(d, "bytes_sent", None) is not None:  # all-to-all and sharded experts
             total += d.bytes_sent
             d.bytes_sent = 0
     return total
@@ -280,6 +303,11 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
     that call in the backward: the recompute reuses each chunk's received rows (kept in
     the plan, about R x D values per layer) and runs no all-to-all.
     ``moe.recompute_experts`` recomputes each chunk's SwiGLU on its own instead.
+
+    ``chunks`` may change between calls (``moe.a2a_overlap_chunks=auto``): each call's
+    plan carries its own count. ``rows_received`` counts the rows this rank's experts
+    received in calls with gradients enabled (training, not validation), for the tuner's
+    load bucket; whoever reads it resets it.
     """
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup, chunks: int,
@@ -294,6 +322,7 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
             raise ConfigError(f"moe.a2a_overlap_chunks={chunks!r} is invalid: must be >= 1 "
                               f"(1 = no overlap)")
         self.chunks = chunks
+        self.rows_received = 0
 
     @torch.compiler.disable  # host-side splits and async collectives: run eagerly
     def dispatch(self, x_TD, ids_TK, weights_TK, active_TK=None):
@@ -361,10 +390,10 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
         recompute only rebuilds the experts' saved activations), so the return exchange
         is skipped too.
         """
-        n = self.chunks
-        if len(plan.regroup_idx) != n or x_RD.shape[0] != plan.pos_R.shape[0]:
+        n = len(plan.regroup_idx)  # the count at dispatch (the tuner may change chunks later)
+        if len(plan.in_splits) != n or x_RD.shape[0] != plan.pos_R.shape[0]:
             raise ValueError(f"run_chunks got {x_RD.shape[0]} rows for a plan of "
-                             f"{plan.pos_R.shape[0]} rows in {len(plan.regroup_idx)} chunks")
+                             f"{plan.pos_R.shape[0]} rows in {len(plan.in_splits)} chunks")
         replay = len(plan.received) == n
         send_SD = torch.empty_like(x_RD).index_copy(0, plan.pos_R, x_RD)
         sizes = [sum(s) for s in plan.in_splits]
@@ -399,5 +428,8 @@ class ChunkedAllToAllDispatcher(AllToAllDispatcher):
         else:
             y_SD = torch.cat([b.wait() for b in back])
             row_bytes = x_RD.shape[1] * x_RD.element_size()
-            self.bytes_sent += (sum(sizes) + sum(sum(s) for s in plan.out_splits)) * row_bytes
+            received = sum(sum(s) for s in plan.out_splits)
+            self.bytes_sent += (sum(sizes) + received) * row_bytes
+            if torch.is_grad_enabled():
+                self.rows_received += received
         return y_SD.index_select(0, plan.pos_R)

@@ -101,8 +101,12 @@ def apply_fsdp(
     param_dtype: torch.dtype | None,
     replicated: tuple[list[nn.Module], DeviceMesh] | None = None,
     cpu_offload: bool = False,
+    ignored: set[nn.Parameter] | None = None,
 ) -> None:
     """Shard experts over edp (when expert-parallel), each block and the root over dp.
+
+    ``ignored``: parameters FSDP leaves alone (sharded experts, whose 2-D ep layout has no
+    expert-data-parallel replicas to shard over; ``moetrain/parallel/adaptive.py``).
 
     The experts are sharded on dim 0 when their local experts split evenly over edp, else
     on dim 1 (:func:`expert_fsdp_shard_dim`).
@@ -129,8 +133,10 @@ def apply_fsdp(
             if dist.get_backend() == "gloo" and edp_mesh.size() > 1:
                 layer.experts.set_force_sum_reduction_for_comms(True)
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=off)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=off)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=off,
+                    ignored_params=ignored or None)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=off,
+                ignored_params=ignored or None)
 
 
 class GradReplicator:

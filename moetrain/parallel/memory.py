@@ -51,7 +51,8 @@ Models", with flash attention, i.e. without their 5*a*s/h score terms):
     shared/MLP  inputs plus 4 c T Fs / t (4 c T Fd / t for a dense layer)
 
 with R = T K (T/t K when each tp rank routes its sequence shard) times the routing
-imbalance (dropless) or the capacity factor (padded EP exchange). The last stage adds the
+imbalance (dropless) or the capacity factor (padded EP exchange); an adaptive capacity
+(factor <= 0) takes its worst case, E x :func:`adaptive_capacity_bound`. The last stage adds the
 final norm and the loss (fp32 log-softmax T V / t, plus the compute-dtype logits at the
 peak). ``parallel.ac=full`` keeps only each block's input (r T/t D) and re-creates one
 block at a time; ``selective`` (or ``moe.recompute_experts``) drops the 4 c R F expert
@@ -75,6 +76,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moetrain.config.recipes import recipe_values
 from moetrain.config.schema import (
     ActivationCheckpointing,
     Config,
@@ -89,6 +91,7 @@ from moetrain.config.schema import (
     RouterType,
 )
 from moetrain.config.validate import Layout, validate
+from moetrain.models.moe.dispatcher import expert_capacity
 from moetrain.parallel.fsdp import expert_fsdp_shard_dim, grad_sync_mode
 from moetrain.parallel.mesh import ParallelDims
 
@@ -218,7 +221,12 @@ def _local_shape(p: ParamInfo, cfg: Config, layout: Layout, c: dict[str, int]) -
     d = p.tp_dim[ExpertTP(cfg.parallel.expert_tp).value]
     if layout.tp > 1 and d is not None:
         shape[d] = _chunk(shape[d], layout.tp, c["tp"])
-    if p.expert and layout.ep > 1:
+    if p.expert and layout.ep > shape[0] > 0:  # sharded experts: 1/s of one expert's F
+        s = layout.ep // shape[0]
+        shape[0] = 1
+        f = _EXPERT_F_DIM[p.name.split(".")[-1]]
+        shape[f] = _chunk(shape[f], s, c["ep"] % s)
+    elif p.expert and layout.ep > 1:
         shape[0] = _chunk(shape[0], layout.ep, c["ep"])
     return shape
 
@@ -341,6 +349,18 @@ def _mean_hidden(m) -> float:
     return m.expert_hidden if m.expert_sizes is None else sum(m.expert_sizes) / len(m.expert_sizes)
 
 
+def adaptive_capacity_bound(tokens: float, top_k: int, num_experts: int, moe) -> float:
+    """The largest C an adaptive capacity (``moe.capacity_factor`` <= 0) can reach when a
+    dispatcher routes ``tokens`` tokens: a token's K experts are distinct, so one expert
+    gets at most one row per token and every rank's load is at most T (reached when all
+    tokens pick one expert). A factor -c caps it at the rule's capacity for factor c.
+    Every rank's experts then hold E x C rows, padding included."""
+    if moe.capacity_factor == 0:
+        return tokens
+    rule = recipe_values(moe)["capacity_rule"]
+    return min(tokens, expert_capacity(tokens, top_k, num_experts, -moe.capacity_factor, rule))
+
+
 def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
                 imbalance: float, competes: bool = False) -> tuple[dict[str, float], float]:
     """Bytes one micro-batch leaves saved in layer ``i``, by region (see module doc), and
@@ -372,7 +392,9 @@ def _layer_acts(cfg: Config, layout: Layout, i: int, T: int, device: str,
     C = moe.chain_iterations  # a chain of experts keeps every round's activations
     tokens = T if etp else Ts  # tokens this rank routes
     rows = tokens * K
-    if DispatchMode(moe.dispatch) == DispatchMode.capacity:
+    if DispatchMode(moe.dispatch) == DispatchMode.capacity and moe.capacity_factor <= 0:
+        rows = E * adaptive_capacity_bound(tokens, K, E, moe)
+    elif DispatchMode(moe.dispatch) == DispatchMode.capacity:
         rows *= moe.capacity_factor if layout.ep > 1 else min(1.0, moe.capacity_factor)
     else:
         rows *= imbalance
@@ -587,6 +609,102 @@ def a2a_exposed_s(a2a_s: float, experts_s: float, chunks: int) -> float:
     return a2a_s - (chunks - 1) / chunks * min(a2a_s, experts_s)
 
 
+@dataclass(frozen=True)
+class A2ALinks:
+    """Planning figures for one expert-parallel all-to-all, per GPU and direction. The
+    bandwidths are the layout ranker's (``suggest_layouts``: NVLink inside a node, one
+    200 Gb/s NIC per GPU across); the per-message latencies and the copy bandwidth are
+    assumptions of the same kind, not measurements."""
+
+    intra_gbs: float = 300.0  # NVLink, GB/s
+    inter_gbs: float = 25.0  # network, GB/s
+    intra_latency_us: float = 2.0  # per message inside a node
+    inter_latency_us: float = 10.0  # per message across nodes
+    copy_gbs: float = 2000.0  # device memory, for a local regroup (read + write)
+
+
+@dataclass(frozen=True)
+class A2ATimes:
+    """Seconds of one all-to-all (:func:`a2a_times`), and the messages each rank sends."""
+
+    flat_s: float
+    hierarchical_s: float
+    flat_messages: tuple[int, int]  # (inside the node, across nodes)
+    hierarchical_messages: tuple[int, int]
+
+    @property
+    def winner(self) -> str:
+        return "hierarchical" if self.hierarchical_s < self.flat_s else "flat"
+
+
+def a2a_times(send_bytes: float, nodes: int, local: int,
+              links: A2ALinks = A2ALinks()) -> A2ATimes:
+    """Time of one all-to-all in which every rank of N = ``nodes`` x G = ``local`` ranks
+    sends S = ``send_bytes``, S/W to each of the W = N*G ranks (balanced routing), by the
+    latency-bandwidth model t = messages * latency + bytes / bandwidth per link, hops in
+    sequence (no overlap between them):
+
+    - flat: G-1 messages of S/W over NVLink and (N-1)*G of S/W across nodes;
+    - hierarchical (2DH, ``moetrain.parallel.hierarchical``): a local regroup (read and
+      write S), G-1 messages of S/G over NVLink, a second regroup, then N-1 messages of
+      S/N across nodes.
+
+    Both send (N-1)/N * S across nodes; 2DH sends (N-1)(G-1) fewer network messages and
+    pays (G-1)(S/G - S/W) more NVLink bytes and 4S bytes of copies, so it wins below
+    :func:`a2a_break_even_bytes`. The rank's own slice is not counted (it stays local)."""
+    N, G, S, L = nodes, local, float(send_bytes), links
+    W = N * G
+    ai, ae = L.intra_latency_us * 1e-6, L.inter_latency_us * 1e-6
+    bi, be, bc = L.intra_gbs * 1e9, L.inter_gbs * 1e9, L.copy_gbs * 1e9
+    flat = (G - 1) * (ai + S / W / bi) + (N - 1) * G * (ae + S / W / be)
+    if N == 1 or G == 1:  # the hierarchical exchange falls back to the flat one
+        return A2ATimes(flat, flat, (G - 1, (N - 1) * G), (G - 1, (N - 1) * G))
+    hier = 2 * (2 * S / bc) + (G - 1) * (ai + S / G / bi) + (N - 1) * (ae + S / N / be)
+    return A2ATimes(flat, hier, (G - 1, (N - 1) * G), (G - 1, N - 1))
+
+
+def a2a_break_even_bytes(nodes: int, local: int, links: A2ALinks = A2ALinks()) -> float:
+    """Bytes S per rank above which the flat all-to-all is faster than 2DH (same model as
+    :func:`a2a_times`): S* = (N-1)(G-1) a_inter / ((G-1)(1/G - 1/W)/B_intra + 4/B_copy).
+    0 where 2DH is the flat exchange (N = 1 or G = 1)."""
+    N, G, L = nodes, local, links
+    if N == 1 or G == 1:
+        return 0.0
+    saved = (N - 1) * (G - 1) * L.inter_latency_us * 1e-6
+    per_byte = (G - 1) * (1 / G - 1 / (N * G)) / (L.intra_gbs * 1e9) + 4 / (L.copy_gbs * 1e9)
+    return saved / per_byte
+
+
+def a2a_table(nodes: int = 128, local: int = 8, dim: int = 4096, top_k: int = 2,
+              elem_bytes: int = 2, tokens: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384,
+                                                              32768, 65536),
+              links: A2ALinks = A2ALinks()) -> str:
+    """Flat vs hierarchical time of one all-to-all (the dispatch; the combine is the same)
+    for ``tokens`` per rank, each sent to ``top_k`` experts as rows of ``dim`` values of
+    ``elem_bytes``, on ``nodes`` x ``local`` GPUs (:func:`a2a_times`)."""
+    W = nodes * local
+    head = (f"{'tokens/rank':>11}  {'MB sent':>8}  {'KB/msg flat':>11}  {'KB/msg 2DH':>10}  "
+            f"{'flat ms':>8}  {'2DH ms':>8}  {'speed-up':>8}  winner")
+    title = (f"{nodes} nodes x {local} GPUs = {W} ranks, D={dim}, top-{top_k}, "
+             f"{elem_bytes} B/value; NVLink {links.intra_gbs:g} GB/s + "
+             f"{links.intra_latency_us:g} us/msg, network {links.inter_gbs:g} GB/s + "
+             f"{links.inter_latency_us:g} us/msg, copies {links.copy_gbs:g} GB/s")
+    lines = [title, head, "-" * len(head)]
+    for t in tokens:
+        S = t * top_k * dim * elem_bytes
+        r = a2a_times(S, nodes, local, links)
+        lines.append(f"{t:>11}  {S / 1e6:>8.1f}  {S / W / 1e3:>11.1f}  {S / nodes / 1e3:>10.1f}  "
+                     f"{r.flat_s * 1e3:>8.2f}  {r.hierarchical_s * 1e3:>8.2f}  "
+                     f"{r.flat_s / r.hierarchical_s:>7.2f}x  {r.winner}")
+    be = a2a_break_even_bytes(nodes, local, links)
+    if be:
+        per_token = top_k * dim * elem_bytes
+        lines.append(f"messages per rank: flat {local - 1} + {(nodes - 1) * local}, 2DH "
+                     f"{local - 1} + {nodes - 1}; 2DH wins below {be / 1e6:.0f} MB sent per "
+                     f"rank ({be / per_token:,.0f} tokens per rank)")
+    return "\n".join(lines)
+
+
 def _step_cost(cfg: Config, est: MemoryEstimate, vocab: int, *, peak_tflops: float,
                mfu: float, gpus_per_node: int, intra_gbs: float, inter_gbs: float) -> LayoutCost:
     """Compute at ``mfu`` of ``peak_tflops``, plus un-overlapped communication (ring
@@ -621,7 +739,12 @@ def _step_cost(cfg: Config, est: MemoryEstimate, vocab: int, *, peak_tflops: flo
         per_row = 3 * m.dim * _mean_hidden(m) * m.top_k * chain * moe_layers * lay.pp
         flops = (8 if n == 6 else 6) * per_row
         experts_s = flops * tokens / lay.world_size / (peak_tflops * 1e12 * mfu)
-        comm += a2a_exposed_s(accum * vol / bw(lay.ep), experts_s, cfg.moe.a2a_overlap_chunks)
+        chunks = cfg.moe.a2a_overlap_chunks
+        if chunks == "auto":  # the tuner keeps the fastest; this model has no per-chunk cost
+            from moetrain.parallel.overlap_tuner import CANDIDATES
+
+            chunks = max(CANDIDATES)
+        comm += a2a_exposed_s(accum * vol / bw(lay.ep), experts_s, chunks)
     if lay.dp > 1:
         n = est.params * lay.dp  # unsharded over dp: what one rank gathers each pass
         if cfg.parallel.dp_mode == DataParallelMode.fsdp:

@@ -13,6 +13,7 @@ which FSDP then wraps as roots. The model code itself never sees a mesh.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from moetrain.config.schema import (
     AuxLossScope,
     DataParallelMode,
+    ExpertMode,
     FSDPGradSync,
     MoEConfig,
     ParallelConfig,
@@ -30,6 +32,12 @@ from moetrain.config.schema import (
 from moetrain.config.validate import Layout
 from moetrain.kernels.backend import use_triton
 from moetrain.parallel.activation_checkpoint import apply_ac, apply_compile
+from moetrain.parallel.adaptive import (
+    apply_sharded_ep,
+    expert_modes,
+    sharded_expert_mesh,
+    weight_gather_bytes,
+)
 from moetrain.parallel.expert import (
     apply_ep,
     count_all_reducer,
@@ -49,6 +57,7 @@ from moetrain.parallel.tensor import (
     loss_context,
 )
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class ParallelModel:
@@ -151,6 +160,14 @@ class ParallelModel:
     def ep_bytes_sent(self) -> int:
         return ep_bytes_sent(self.moe_layers)
 
+    def expert_modes(self) -> dict[int, float]:
+        """Sharded experts: layer index -> the mean mode r of its calls since the last read."""
+        return expert_modes(self.moe_layers)
+
+    def weight_gather_bytes(self) -> int:
+        """Sharded experts: expert-weight bytes all-gathered since the last read."""
+        return weight_gather_bytes(self.moe_layers)
+
     def ep_bytes_saved(self, device: torch.device) -> torch.Tensor:
         return ep_bytes_saved(self.moe_layers, device)
 
@@ -181,7 +198,7 @@ def _wire_count_reducers(moe_layers: list[nn.Module], mesh: MoEMesh, layout: Lay
 
 def _apply_dp(parts: list[nn.Module], mesh: MoEMesh, layout: Layout, fsdp: bool,
               tp: TPWiring | None, param_dtype: torch.dtype | None,
-              cpu_offload: bool = False) -> GradReplicator | None:
+              cpu_offload: bool = False, sharded: bool = False) -> GradReplicator | None:
     """Data parallelism over this rank's model parts: FSDP2 if ``fsdp``, else a
     GradReplicator when gradients need reducing (dp > 1 or tp > 1).
 
@@ -192,14 +209,21 @@ def _apply_dp(parts: list[nn.Module], mesh: MoEMesh, layout: Layout, fsdp: bool,
     held = {id(m) for part in parts for m in part.modules()}
     replicated = [m for m in tp.replicated if id(m) in held] if tp is not None else []
     if fsdp:
-        edp_mesh = mesh.submesh(MeshAxis.edp) if experts_edp else None
+        edp_mesh = mesh.submesh(MeshAxis.edp) if experts_edp and not sharded else None
         for part in parts:
             in_part = {id(m) for m in part.modules()}
             mine = [m for m in replicated if id(m) in in_part]
+            # Sharded experts have no replicas under FSDP (config.validate): left alone.
+            ignored = ({p for layer in part.moe_layers() for p in layer.experts.parameters()}
+                       if sharded else None)
             apply_fsdp(part, part.moe_layers(), mesh.submesh(MeshAxis.dp), edp_mesh,
                        layout.dp, param_dtype,
                        replicated=(mine, mesh.submesh(MeshAxis.dp_tp)) if mine else None,
-                       cpu_offload=cpu_offload)
+                       cpu_offload=cpu_offload, ignored=ignored)
+        if sharded:  # their gradients are sums over the ep ranks' tokens: divided by dp
+            experts = [p for part in parts for layer in part.moe_layers()
+                       for p in layer.experts.parameters()]
+            return GradReplicator([], None, experts, mesh.group(MeshAxis.edp), layout.dp)
         return None
     if layout.dp == 1 and tp is None:
         return None
@@ -239,8 +263,22 @@ def parallelize(
     # 1. Tensor parallelism.
     tp = apply_tp(model, mesh.submesh(MeshAxis.tp), par.expert_tp) if layout.tp > 1 else None
     # 2. Expert parallelism, and the ranks each layer's expert counts are summed over.
-    if layout.ep > 1:
-        apply_ep(all_moe_layers, mesh.submesh(MeshAxis.ep), moe_cfg)
+    # With fewer experts than ep ranks, each expert is split along F over ep / E ranks and
+    # run in Tutel's modes (moetrain/parallel/adaptive.py).
+    num_experts = all_moe_layers[0].num_ffn_experts if all_moe_layers else 0
+    sharded = layout.ep > 1 and 0 < num_experts < layout.ep
+    if sharded:
+        emesh, views = sharded_expert_mesh(mesh.dims.expert_ranks(), num_experts, device.type)
+        apply_sharded_ep(all_moe_layers, mesh.submesh(MeshAxis.ep), emesh, views, moe_cfg,
+                         par.expert_r, ExpertMode(par.expert_mode))
+    elif layout.ep > 1:
+        apply_ep(all_moe_layers, mesh.submesh(MeshAxis.ep), moe_cfg, a2a=par.a2a,
+                 a2a_local_size=par.a2a_local_size)
+        if ExpertMode(par.expert_mode) != ExpertMode.fixed and mesh.rank == 0:
+            log.warning("parallel.expert_mode=%s: model.num_experts=%d >= parallel.ep=%d, "
+                        "every rank holds whole experts and there is nothing to switch; the "
+                        "mode is fixed at r=1 (expert-parallel)",
+                        ExpertMode(par.expert_mode).value, num_experts, layout.ep)
     _wire_count_reducers(all_moe_layers, mesh, layout, moe_cfg, tp)
     # 3. Activation checkpointing, then 4. per-block compile.
     apply_ac(model, par.ac, attention=par.ac_attention)
@@ -256,7 +294,7 @@ def parallelize(
     fsdp = layout.dp > 1 and par.dp_mode == DataParallelMode.fsdp
     bf16 = (train or TrainConfig()).uses_bf16(device.type)
     param_dtype = torch.bfloat16 if fsdp and bf16 and device.type == "cuda" else None
-    replicator = _apply_dp(parts, mesh, layout, fsdp, tp, param_dtype, cpu_offload)
+    replicator = _apply_dp(parts, mesh, layout, fsdp, tp, param_dtype, cpu_offload, sharded)
 
     pipeline = None
     if plan is not None:

@@ -180,6 +180,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ConfigError as e:  # raised by a schema __post_init__
         _fail("invalid config", e, EXIT_CONFIG)
     from moetrain.checkpoint import CheckpointLoadError
+    from moetrain.train.preemption import pass_on
 
     try:
         run(cfg)
@@ -187,6 +188,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
         _fail("invalid config", e, EXIT_CONFIG)
     except CheckpointLoadError as e:  # corrupt or unreadable checkpoint: named in the message
         _fail("checkpoint error", e, EXIT_CHECKPOINT)
+    pass_on()  # a stop signal, once checkpointed, to the launcher's handler (e.g. submitit's)
 
 
 def _composition_message(e: BaseException) -> str:
@@ -202,6 +204,9 @@ def _composition_message(e: BaseException) -> str:
 
 
 def main() -> None:
+    from moetrain.train.preemption import catch_early
+
+    catch_early()  # a stop signal during start-up is honoured after the first step
     logging.basicConfig(
         level=os.environ.get("MOETRAIN_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

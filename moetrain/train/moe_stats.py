@@ -193,6 +193,9 @@ class MoEStatsTracker:
             if sizes is not None:  # FLOPs per rank, by the ragged experts' placement
                 order = getattr(self.first.experts, "expert_order", None)
                 rank_load_LR = rank_flop_shares(ffn_LE, sizes, order, self.ep)
+            elif self.ep > self.ffn_experts:  # sharded experts: s ranks share each one's rows
+                s = self.ep // self.ffn_experts
+                rank_load_LR = (ffn_LE / s).repeat_interleave(s, dim=1)
             else:
                 rank_load_LR = ffn_LE.view(ffn_LE.shape[0], self.ep, -1).sum(dim=2)
             rank_load_LR = rank_load_LR / rank_load_LR.sum(dim=1, keepdim=True).clamp_min(1e-12)

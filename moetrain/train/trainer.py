@@ -26,6 +26,7 @@ from moetrain.config.recipes import format_recipe, recipe_record
 from moetrain.config.schema import Config, OptimOffload
 from moetrain.config.validate import Layout
 from moetrain.data import GlobalBatchSampler, build_data
+from moetrain.data.hf_tokenizer import checkpoint_tokenizer_files
 from moetrain.metrics import (
     MetricsLogger,
     flops_per_token_at_k,
@@ -35,6 +36,7 @@ from moetrain.metrics import (
 )
 from moetrain.metrics.flops import mean_expert_hidden
 from moetrain.models import Transformer, count_params
+from moetrain.parallel.overlap_tuner import OverlapTuner
 from moetrain.parallel.parallelize import ParallelModel, parallelize
 from moetrain.parallel.pipeline import StageOptimizers
 from moetrain.parallel.tensor import local_loss
@@ -119,17 +121,9 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        self.data = build_data(cfg.data, cfg.train.seq_len)
-        vocab = cfg.model.vocab_size or self.data.tokenizer.vocab_size
-        if vocab < self.data.tokenizer.vocab_size:
-            from moetrain.config import ConfigError
-
-            raise ConfigError(
-                f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
-                f"({self.data.tokenizer.vocab_size}): set model.vocab_size=null to use the "
-                f"tokenizer's size"
-            )
-        self.vocab_size = vocab
+        # Checks the data's vocabulary against model.vocab_size before opening any shard.
+        self.data = build_data(cfg.data, cfg.train.seq_len, model_vocab_size=cfg.model.vocab_size)
+        vocab = self.vocab_size = self.data.vocab_size
 
         # Every rank builds the same full model from the same seed; parallelize() then
         # keeps each rank's shard. So the initial weights do not depend on the layout.
@@ -148,9 +142,13 @@ class Trainer:
         t = cfg.train
         self.dp_rank, self.dp_size = self.pm.dp_rank, layout.dp
         self.accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
-        self.sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, cfg.seed)
+        self.sampler = self.data.sampler(t.global_batch_size, cfg.seed)
         self.progress = Progress()
-        self.ckpt = CheckpointManager(cfg.checkpoint, files={CONFIG_FILE: config_to_yaml(cfg)})
+        # A checkpoint carries its config and the model's tokenizer (as a Hugging Face
+        # tokenizer): moetrain.load_tokenizer and tools/export_hf.py need nothing else.
+        files = {CONFIG_FILE: config_to_yaml(cfg), **checkpoint_tokenizer_files(
+            self.data.tokenizer, cfg.model.max_seq_len)}
+        self.ckpt = CheckpointManager(cfg.checkpoint, files=files)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, enabled=self.rank == 0)
         # The resolved training recipe: logged once, and metrics.jsonl's first line.
         recipe = recipe_record(cfg)
@@ -171,6 +169,9 @@ class Trainer:
         # token it measured (a top-k schedule, variable-k routers): flops_per_token_at_k.
         self.flops_per_token_top_k = self.flops_per_token
         self.n_moe_layers = sum(cfg.model.is_moe_layer(i) for i in range(cfg.model.n_layers))
+        # moe.a2a_overlap_chunks=auto: each step's time picks the next step's chunk count.
+        self.overlap_tuner = OverlapTuner.for_layers(cfg.moe, layout.ep, self.pm.moe_layers,
+                                                     device)
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -339,22 +340,59 @@ class Trainer:
                 if self.pm.pp_group is not None:
                     dist.all_reduce(saved, group=self.pm.pp_group)
                 out["a2a_bytes_saved"] = saved.item()
+        m = cfg.model
+        if self.layout.ep > m.num_experts > 0:
+            out.update(self._expert_modes())
+        elif self.layout.ep > 1 and cfg.parallel.expert_mode != "fixed":
+            # whole experts on every rank: nothing to switch, the mode is r=1 (expert-parallel)
+            out.update({f"moe/layer{i}/r": 1.0 for i in range(m.n_layers) if m.is_moe_layer(i)})
         return out
 
-    @torch.no_grad()
+    def _expert_modes(self) -> dict[str, float]:
+        """Sharded experts (Tutel's modes, moetrain/parallel/adaptive.py): each MoE layer's
+        mode r this step (the mean over its calls) and the expert-weight bytes every rank
+        all-gathered. Every ep rank of a stage picks the same r; stages are summed."""
+        n = self.cfg.model.n_layers
+        vals = torch.zeros(2, n + 1, dtype=torch.float64, device=self.device)
+        for i, r in self.pm.expert_modes().items():
+            vals[0, i], vals[1, i] = r, 1.0
+        vals[0, n] = float(self.pm.weight_gather_bytes())
+        if self.pm.stats_size > 1:  # bytes of every rank of the stage; r of one of them
+            gathered = vals[0, n].clone()
+            dist.all_reduce(gathered, group=self.pm.stats_group)
+            vals[0, n] = gathered
+        if self.pm.pp_group is not None:
+            dist.all_reduce(vals, group=self.pm.pp_group)
+        host = vals.tolist()
+        out = {f"moe/layer{i}/r": host[0][i] for i in range(n) if host[1][i]}
+        out["weight_gather_bytes"] = host[0][n]
+        return out
+
     def validate(self) -> float:
-        """Mean LM loss over ``eval.batches`` fixed validation micro-batches (same samples
+        """Mean LM loss over ``eval.batches`` fixed validation micro-batches. A mixture
+        (data.sources) runs them on each source, logs ``val_loss/<name>`` and returns the
+        weight-averaged loss."""
+        if not self.data.val_sets:
+            return self._val_loss(self.data.val)
+        w = self.data.val_weights
+        per = {name: self._val_loss(ds) for name, ds in self.data.val_sets.items()}
+        self.metrics.log_step(self.progress.step, {f"val_loss/{k}": v for k, v in per.items()})
+        return sum(w[k] * v for k, v in per.items())
+
+    @torch.no_grad()
+    def _val_loss(self, val) -> float:
+        """Mean LM loss over ``eval.batches`` fixed micro-batches of ``val`` (same samples
         for every layout: micro-batch j goes to data-parallel rank j % dp)."""
         self.model.eval()
         m, n = self.cfg.train.micro_batch_size, self.cfg.eval.batches
-        n_samples = len(self.data.val)
+        n_samples = len(val)
         total, count = torch.zeros((), device=self.device), 0
         batches = []
         rounds = -(-n // self.dp_size)
         for k in range(rounds):
             j = k * self.dp_size + self.dp_rank
             indices = [(j * m + i) % n_samples for i in range(m)]
-            inputs, targets = self._batch(self.data.val, indices)
+            inputs, targets = self._batch(val, indices)
             if self.pm.pipeline is not None:
                 if j < n:
                     batches.append((inputs, targets))
@@ -404,6 +442,8 @@ class Trainer:
                 last_loss = out["loss"]
                 tps = t.global_batch_size * t.seq_len / dt
                 out.update(tokens=self.progress.tokens, tokens_per_s=tps, step_time_s=dt)
+                if self.overlap_tuner is not None:  # the step's count; sets the next one
+                    out["moe/a2a_chunks"] = self.overlap_tuner.step(dt)
                 if "active_k" in out:  # MFU counts the routed experts per token of the step
                     self.flops_per_token = flops_per_token_at_k(
                         self.flops_per_token_top_k,

@@ -12,11 +12,13 @@ The MoE layer only sees the :class:`Dispatcher` protocol, so the expert-parallel
 one object in moetrain/models/ that holds a process group (handed to it by
 ``moetrain.parallel.expert.apply_ep``).
 
-Capacity mode never reads a device value on the host: every expert owns a block of
-exactly C rows (:func:`capacity_layout`), so every shape follows from the config and the
-input shape, the forward and backward run without a device synchronisation, and
-``torch.compile(fullgraph=True)`` traces the layer. Dropless mode sizes its buffers from
-the routing itself (see :class:`LocalDispatcher`).
+Capacity mode with a factor > 0 never reads a device value on the host: every expert
+owns a block of exactly C rows (:func:`capacity_layout`), so every shape follows from the
+config and the input shape, the forward and backward run without a device
+synchronisation, and ``torch.compile(fullgraph=True)`` traces the layer. A factor <= 0
+is Tutel's adaptive capacity (C follows the step's largest expert load), which reads C
+back once per call. Dropless mode sizes its buffers from the routing itself (see
+:class:`LocalDispatcher`).
 """
 
 from __future__ import annotations
@@ -273,6 +275,16 @@ class LocalDispatcher:
     never reads it). Its shape depends only on T, K, E and the factor, so this mode never
     synchronises with the device.
 
+    A factor <= 0 is Tutel's adaptive capacity (Hwang et al., 2023, arXiv 2206.03382;
+    ``extract_critical`` of its fast dispatcher), with the same E x C layout:
+    ``0`` sets C to the step's largest expert load L (the active rows routed to one
+    expert), so nothing is dropped; ``-c`` sets C = min(L, nominal C of factor c under
+    ``capacity_rule``), which drops by ``drop_policy`` only where L exceeds the nominal
+    capacity. C is a host int, so it costs one device-to-host read per call
+    (:meth:`adaptive_capacity`). Under expert parallelism every rank needs the same C:
+    ``agree_capacity`` (set by :class:`AllToAllDispatcher`) takes each rank's value to the
+    largest over the group before the read.
+
     ``kernel_backend`` (``moe.kernel_backend``) selects the Triton kernels of
     ``moetrain.kernels`` (routing metadata, permute, fused unpermute+combine); otherwise
     their torch references in ``moetrain.kernels.reference`` run: the same rows in the same
@@ -291,13 +303,17 @@ class LocalDispatcher:
                  drop_policy: DropPolicy = DropPolicy.probs,
                  capacity_rule: CapacityRule = CapacityRule.slots,
                  expert_order: list[int] | None = None) -> None:
-        if capacity_factor is not None and capacity_factor <= 0:
+        if capacity_factor is not None and not math.isfinite(capacity_factor):
             raise ConfigError(
-                f"moe.capacity_factor={capacity_factor!r} is invalid: must be > 0, or use "
+                f"moe.capacity_factor={capacity_factor!r} is invalid: must be a finite "
+                f"number (> 0 fixed, 0 adaptive, < 0 adaptive with a cap), or use "
                 f"moe.dispatch=dropless"
             )
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
+        # Adaptive capacity (factor <= 0) under expert parallelism: maps this rank's
+        # capacity (a 0-dim int64 tensor) to the one every rank of the group uses.
+        self.agree_capacity: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.kernel_backend = KernelBackend(kernel_backend)
         self.drop_policy = DropPolicy(drop_policy)
         self.capacity_rule = CapacityRule(capacity_rule)
@@ -354,10 +370,34 @@ class LocalDispatcher:
         )
         return x_RD, meta
 
+    @torch.compiler.disable  # a host read sizes the layout: run eagerly, C a plain int
+    def adaptive_capacity(self, ids_TK: torch.Tensor,
+                          active_TK: torch.Tensor | None = None) -> int:
+        """C for a factor <= 0: the largest expert load L (active rows of ``ids_TK``
+        routed to one expert), capped for a factor -c at :func:`expert_capacity` with
+        factor c, then passed through ``agree_capacity``, then read back: the one
+        device-to-host read of the call. Taking the largest capped value over the ranks
+        equals capping the largest load whenever the ranks' T (so their caps) agree."""
+        T, K = ids_TK.shape
+        E = self.num_experts
+        flat = ids_TK.reshape(-1).long()
+        if active_TK is not None:
+            flat = torch.where(active_TK.reshape(-1), flat, E)  # bucket E: never routed
+        load = expert_counts(flat, E + 1)[:E].max()
+        if self.capacity_factor < 0:
+            nominal = expert_capacity(T, K, E, -self.capacity_factor, self.capacity_rule)
+            load = load.clamp(max=nominal)
+        if self.agree_capacity is not None:
+            load = self.agree_capacity(load)
+        return int(load)
+
     def _dispatch_capacity(self, x_TD, ids_TK, weights_TK, active_TK):
         T, K = ids_TK.shape
         E = self.num_experts
-        C = expert_capacity(T, K, E, self.capacity_factor, self.capacity_rule)
+        if self.capacity_factor > 0:
+            C = expert_capacity(T, K, E, self.capacity_factor, self.capacity_rule)
+        else:  # Tutel's adaptive capacity: one host read
+            C = self.adaptive_capacity(ids_TK, active_TK)
         kernels = use_triton(self.kernel_backend, x_TD)
         lay = capacity_layout(ids_TK, E, C, policy=self.drop_policy, weights_TK=weights_TK,
                               active_TK=active_TK, kernels=kernels)
@@ -433,6 +473,19 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     return funcol.wait_tensor(y)
 
 
+def max_over_group(group: dist.ProcessGroup) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``LocalDispatcher.agree_capacity`` for the ranks of ``group``: the largest of their
+    0-dim values (an adaptive capacity), one MAX all-reduce, no autograd (an integer).
+    Any dispatcher that exchanges fixed E x C blocks over ``group`` needs it."""
+
+    def agree(value: torch.Tensor) -> torch.Tensor:
+        out = value.reshape(1).clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+        return out[0]
+
+    return agree
+
+
 @dataclass(frozen=True)
 class AllToAllMeta:
     local: DispatchMeta  # the sort (and capacity drop) by global expert on this rank
@@ -457,7 +510,10 @@ class AllToAllDispatcher:
       variable splits (no padding); the splits are host lists, read back once;
     - capacity: the local E x C layout is sent as is, ``C`` rows per expert (zero rows
       fill unused slots; a SwiGLU expert maps a zero row to zero), so no counts are
-      exchanged and nothing is read back.
+      exchanged and nothing is read back. With an adaptive factor (<= 0) each rank's
+      capacity is all-reduced with MAX over the group first (one all-reduce of one
+      integer, read back once), so every rank sends and receives e*C rows per peer with
+      the same C.
     Received rows arrive grouped by source rank; they are regrouped by local expert
     before the experts run, and the whole path is undone in ``combine``. Autograd runs
     through both exchanges.
@@ -482,10 +538,15 @@ class AllToAllDispatcher:
         # Sorting by slot puts rank j's experts (slots j*e .. j*e + e - 1) in one block.
         self.local = LocalDispatcher(num_experts, capacity_factor, kernel_backend, drop_policy,
                                      capacity_rule, expert_order)
+        self.local.agree_capacity = max_over_group(group)  # adaptive capacity: one C
         self.bytes_sent = 0  # token bytes sent by dispatch + combine since the last reset
         # Bytes that rows never dispatched (MoE++) did not send, a device count (no host
         # read on the step's path), since the last reset.
         self.bytes_saved: torch.Tensor | None = None
+        # The token exchange, ``exchange(x, out_splits, in_splits, group)``: the flat
+        # all-to-all, or one with the same contract set by the parallel wiring
+        # (``moetrain.parallel.hierarchical``'s 2DH exchange).
+        self.exchange = _all_to_all
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
         """counts_E[j*e + l]: rows for expert l of EP rank j -> counts_Se[src, l] received."""
@@ -500,7 +561,7 @@ class AllToAllDispatcher:
         if C is not None:
             # x_RD is [EP rank][local expert][C]: every split is e*C rows.
             in_splits = out_splits = [e * C] * ep
-            recv_RD = _all_to_all(x_RD, out_splits, in_splits, self.group)
+            recv_RD = self.exchange(x_RD, out_splits, in_splits, self.group)
             # [source][local expert][C] -> [local expert][source][C]: a transpose.
             D = recv_RD.shape[1]
             x_out = recv_RD.view(ep, e, C, D).transpose(0, 1).reshape(e * ep * C, D)
@@ -513,7 +574,7 @@ class AllToAllDispatcher:
             # The splits are host lists: one device-to-host read for both.
             in_splits, out_splits = torch.stack(
                 [counts_E.view(ep, e).sum(1), counts_Se.sum(1)]).tolist()
-            recv_RD = _all_to_all(x_RD, out_splits, in_splits, self.group)
+            recv_RD = self.exchange(x_RD, out_splits, in_splits, self.group)
             # Received rows are [source][local expert][rows]; regroup to [local expert][source].
             local_id = torch.repeat_interleave(
                 torch.arange(e, device=recv_RD.device).repeat(ep), counts_Se.flatten(),
@@ -556,7 +617,7 @@ class AllToAllDispatcher:
         counts = torch.full((e,), ep * T, dtype=torch.int64, device=x_TD.device)
         y = experts(X.repeat(e, 1), counts, ep * T)  # (e, ep, T, D), local expert major
         y = y.view(e, ep, T, D).transpose(0, 1).reshape(ep * e * T, D)  # owner major
-        back = _all_to_all(y, [e * T] * ep, [e * T] * ep, self.group)
+        back = self.exchange(y, [e * T] * ep, [e * T] * ep, self.group)
         self.bytes_sent += ep * (T * D + e * T * D) * x_TD.element_size()
         y = back.view(ep * e, T, D)  # [source rank][local expert] = global slot
         slot_of = self.local.slot_of(x_TD.device)
@@ -570,6 +631,6 @@ class AllToAllDispatcher:
             y_recv = y_RD.view(e, ep, C, D).transpose(0, 1).reshape(ep * e * C, D)
         else:
             y_recv = torch.empty_like(y_RD).index_copy(0, meta.regroup_idx, y_RD)
-        back = _all_to_all(y_recv, meta.in_splits, meta.out_splits, self.group)
+        back = self.exchange(y_recv, meta.in_splits, meta.out_splits, self.group)
         self.bytes_sent += sum(meta.out_splits) * y_RD.shape[1] * y_RD.element_size()
         return self.local.combine(back, meta.local)

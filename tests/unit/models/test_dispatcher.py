@@ -85,7 +85,7 @@ def test_combine_backward_reaches_rows_and_weights():
 
 def test_bad_capacity_factor_names_the_field():
     with pytest.raises(ConfigError, match="moe.capacity_factor"):
-        LocalDispatcher(3, capacity_factor=0.0)
+        LocalDispatcher(3, capacity_factor=float("nan"))
 
 
 # ----------------------------------------------------------------------------- drop policies

@@ -1,0 +1,138 @@
+"""The tokenizer a model was trained with, written as a Hugging Face tokenizer directory, so
+that an exported model is usable as it is: ``AutoTokenizer.from_pretrained(out)``.
+
+- ``byte`` (moetrain's byte tokenizer: UTF-8 bytes as ids 0..255, EOS 256) becomes a
+  ``tokenizers`` byte-level BPE with no merges: its 256 base tokens are the bytes, in
+  byte order, so every text encodes to exactly the ids moetrain trained on.
+- ``bpe`` (``tools/prepare_data.py --tokenizer bpe``) is saved as it is.
+- a Hugging Face tokenizer (``--tokenizer PATH``) is copied with its own files.
+
+Only ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` are
+written, so the export needs no ``transformers``; ``PreTrainedTokenizerFast`` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from moetrain.data.tokenizer import EOS_TEXT
+
+log = logging.getLogger(__name__)
+
+# Files of a Hugging Face tokenizer directory (copied as they are when present).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                      "chat_template.jinja")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (what ``tokenizers``'
+    ByteLevel pre-tokenizer emits and its decoder reads back)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def byte_tokenizer_json() -> dict[str, Any]:
+    """A ``tokenizers`` BPE with the 256 byte tokens as ids 0..255 (no merges) and the EOS
+    token as id 256: the exact vocabulary of moetrain's ``ByteTokenizer``."""
+    chars = _bytes_to_unicode()
+    vocab = {chars[b]: b for b in range(256)}
+    vocab[EOS_TEXT] = 256
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": 256, "content": EOS_TEXT, "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True}],
+        "normalizer": None,
+        # no regex split: the whole text is one piece, which the model splits into bytes
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                          "use_regex": False},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                    "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }
+
+
+def _write_config(out: Path, eos_token: str, model_max_length: int,
+                  bos_token: str | None = None) -> None:
+    special = {"eos_token": eos_token}
+    if bos_token is not None:
+        special["bos_token"] = bos_token
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "clean_up_tokenization_spaces": False, **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def save_hf_tokenizer(tok: Any, out: str | Path, model_max_length: int,
+                      source_dir: str | Path | None = None) -> dict[str, int | None]:
+    """Write ``tok`` (a moetrain tokenizer: ``kind`` byte, bpe or hf) into ``out`` as a
+    Hugging Face tokenizer. ``source_dir``: where an ``hf`` tokenizer's files are.
+    Returns the special token ids for ``config.json`` (``bos_token_id``, ``eos_token_id``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = getattr(tok, "kind", None)
+    if kind == "byte":
+        (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json())
+                                            + "\n", encoding="utf-8")
+        _write_config(out, EOS_TEXT, model_max_length)
+        return {"bos_token_id": None, "eos_token_id": int(tok.eos_id)}
+    if kind == "bpe":
+        tok.save(out)  # tokenizer.json
+        _write_config(out, tok.eos_token, model_max_length)
+        return {"bos_token_id": None, "eos_token_id": int(tok.eos_id)}
+    if kind == "hf":
+        if source_dir is None or not Path(source_dir).is_dir():
+            raise FileNotFoundError(f"the Hugging Face tokenizer's files ({source_dir}) are "
+                                    f"missing: re-run tools/prepare_data.py --tokenizer PATH")
+        for name in HF_TOKENIZER_FILES:
+            src = Path(source_dir) / name
+            if src.is_file():
+                shutil.copy2(src, out / name)
+        return {"bos_token_id": getattr(tok, "bos_id", None), "eos_token_id": tok.eos_id}
+    raise ValueError(f"cannot write a tokenizer of kind {kind!r} as a Hugging Face tokenizer")
+
+
+def hf_tokenizer_files(tok: Any, model_max_length: int,
+                       source_dir: str | Path | None = None) -> dict[str, str]:
+    """The text files of ``tok`` as a Hugging Face tokenizer (name -> text), for a
+    checkpoint to carry beside its config: the export and ``moetrain.load_tokenizer`` then
+    need no data directory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="moetrain-tokenizer-") as tmp:
+        save_hf_tokenizer(tok, tmp, model_max_length, source_dir)
+        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir())
+                if p.suffix in (".json", ".jinja")}
+
+
+def checkpoint_tokenizer_files(tok: Any, model_max_length: int) -> dict[str, str]:
+    """:func:`hf_tokenizer_files` of the run's tokenizer, for every checkpoint; {} (with a
+    warning) when there is none (a Megatron dataset without ``data.tokenizer``) or it
+    cannot be written, which must not stop training."""
+    if tok is None:
+        return {}
+    try:
+        return hf_tokenizer_files(tok, model_max_length, getattr(tok, "files_dir", None))
+    except Exception as e:  # noqa: BLE001 - the checkpoint is still complete without it
+        log.warning("the tokenizer (%s) is not saved with the checkpoints: %s",
+                    getattr(tok, "kind", type(tok).__name__), e)
+        return {}
