@@ -598,7 +598,8 @@ def _hf_config(cfg: Config, vocab: int, target: Target, dtype: torch.dtype,
         "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
         "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype_name,
         "dtype": dtype_name,
-        # The tokenizer is not exported: no class default (Mixtral's bos 1, eos 2) applies.
+        # No class default (Mixtral's bos 1, eos 2): the exported tokenizer's ids, if any,
+        # replace these (_copy_tokenizer).
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
     }
     dense = [i for i, moe in enumerate(_moe_pattern(m)) if not moe]

@@ -19,15 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from moetrain.data.tokenizer import EOS_TEXT
+from moetrain.data.tokenizer import EOS_TEXT, HF_FILES
 
 log = logging.getLogger(__name__)
-
-# Files of a Hugging Face tokenizer directory (copied as they are when present).
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                      "chat_template.jinja")
-
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters (what ``tokenizers``'
@@ -103,7 +97,7 @@ def save_hf_tokenizer(tok: Any, out: str | Path, model_max_length: int,
         if source_dir is None or not Path(source_dir).is_dir():
             raise FileNotFoundError(f"the Hugging Face tokenizer's files ({source_dir}) are "
                                     f"missing: re-run tools/prepare_data.py --tokenizer PATH")
-        for name in HF_TOKENIZER_FILES:
+        for name in HF_FILES:
             src = Path(source_dir) / name
             if src.is_file():
                 shutil.copy2(src, out / name)
@@ -136,3 +130,22 @@ def checkpoint_tokenizer_files(tok: Any, model_max_length: int) -> dict[str, str
         log.warning("the tokenizer (%s) is not saved with the checkpoints: %s",
                     getattr(tok, "kind", type(tok).__name__), e)
         return {}
+
+
+# Text that tells tokenizers apart: words, accents, CJK, an emoji, digits, whitespace runs.
+PROBE = ("The quick brown fox jumps over the lazy dog. Naïve café, Übergröße, 日本語の文章, "
+         "emoji 🙂, digits 1234567890, tabs\tand\n\nnewlines,   spaces.")
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers (of any kind) give text the same ids: the same vocabulary
+    size, EOS and BOS conventions, and the same ids for :data:`PROBE`."""
+    same = (a.vocab_size, a.eos_id, getattr(a, "bos_id", None), getattr(a, "add_bos", False)) == (
+        b.vocab_size, b.eos_id, getattr(b, "bos_id", None), getattr(b, "add_bos", False))
+    return same and a.encode(PROBE).tolist() == b.encode(PROBE).tolist()
+
+
+def describe(tok: Any) -> str:
+    """A tokenizer in a few words, for errors: kind, vocabulary, EOS id."""
+    return f"{getattr(tok, 'kind', type(tok).__name__)} tokenizer, vocab {tok.vocab_size}, " \
+           f"EOS id {tok.eos_id}"

@@ -239,7 +239,8 @@ class ShardedExpertDispatcher:
         rows = max(sum(c) for c in counts_WE)
         max_expert_rows = max(sum(c[e] for c in counts_WE) for e in range(E))
         r = self._choose(rows, max_expert_rows, D)
-        self.r_sum, self.r_calls = self.r_sum + r, self.r_calls + 1
+        if torch.is_grad_enabled():  # training calls only: validation is not logged
+            self.r_sum, self.r_calls = self.r_sum + r, self.r_calls + 1
         plan = self._plan(r, counts_WE, x_RD.device)
         meta = ShardedMeta(local=lmeta, plan=plan, tokens_per_expert=lmeta.tokens_per_expert,
                            num_dropped=lmeta.num_dropped, rows_per_expert=C,

@@ -312,23 +312,22 @@ class MemoryEstimate:
 
 
 def resolve_vocab_size(cfg: Config) -> int:
-    """``model.vocab_size``, else the tokenizer's (byte: 257; a prepared directory's meta)."""
+    """``model.vocab_size``, else the data's tokenizer's (byte: 257; a prepared directory's
+    or a mixture's meta; ``data.tokenizer`` for Megatron data), read without any shard."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    if cfg.data.source == "default":
-        from moetrain.data.tokenizer import ByteTokenizer
-
-        return ByteTokenizer.vocab_size
-    from pathlib import Path
-
-    from moetrain.data import read_meta
+    from moetrain.data import data_vocab_size
 
     try:
-        meta = read_meta(Path(cfg.data.source).expanduser())
+        vocab = data_vocab_size(cfg.data)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.vocab_size=None and data.source={cfg.data.source!r} has no "
-                          f"readable meta.json ({e}): set model.vocab_size") from e
-    return int(meta.get("tokenizer", meta)["vocab_size"])
+        raise ConfigError(f"model.vocab_size=None and the data's tokenizer cannot be read "
+                          f"({e}): set model.vocab_size") from e
+    if vocab is None:
+        raise ConfigError(f"model.vocab_size=None and data.source={cfg.data.source!r} names "
+                          f"no tokenizer (Megatron data without data.tokenizer): set "
+                          f"model.vocab_size")
+    return vocab
 
 
 def _dtypes(cfg: Config, layout: Layout, device: str) -> tuple[int, int, int]:

@@ -12,9 +12,12 @@ Two hand-offs around the trainer's own handler:
   the trainer honours it after its first step. Under ``launch/slurm.sbatch`` the workers
   inherit these signals ignored from the torchrun agent (which must outlive their save),
   so without it such a signal would be lost.
-- :func:`pass_on` hands a received signal, once the checkpoint is written, to the handler
-  that was installed before the trainer's: the Hydra submitit launcher's, which requeues
-  a sweep job on its SIGUSR2 (and logs SIGTERM).
+- :func:`pass_on` (the entry point calls it after the run) hands a received signal, once
+  the checkpoint is written, to the handler that was installed before the trainer's: the
+  Hydra submitit launcher's, which requeues a sweep job on its SIGUSR2 (and logs SIGTERM).
+  A run that stopped on a signal then ignores further stop signals: ``launch/slurm.sbatch``
+  repeats its SIGTERM until the step has ended, and one landing while the interpreter shuts
+  down (when Python's handlers are gone) would turn a clean exit into a failed job.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR
 
 _early: int | None = None  # a stop signal received before the trainer's handler was in place
 _foreign: dict[int, object] = {}  # the handlers before the trainer's (see pass_on)
-_received: int | None = None  # the last stop signal the trainer acted on
+_received: int | None = None  # the stop signal this process received during the last run
+_stopped = False  # the last run stopped on a stop signal (this rank's or another's)
 
 
 def _record_early(signum, frame) -> None:
@@ -50,14 +54,18 @@ def catch_early() -> None:
 
 
 def pass_on() -> None:
-    """Call the handler that was installed before the trainer's for the stop signal the
-    trainer acted on, if it is a Python function (not the default action, not ignored):
-    after the checkpoint, the launcher that installed it does what it does on that signal."""
-    global _received
-    signum, _received = _received, None
-    if signum is None:
+    """After a run that stopped on a stop signal: ignore further stop signals, then call
+    the handler that was installed before the trainer's for the signal received, if it is
+    a Python function (not the default action, not ignored): the launcher that installed
+    it does what it does on that signal, now that the checkpoint is written."""
+    global _received, _stopped
+    signum, stopped, _received, _stopped = _received, _stopped, None, False
+    if not stopped:
         return
-    previous = _foreign.get(signum)
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+    previous = _foreign.get(signum) if signum is not None else None
     if callable(previous) and previous is not _record_early:
         log.info("stop signal %s: passing it on to the launcher's handler",
                  signal.Signals(signum).name)
@@ -74,7 +82,8 @@ class StopSignal:
         self.received = signum
 
     def install(self) -> StopSignal:
-        global _early
+        global _early, _received, _stopped
+        _received, _stopped = None, False
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -93,6 +102,7 @@ class StopSignal:
 
     def requested(self) -> bool:
         """True on every rank if any rank received a stop signal (a collective call)."""
+        global _stopped
         import torch
         import torch.distributed as dist
 
@@ -100,6 +110,7 @@ class StopSignal:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
+            _stopped = True
             name = signal.Signals(self.received).name if self.received else "on another rank"
             log.warning("stop signal received (%s): checkpointing and exiting", name)
             return True

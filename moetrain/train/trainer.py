@@ -23,7 +23,7 @@ from moetrain import faults
 from moetrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from moetrain.checkpoint.load import CONFIG_FILE, config_to_yaml
 from moetrain.config.recipes import format_recipe, recipe_record
-from moetrain.config.schema import Config, OptimOffload
+from moetrain.config.schema import Config, ConfigError, OptimOffload
 from moetrain.config.validate import Layout
 from moetrain.data import GlobalBatchSampler, build_data
 from moetrain.data.hf_tokenizer import checkpoint_tokenizer_files
@@ -124,6 +124,8 @@ class Trainer:
         # Checks the data's vocabulary against model.vocab_size before opening any shard.
         self.data = build_data(cfg.data, cfg.train.seq_len, model_vocab_size=cfg.model.vocab_size)
         vocab = self.vocab_size = self.data.vocab_size
+        if cfg.init.from_dense:
+            self._check_dense_tokenizer()
 
         # Every rank builds the same full model from the same seed; parallelize() then
         # keeps each rank's shard. So the initial weights do not depend on the layout.
@@ -242,6 +244,30 @@ class Trainer:
             self.ckpt.promote(path)  # a later resume=auto continues this branch
         self.metrics.truncate_after(self.progress.step)
         log.info("resumed from %s at step %d", path, self.progress.step)
+
+    def _check_dense_tokenizer(self) -> None:
+        """Upcycling continues the dense model's pretraining: its data must be tokenized
+        the way the dense model was. A Hugging Face directory or a moetrain checkpoint
+        that carries its tokenizer is compared with the data's, before any work."""
+        from moetrain.checkpoint.load import resolve_checkpoint
+        from moetrain.data.hf_tokenizer import describe, same_tokenizer
+        from moetrain.data.tokenizer import HFTokenizer
+
+        src, data_tok = Path(self.cfg.init.from_dense).expanduser(), self.data.tokenizer
+        if data_tok is None or not src.exists():
+            return  # no tokenizer to compare; a missing source fails in upcycling
+        where = src if (src / "config.json").is_file() else resolve_checkpoint(src)
+        if not (where / "tokenizer.json").is_file():
+            return  # an HF model without tokenizer.json, or an older checkpoint
+        dense_tok = HFTokenizer(where)
+        if not same_tokenizer(dense_tok, data_tok):
+            raise ConfigError(
+                f"init.from_dense={self.cfg.init.from_dense} was trained with its own "
+                f"tokenizer ({describe(dense_tok)}) but data.source={self.cfg.data.source} "
+                f"was tokenized with another ({describe(data_tok)}): the upcycled model "
+                f"would read ids of another vocabulary. Prepare the data with its "
+                f"tokenizer: python tools/prepare_data.py --input ... --output DIR "
+                f"--tokenizer {where}, then data.source=DIR")
 
     def _init_from_dense(self) -> None:
         """Upcycle ``init.from_dense`` into the placed model (docs/upcycling.md): every rank

@@ -9,6 +9,7 @@ with apt-get, as README's "Set up" says.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -98,13 +99,10 @@ class Cluster:
 
 
 def _report(config, lines: list[str]) -> None:
-    """Show lines in the test log even when pytest captures output (CI keeps them)."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    for line in lines:
-        if reporter is not None:
-            reporter.write_line(line)
-        else:
-            print(line, flush=True)
+    """Print lines past pytest's output capture, so that the test log (CI's) shows them."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + "\n".join(lines), flush=True)
 
 
 @pytest.fixture(scope="session")
