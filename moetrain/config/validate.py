@@ -535,17 +535,32 @@ def _validate_expert_sizes(cfg: Config, layout: Layout) -> None:
     sizes = list(m.expert_sizes)
     what = f"model.expert_sizes={sizes}"
     if layout.ep > 1:
-        # Each size class is one stacked weight sharded on dim 0 over ep: every rank holds
-        # n_c/ep experts of every size (balanced parameters, a reshardable checkpoint).
+        # A size class whose count divides by ep goes whole (n_c/ep experts per rank); any
+        # other has each expert split along F into ep slices (moetrain/models/moe/
+        # experts.py split_classes): every rank holds the same parameters either way.
         counts = {f: sizes.count(f) for f in sorted(set(sizes))}
-        bad = {f: n for f, n in counts.items() if n % layout.ep}
+        split = {f: n for f, n in counts.items() if n % layout.ep}
+        bad = [f for f in split if f % layout.ep]
         if bad:
             raise ConfigError(
-                f"{what} with parallel.ep={layout.ep}: expert parallelism places every size "
-                f"class evenly on the ep ranks, so each class's expert count must be a "
-                f"multiple of parallel.ep (experts per size: {counts}; not divisible: "
-                f"{bad}); pick sizes whose counts divide by parallel.ep, or a parallel.ep "
-                f"that divides every count (1 always does)")
+                f"{what} with parallel.ep={layout.ep}: the size classes {split} (size: "
+                f"experts) do not divide over the ep ranks, so each of their experts is "
+                f"split along its hidden size into {layout.ep} slices, and sizes {bad} are "
+                f"not multiples of {layout.ep}; use sizes that are multiples of "
+                f"{layout.ep}, expert counts per size that divide by it, or another "
+                f"parallel.ep")
+        if split:
+            for bad_setting, fix in (
+                (DispatchMode(moe.dispatch) == DispatchMode.capacity,
+                 "moe.dispatch=dropless (a capacity would count each slice's copy)"),
+                (moe.a2a_overlap_chunks != 1, "moe.a2a_overlap_chunks=1"),
+            ):
+                if bad_setting:
+                    raise ConfigError(
+                        f"{what} with parallel.ep={layout.ep} splits the experts of sizes "
+                        f"{sorted(split)} over the ep ranks (their counts {split} do not "
+                        f"divide by {layout.ep}); that needs {fix}, or expert counts per "
+                        f"size that divide by parallel.ep")
     if layout.tp > 1 and ExpertTP(par.expert_tp) == ExpertTP.etp:
         raise ConfigError(
             f"{what} with parallel.tp={layout.tp} and parallel.expert_tp=etp: tensor "
@@ -636,7 +651,8 @@ def _validate_sharded_experts(cfg: Config, layout: Layout) -> None:
     adaptive.py): the modes that exist for the layout, and what the layout composes with."""
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
     E, ep, r = m.num_experts, layout.ep, par.expert_r
-    if E == 0 or ep <= E:
+    # HMoE's size classes split over ep themselves (_validate_expert_sizes): no modes
+    if E == 0 or ep <= E or m.expert_sizes is not None:
         if r is not None and r != 1:
             raise ConfigError(
                 f"parallel.expert_r={r} with model.num_experts={E} and parallel.ep={ep}: "
@@ -656,8 +672,6 @@ def _validate_sharded_experts(cfg: Config, layout: Layout) -> None:
             f"model.expert_hidden={m.expert_hidden} with {what}: each rank holds 1/{s} of "
             f"every expert's hidden units; use a model.expert_hidden that is a multiple of {s}")
     refusals = [
-        (m.expert_sizes is not None, f"model.expert_sizes={m.expert_sizes}",
-         "set model.expert_sizes=null"),
         (bool(m.null_experts), "zero-computation experts (model.zero/copy/constant_experts)",
          "set them to 0"),
         (layout.tp > 1, f"parallel.tp={layout.tp}", "use parallel.tp=1"),
@@ -683,7 +697,9 @@ def _validate_sharded_experts(cfg: Config, layout: Layout) -> None:
 def validate(cfg: Config, world_size: int) -> Layout:
     """All cross-field rules. Returns the resolved layout, and resolves
     ``train.micro_batch_size=auto`` in ``cfg`` to an int (:func:`resolve_micro_batch_size`)."""
-    layout = resolve_layout(cfg.parallel, world_size, cfg.model.num_experts)
+    # HMoE's size classes place themselves (whole, or split over ep: _validate_expert_sizes)
+    layout = resolve_layout(cfg.parallel, world_size,
+                            None if cfg.model.expert_sizes is not None else cfg.model.num_experts)
     t, m = cfg.train, cfg.model
     if t.micro_batch_size == AUTO or t.micro_batch_size == getattr(t, _AUTO_CHOICE, None):
         t.micro_batch_size = resolve_micro_batch_size(t, cfg.parallel, layout)

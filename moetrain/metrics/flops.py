@@ -120,11 +120,16 @@ def flop_imbalance(load_LE: torch.Tensor, sizes_E: list[int] | None) -> torch.Te
 
 
 def rank_flop_shares(load_LE: torch.Tensor, sizes_E: list[int] | None,
-                     expert_order: list[int] | None, ep: int) -> torch.Tensor:
+                     expert_order: list[int] | None, ep: int,
+                     placement_Ep: torch.Tensor | None = None) -> torch.Tensor:
     """(L, ep) each EP rank's share of the expert FLOPs: rank j holds the experts
     ``expert_order[j*E/ep:(j+1)*E/ep]`` (None: ids j*E/ep..; ragged experts:
-    ``RaggedExperts.expert_order`` / ``class_slot_order``)."""
+    ``RaggedExperts.expert_order`` / ``class_slot_order``). ``placement_Ep`` instead gives
+    each expert's share on each rank (``RaggedExperts.rank_flop_matrix``: split experts'
+    work is spread over the ranks)."""
     share = expert_flop_shares(load_LE, sizes_E)
+    if placement_Ep is not None:
+        return share @ placement_Ep.to(share)
     if expert_order is not None:
         share = share[:, torch.tensor(expert_order, device=share.device)]
     return share.view(share.shape[0], ep, -1).sum(dim=-1)

@@ -37,7 +37,12 @@ from moetrain.config.schema import (
     KernelBackend,
     MoEConfig,
 )
-from moetrain.models.moe.dispatcher import AllToAllDispatcher, DispatchMeta
+from moetrain.models.moe.dispatcher import (
+    AllToAllDispatcher,
+    DispatchMeta,
+    SlotAllToAllDispatcher,
+)
+from moetrain.models.moe.experts import split_classes, virtual_slots
 from moetrain.parallel.hierarchical import hierarchical_exchange
 
 
@@ -62,20 +67,30 @@ def apply_ep(moe_layers: list[nn.Module], ep_mesh: DeviceMesh, moe_cfg: MoEConfi
                 f"set moe.a2a_overlap_chunks=1, or parallel.a2a=flat")
         # Capacity mode: equal splits everywhere, so no counts and no host read.
         exchange = hierarchical_exchange(group, a2a_local_size, uniform=capacity is not None)
+    ep = ep_mesh.size()
     for layer in moe_layers:
         experts = layer.experts
-        # HMoE's ragged experts: each size class's stack is sharded on its own, so every
-        # rank holds n_c/ep experts of every size (``experts.class_slot_order``).
-        for stack in getattr(experts, "groups", [experts]):
+        # HMoE's ragged experts: each size class's stack is sharded on its own: on dim 0
+        # when its count divides by ep (n_c/ep whole experts per rank, ``class_slot_order``),
+        # else on F (every expert split into ep slices, ``split_classes``).
+        sizes = getattr(experts, "sizes", None)
+        ragged = sizes is not None and getattr(experts, "padded", None) is None
+        split = split_classes(sizes, ep) if ragged else [False]
+        for stack, is_split in zip(getattr(experts, "groups", [experts]), split):
             for name, param in list(stack.named_parameters(recurse=False)):
-                dt = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+                dim = (2 if name == "w2_EDF" else 1) if is_split else 0
+                dt = distribute_tensor(param.data, ep_mesh, [Shard(dim)])
                 stack.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
         if hasattr(experts, "groups"):
-            experts.ep = ep_mesh.size()
+            experts.ep = ep
         order = getattr(experts, "expert_order", None)  # rows sorted by slot, not by id
         ffn = layer.num_ffn_experts  # MoE++'s zero-computation experts are never sent
         chunks = moe_cfg.a2a_overlap_chunks  # auto: the trainer's OverlapTuner sets it
-        if chunks == AUTO or chunks > 1:
+        if any(split):  # a row goes to every slice of a split expert (config.validate:
+            # dropless, no chunks)
+            dispatcher = SlotAllToAllDispatcher(virtual_slots(sizes, ep), group,
+                                                moe_cfg.kernel_backend, drop)
+        elif chunks == AUTO or chunks > 1:
             dispatcher = ChunkedAllToAllDispatcher(
                 ffn, group, 1 if chunks == AUTO else chunks, capacity, moe_cfg.kernel_backend,
                 drop, rule, order)

@@ -221,7 +221,11 @@ def _local_shape(p: ParamInfo, cfg: Config, layout: Layout, c: dict[str, int]) -
     d = p.tp_dim[ExpertTP(cfg.parallel.expert_tp).value]
     if layout.tp > 1 and d is not None:
         shape[d] = _chunk(shape[d], layout.tp, c["tp"])
-    if p.expert and layout.ep > shape[0] > 0:  # sharded experts: 1/s of one expert's F
+    if p.expert and layout.ep > 1 and ".classes." in f".{p.name}" and shape[0] % layout.ep:
+        # an HMoE size class that does not divide over ep: every expert split along F
+        f = _EXPERT_F_DIM[p.name.split(".")[-1]]
+        shape[f] = _chunk(shape[f], layout.ep, c["ep"])
+    elif p.expert and layout.ep > shape[0] > 0:  # sharded experts: 1/s of one expert's F
         s = layout.ep // shape[0]
         shape[0] = 1
         f = _EXPERT_F_DIM[p.name.split(".")[-1]]

@@ -266,7 +266,8 @@ def parallelize(
     # With fewer experts than ep ranks, each expert is split along F over ep / E ranks and
     # run in Tutel's modes (moetrain/parallel/adaptive.py).
     num_experts = all_moe_layers[0].num_ffn_experts if all_moe_layers else 0
-    sharded = layout.ep > 1 and 0 < num_experts < layout.ep
+    ragged = bool(all_moe_layers) and hasattr(all_moe_layers[0].experts, "sizes")
+    sharded = layout.ep > 1 and 0 < num_experts < layout.ep and not ragged
     if sharded:
         emesh, views = sharded_expert_mesh(mesh.dims.expert_ranks(), num_experts, device.type)
         apply_sharded_ep(all_moe_layers, mesh.submesh(MeshAxis.ep), emesh, views, moe_cfg,

@@ -191,8 +191,10 @@ class MoEStatsTracker:
             # Load per EP rank (its E/ep experts) and max/mean across the EP ranks.
             ffn_LE = frac_LE[:, :self.ffn_experts]  # the experts the ep ranks hold
             if sizes is not None:  # FLOPs per rank, by the ragged experts' placement
-                order = getattr(self.first.experts, "expert_order", None)
-                rank_load_LR = rank_flop_shares(ffn_LE, sizes, order, self.ep)
+                experts = self.first.experts
+                placement = (experts.rank_flop_matrix(self.ep)
+                             if hasattr(experts, "rank_flop_matrix") else None)
+                rank_load_LR = rank_flop_shares(ffn_LE, sizes, None, self.ep, placement)
             elif self.ep > self.ffn_experts:  # sharded experts: s ranks share each one's rows
                 s = self.ep // self.ffn_experts
                 rank_load_LR = (ffn_LE / s).repeat_interleave(s, dim=1)

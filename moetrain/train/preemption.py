@@ -47,10 +47,12 @@ def _record_early(signum, frame) -> None:
 
 
 def catch_early() -> None:
-    """Record stop signals from now until a :class:`StopSignal` is installed."""
+    """Record stop signals from now until a :class:`StopSignal` is installed. A launcher's
+    own handler (a Python function) stays in place, to be passed on to (:func:`pass_on`)."""
     if threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
-            signal.signal(s, _record_early)
+            if not callable(signal.getsignal(s)):  # the default action, or ignored
+                signal.signal(s, _record_early)
 
 
 def pass_on() -> None:

@@ -367,7 +367,7 @@ class Trainer:
                     dist.all_reduce(saved, group=self.pm.pp_group)
                 out["a2a_bytes_saved"] = saved.item()
         m = cfg.model
-        if self.layout.ep > m.num_experts > 0:
+        if self.layout.ep > m.num_experts > 0 and m.expert_sizes is None:
             out.update(self._expert_modes())
         elif self.layout.ep > 1 and cfg.parallel.expert_mode != "fixed":
             # whole experts on every rank: nothing to switch, the mode is r=1 (expert-parallel)

@@ -7,7 +7,9 @@ experts {0,1,4,5} / {2,3,6,7} and each ep=4 rank one small and one large expert,
 every rank holds 128 hidden units per layer. A multi-process CPU run (gloo, float32) logs
 the 1-process per-step loss, gradient norm and balance loss within 1e-5 relative; the
 ep=4 run's step-3 checkpoint (each class's stack sharded over 4 ranks) resumes in one
-process onto the uninterrupted steps 4-6.
+process onto the uninterrupted steps 4-6. Sizes whose counts do not divide by ep have their
+experts split along F over the ranks (``split_classes``): ep=4 and ep=2 x dp=2 match 1
+process too, and the ep=4 checkpoint resumes under ep=2.
 """
 
 from __future__ import annotations
@@ -80,3 +82,26 @@ def test_ep4_checkpoint_resumes_in_one_process(runs):
     got = runs.get("resumed_1proc", BASE + [f"checkpoint.resume={runs.ckpt('ep4', RESUME_AT)}"])
     assert [r["step"] for r in step_rows(got)] == list(range(RESUME_AT + 1, STEPS + 1))
     _matches(step_rows(ref)[RESUME_AT:], got)
+
+
+# Sizes whose counts do not divide by ep=4: the 4 small experts go whole (one per rank);
+# the two 32s and the one 48 are each split along F into 4 slices (8 and 12 hidden units
+# per rank), so every rank holds 16 + 2*8 + 12 = 44 hidden units per layer.
+SPLIT = [o for o in BASE if not o.startswith(("model.num_experts", "model.expert_sizes"))] + [
+    "model.num_experts=7", "model.expert_sizes=[16,16,16,16,32,32,48]"]
+
+
+def test_split_size_classes_match_single_process_and_reshard(runs):
+    """ep=4 with classes that do not divide over the ranks (every rank still holds the same
+    parameters), and ep=2 x dp=2, give the 1-process numbers; the ep=4 step-3 checkpoint, whose split classes
+    were saved as F slices, resumes under ep=2 (where they split in 2) onto the
+    uninterrupted steps 4-6."""
+    ref = runs.get("split_ref", SPLIT)
+    got = runs.get("split_ep4", SPLIT + ["parallel.ep=4"], world=4)
+    _matches(ref, got)
+    # ep=2 x dp=2: the 48 is split in 2, under FSDP over the expert-data-parallel pair
+    _matches(ref, runs.get("split_ep2_dp2", SPLIT + ["parallel.ep=2"], world=4))
+    resumed = runs.get("split_ep2_resumed", SPLIT + [
+        "parallel.ep=2", f"checkpoint.resume={runs.ckpt('split_ep4', RESUME_AT)}"], world=2)
+    assert [r["step"] for r in step_rows(resumed)] == list(range(RESUME_AT + 1, STEPS + 1))
+    _matches(step_rows(ref)[RESUME_AT:], resumed)

@@ -634,3 +634,43 @@ class AllToAllDispatcher:
         back = self.exchange(y_recv, meta.in_splits, meta.out_splits, self.group)
         self.bytes_sent += sum(meta.out_splits) * y_RD.shape[1] * y_RD.element_size()
         return self.local.combine(back, meta.local)
+
+
+class SlotAllToAllDispatcher(AllToAllDispatcher):
+    """:class:`AllToAllDispatcher` for experts held in several slots: HMoE size classes
+    split along F over the ep ranks (``moetrain.models.moe.experts.virtual_slots``).
+
+    ``slots[e]`` lists the global slots holding expert e (rank-major, the same number per
+    rank): one for a whole expert, one per rank for a split one. Each (token, slot) pair is
+    sent to every slot of its expert with the same router weight, as extra active slots of
+    the token, so each slice computes its partial SwiGLU and the combine's weighted sum
+    adds the slices up: w * sum_j y_j = w * y. Dropless only (``config.validate``): a
+    capacity would count the copies."""
+
+    def __init__(self, slots: list[list[int]], group: dist.ProcessGroup,
+                 kernel_backend: KernelBackend = KernelBackend.auto,
+                 drop_policy: DropPolicy = DropPolicy.probs):
+        width = max(len(s) for s in slots)
+        super().__init__(sum(len(s) for s in slots), group, None, kernel_backend, drop_policy)
+        self.copies = width
+        table = torch.full((len(slots), width), -1, dtype=torch.int64)
+        for e, held in enumerate(slots):
+            table[e, :len(held)] = torch.tensor(held)
+        self._table = table
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def dispatch(self, x_TD, ids_TK, weights_TK, active_TK=None):
+        dev = ids_TK.device
+        if dev not in self._tables:
+            self._tables[dev] = self._table.to(dev)
+        T, K, n = ids_TK.shape[0], ids_TK.shape[1], self.copies
+        slot_TKn = self._tables[dev][ids_TK.long()]
+        act_TKn = slot_TKn >= 0
+        if active_TK is not None:
+            act_TKn = act_TKn & active_TK.unsqueeze(-1)
+        ids = slot_TKn.clamp(min=0).to(ids_TK.dtype).reshape(T, K * n)
+        weights = weights_TK.unsqueeze(-1).expand(T, K, n).reshape(T, K * n)
+        return super().dispatch(x_TD, ids, weights, act_TKn.reshape(T, K * n))
+
+    def dense(self, x_TD: torch.Tensor, experts: Callable) -> torch.Tensor:
+        raise NotImplementedError("dense steps over split experts are refused (config.validate)")

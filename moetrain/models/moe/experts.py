@@ -240,6 +240,35 @@ def class_slot_order(sizes: list[int], ep: int = 1) -> list[int]:
     return order
 
 
+def split_classes(sizes: list[int], ep: int) -> list[bool]:
+    """Per size class (``size_classes`` order): whether expert parallelism splits its
+    experts along F over the ep ranks instead of placing them whole. A class whose expert
+    count is a multiple of ep goes whole, n_c/ep experts per rank; any other class has each
+    of its experts split into ep slices of F_c/ep hidden units, one per rank (each slice a
+    partial SwiGLU, the slices' outputs summed). Either way every rank holds the same
+    expert parameters, and the stored tensors keep their global (n_c, F_c, D) shape."""
+    _, members = size_classes(sizes)
+    return [len(ids) % ep != 0 for ids in members]
+
+
+def virtual_slots(sizes: list[int], ep: int) -> list[list[int]]:
+    """Per expert id, the global slots that hold it: rank-major, then class-major; within
+    rank j's block, a whole class's experts ``members[j*m:(j+1)*m]`` (m = n_c/ep) and every
+    expert of a split class (its slice j). A whole expert has one slot, a split one ep (one
+    per rank). With no split class this is ``class_slot_order`` inverted."""
+    _, members = size_classes(sizes)
+    split = split_classes(sizes, ep)
+    slots: list[list[int]] = [[] for _ in sizes]
+    at = 0
+    for j in range(ep):
+        for ids, is_split in zip(members, split):
+            mine = ids if is_split else ids[j * (len(ids) // ep):(j + 1) * (len(ids) // ep)]
+            for e in mine:
+                slots[e].append(at)
+                at += 1
+    return slots
+
+
 class RaggedExperts(nn.Module):
     """HMoE's heterogeneous experts (Wang et al., 2024, arXiv 2408.10681): expert e is a
     SwiGLU of hidden size ``sizes[e]``.
@@ -258,8 +287,10 @@ class RaggedExperts(nn.Module):
     zero) keeps them zero: the same function at E * F_max cost. Its FQNs are
     ``moe.experts.padded.*`` (a checkpoint of one path does not load into the other).
 
-    Under expert parallelism (``apply_ep``) every class is sharded on dim 0 over the ep
-    ranks and ``ep`` is set: rank j's local slots are ``expert_order[j*E/ep:(j+1)*E/ep]``.
+    Under expert parallelism (``apply_ep``) ``ep`` is set and every class is sharded over
+    the ep ranks (``split_classes``): on dim 0 (whole experts) when its count divides by
+    ep, else on F (every expert split into ep slices). Rank j's local slots are its block of
+    ``virtual_slots``; without split classes, ``expert_order[j*E/ep:(j+1)*E/ep]``.
     """
 
     def __init__(self, sizes: list[int], dim: int, backend: ExpertBackend = ExpertBackend.auto,
@@ -293,7 +324,20 @@ class RaggedExperts(nn.Module):
         """Global expert id of each slot, in the order ``forward`` expects its rows."""
         if self.padded is not None:
             return list(range(self.num_experts))
+        if any(split_classes(self.sizes, self.ep)):  # slots: ``virtual_slots``
+            return class_slot_order(self.sizes, 1)
         return class_slot_order(self.sizes, self.ep)
+
+    def rank_flop_matrix(self, ep: int) -> torch.Tensor:
+        """float (E, ep): the share of expert e's work on rank j under ``ep`` (1 on the rank
+        of a whole expert, 1/ep on every rank for a split one)."""
+        m = torch.zeros(self.num_experts, ep)
+        slots = virtual_slots(self.sizes, ep)
+        per_rank = sum(len(s) for s in slots) // ep
+        for e, held in enumerate(slots):
+            for slot in held:
+                m[e, slot // per_rank] += 1.0 / len(held)
+        return m
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for g in self.groups:

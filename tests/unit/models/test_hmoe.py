@@ -239,8 +239,16 @@ def test_validation_and_refusals():
     from moetrain.checkpoint.upcycle import UpcycleError, refuse_ragged
     from moetrain.config.validate import validate
 
-    with pytest.raises(ConfigError, match=r"model.expert_sizes=\[16, 16, 16, 48\] with parallel.ep=2"):
-        validate(_cfg("model.expert_sizes=[16,16,16,48]", "parallel.ep=2"), 2)
+    # counts 3 and 1 do not divide by ep=2: those experts are split along F, so their
+    # sizes must be multiples of 2, and the dispatch dropless
+    validate(_cfg("model.expert_sizes=[16,16,16,48]", "parallel.ep=2"), 2)
+    with pytest.raises(ConfigError, match=r"model.expert_sizes=\[16, 16, 16, 49\] with "
+                                          r"parallel.ep=2.*sizes \[49\] are not multiples of 2"):
+        validate(_cfg("model.expert_sizes=[16,16,16,49]", "parallel.ep=2"), 2)
+    with pytest.raises(ConfigError, match=r"splits the experts of sizes \[16, 48\].*"
+                                          r"moe.dispatch=dropless"):
+        validate(_cfg("model.expert_sizes=[16,16,16,48]", "parallel.ep=2",
+                      "moe.dispatch=capacity"), 2)
     validate(_cfg("model.expert_sizes=[16,48,16,48]", "parallel.ep=2"), 2)
     with pytest.raises(ConfigError, match="moe.balance_loss=size_weighted with model.expert_sizes=null"):
         validate(_cfg("moe.balance_loss=size_weighted"), 1)
