@@ -554,6 +554,8 @@ def _validate_expert_sizes(cfg: Config, layout: Layout) -> None:
                 (DispatchMode(moe.dispatch) == DispatchMode.capacity,
                  "moe.dispatch=dropless (a capacity would count each slice's copy)"),
                 (moe.a2a_overlap_chunks != 1, "moe.a2a_overlap_chunks=1"),
+                (RouterType(moe.router.name) == RouterType.compete,
+                 "a router other than moe/router=compete (dense steps need whole experts)"),
             ):
                 if bad_setting:
                     raise ConfigError(

@@ -181,6 +181,9 @@ class ShardedExpertDispatcher:
         self.bytes_sent = 0  # token bytes through all-to-all since the last reset
         self.bytes_gathered = 0  # weight bytes received by all-gathers since the last reset
         self.r_sum, self.r_calls = 0, 0  # the modes of this step's calls
+        # Count the bytes of a training call's first run only: not validation, not the
+        # recompute of activation checkpointing.
+        self._count_gathers = False
 
     # -- the choice
     def _choose(self, rows: int, max_expert_rows: int, dim: int) -> int:
@@ -239,6 +242,7 @@ class ShardedExpertDispatcher:
         rows = max(sum(c) for c in counts_WE)
         max_expert_rows = max(sum(c[e] for c in counts_WE) for e in range(E))
         r = self._choose(rows, max_expert_rows, D)
+        self._count_gathers = torch.is_grad_enabled()
         if torch.is_grad_enabled():  # training calls only: validation is not logged
             self.r_sum, self.r_calls = self.r_sum + r, self.r_calls + 1
         plan = self._plan(r, counts_WE, x_RD.device)
@@ -253,7 +257,8 @@ class ShardedExpertDispatcher:
         if n == 1:
             return w
         out = funcol.wait_tensor(funcol.all_gather_tensor_autograd(w.contiguous(), dim, group))
-        self.bytes_gathered += (out.numel() - w.numel()) * w.element_size()
+        if self._count_gathers:
+            self.bytes_gathered += (out.numel() - w.numel()) * w.element_size()
         return out
 
     def weights(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,8 +283,14 @@ class ShardedExpertDispatcher:
         """Exchange, compute and exchange back in mode ``plan.r``; the experts' output rows
         in ``x_RD``'s order. ``compute`` (the module's SwiGLU on its own slice) serves
         r = s; the other modes call the module's compute on gathered weights."""
-        r = plan.r
-        ex = self.experts
+        try:
+            return self._run(plan, lmeta, x_RD, compute)
+        finally:
+            self._count_gathers = False  # a recompute of this call is not counted again
+
+    def _run(self, plan: ShardedPlan, lmeta: DispatchMeta, x_RD: torch.Tensor,
+             compute) -> torch.Tensor:
+        r, ex = plan.r, self.experts
         if r == 0:
             return ex._compute(self.weights(0), x_RD, lmeta.tokens_per_expert,
                                lmeta.rows_per_expert)
@@ -293,7 +304,8 @@ class ShardedExpertDispatcher:
         else:
             y = ex._compute(self.weights(r), recv, counts, rows)
         back = _all_to_all(y, plan.in_splits, plan.out_splits, self.group)
-        self.bytes_sent += (sum(plan.in_splits) + sum(plan.out_splits)) * row_bytes
+        if self._count_gathers:
+            self.bytes_sent += (sum(plan.in_splits) + sum(plan.out_splits)) * row_bytes
         if r == 1:
             return back
         # Each expert block came back r times (partial sums over F): add the copies.

@@ -276,10 +276,12 @@ def parallelize(
         apply_ep(all_moe_layers, mesh.submesh(MeshAxis.ep), moe_cfg, a2a=par.a2a,
                  a2a_local_size=par.a2a_local_size)
         if ExpertMode(par.expert_mode) != ExpertMode.fixed and mesh.rank == 0:
-            log.warning("parallel.expert_mode=%s: model.num_experts=%d >= parallel.ep=%d, "
-                        "every rank holds whole experts and there is nothing to switch; the "
-                        "mode is fixed at r=1 (expert-parallel)",
-                        ExpertMode(par.expert_mode).value, num_experts, layout.ep)
+            why = ("HMoE's size classes are placed whole or split along F by their counts "
+                   "(docs/hmoe.md)" if ragged else
+                   f"model.num_experts={num_experts} >= parallel.ep={layout.ep}, every rank "
+                   f"holds whole experts")
+            log.warning("parallel.expert_mode=%s: %s, so there is nothing to switch; the "
+                        "mode is fixed", ExpertMode(par.expert_mode).value, why)
     _wire_count_reducers(all_moe_layers, mesh, layout, moe_cfg, tp)
     # 3. Activation checkpointing, then 4. per-block compile.
     apply_ac(model, par.ac, attention=par.ac_attention)

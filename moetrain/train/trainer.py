@@ -369,7 +369,7 @@ class Trainer:
         m = cfg.model
         if self.layout.ep > m.num_experts > 0 and m.expert_sizes is None:
             out.update(self._expert_modes())
-        elif self.layout.ep > 1 and cfg.parallel.expert_mode != "fixed":
+        elif self.layout.ep > 1 and cfg.parallel.expert_mode != "fixed" and m.expert_sizes is None:
             # whole experts on every rank: nothing to switch, the mode is r=1 (expert-parallel)
             out.update({f"moe/layer{i}/r": 1.0 for i in range(m.n_layers) if m.is_moe_layer(i)})
         return out

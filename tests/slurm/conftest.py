@@ -110,8 +110,8 @@ def slurm_cluster(request) -> Cluster:
     reason = _missing()
     if reason is not None:
         if in_ci():
-            pytest.fail(f"CI=true: {reason}. CI installs it ({INSTALL}); this is a failure, "
-                        "not a skip", pytrace=False)
+            pytest.fail(f"CI=true: {reason}. CI installs SLURM (.ci/run), so this is a "
+                        "failure, not a skip", pytrace=False)
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["MOETRAIN_SLURM_DIR"] = str(STATE_DIR)

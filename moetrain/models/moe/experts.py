@@ -116,11 +116,13 @@ class GroupedExperts(nn.Module):
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
                 f"backend={self.backend.value}")
 
-    def resolve_backend(self, x_RD: torch.Tensor) -> ExpertBackend:
-        """The backend that ``forward`` will use for this input."""
+    def resolve_backend(self, x_RD: torch.Tensor, hidden: int | None = None) -> ExpertBackend:
+        """The backend that ``forward`` will use for this input; ``hidden``: the F of the
+        weights at hand (a rank's slice when experts are split along F; default: all F)."""
         if self.backend != ExpertBackend.auto:
             return self.backend
-        if x_RD.is_cuda and grouped_mm_supported(self.dim, self.hidden, torch.bfloat16):
+        hidden = self.hidden if hidden is None else hidden
+        if x_RD.is_cuda and grouped_mm_supported(self.dim, hidden, torch.bfloat16):
             return ExpertBackend.grouped_mm
         return ExpertBackend.loop
 
@@ -138,11 +140,15 @@ class GroupedExperts(nn.Module):
         given here are not used. So a wrapper around the module (FSDP's all-gather of
         sharded weights, activation checkpointing) acts once per layer, not per chunk.
         """
-        weights = (_local(self.w1_EFD), _local(self.w3_EFD), _local(self.w2_EDF))
-        compute = functools.partial(self._compute, weights)
         if run is not None:
-            return run(x_RD, compute)
-        return compute(x_RD, tokens_per_expert_e, rows_per_expert)
+            return self._run(x_RD, run)
+        weights = (_local(self.w1_EFD), _local(self.w3_EFD), _local(self.w2_EDF))
+        return self._compute(weights, x_RD, tokens_per_expert_e, rows_per_expert)
+
+    @torch.compiler.disable  # the dispatcher's own collectives and host-side splits
+    def _run(self, x_RD: torch.Tensor, run: Callable) -> torch.Tensor:
+        weights = (_local(self.w1_EFD), _local(self.w3_EFD), _local(self.w2_EDF))
+        return run(x_RD, functools.partial(self._compute, weights))
 
     def _compute(self, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  x_RD: torch.Tensor, tokens_per_expert_e: torch.Tensor,
@@ -160,7 +166,7 @@ class GroupedExperts(nn.Module):
                 f"rows_per_expert={rows_per_expert} x {num_local} local experts does not "
                 f"match the {x_RD.shape[0]} dispatched rows"
             )
-        if self.resolve_backend(x_RD) == ExpertBackend.grouped_mm:
+        if self.resolve_backend(x_RD, w1_eFD.shape[1]) == ExpertBackend.grouped_mm:
             fn = self._forward_grouped_mm
         else:
             fn = self._forward_loop
@@ -191,12 +197,14 @@ class GroupedExperts(nn.Module):
                             rows_per_expert: int | None = None) -> torch.Tensor:
         # The group offsets stay on the device (no host read), whatever the layout.
         dtype = torch.bfloat16 if x_RD.is_cuda else x_RD.dtype
-        if not grouped_mm_supported(self.dim, self.hidden, dtype):
+        hidden = w1_eFD.shape[1]  # a rank's slice when experts are split along F
+        if not grouped_mm_supported(self.dim, hidden, dtype):
             align = 16 // dtype.itemsize
             raise ConfigError(
                 f"moe.expert_backend=grouped_mm needs model.dim={self.dim} and the expert "
-                f"hidden size {self.hidden} (model.expert_hidden, or an entry of "
-                f"model.expert_sizes) to be multiples of {align} for {dtype} "
+                f"hidden size {hidden} (model.expert_hidden, or an entry of "
+                f"model.expert_sizes, divided by the ranks that split it) to be multiples "
+                f"of {align} for {dtype} "
                 f"(16-byte aligned rows): pick aligned sizes or set moe.expert_backend=loop"
             )
         offs = torch.cumsum(counts_e, dim=0, dtype=torch.int32)
@@ -366,11 +374,15 @@ class RaggedExperts(nn.Module):
         """As :meth:`GroupedExperts.forward`, rows sorted by local slot."""
         if self.padded is not None:
             return self.padded(x_RD, tokens_per_expert_e, rows_per_expert, run)
-        weights = [(_local(g.w1_EFD), _local(g.w3_EFD), _local(g.w2_EDF)) for g in self.classes]
-        compute = functools.partial(self._compute, weights)
         if run is not None:
-            return run(x_RD, compute)
-        return compute(x_RD, tokens_per_expert_e, rows_per_expert)
+            return self._run(x_RD, run)
+        weights = [(_local(g.w1_EFD), _local(g.w3_EFD), _local(g.w2_EDF)) for g in self.classes]
+        return self._compute(weights, x_RD, tokens_per_expert_e, rows_per_expert)
+
+    @torch.compiler.disable  # the dispatcher's own collectives and host-side splits
+    def _run(self, x_RD: torch.Tensor, run: Callable) -> torch.Tensor:
+        weights = [(_local(g.w1_EFD), _local(g.w3_EFD), _local(g.w2_EDF)) for g in self.classes]
+        return run(x_RD, functools.partial(self._compute, weights))
 
     def _compute(self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                  x_RD: torch.Tensor, tokens_per_expert_e: torch.Tensor,
