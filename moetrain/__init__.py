@@ -53,7 +53,8 @@ def _load_tokenizer(path):
     ckpt = resolve_checkpoint(path)
     if not (ckpt / "tokenizer.json").is_file():
         raise FileNotFoundError(
-            f"{ckpt} carries no tokenizer (tokenizer.json): it was written before checkpoints "
-            f"saved their tokenizer; load the data directory's tokenizer instead "
-            f"(moetrain.data.load_tokenizer(read_meta(DIR), DIR))")
+            f"{ckpt} carries no tokenizer (tokenizer.json): the run had none (Megatron data "
+            f"without data.tokenizer), its tokenizer could not be saved (the run's log says "
+            f"why), or the checkpoint predates saved tokenizers; load the data directory's "
+            f"tokenizer instead (moetrain.data.load_tokenizer(read_meta(DIR), DIR))")
     return HFTokenizer(ckpt)

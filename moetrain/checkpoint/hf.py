@@ -1000,8 +1000,9 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-export-", dir=out.resolve().parent))
     try:
         if not _copy_tokenizer(tokenizer_dir, tmp, hf) and tokenizer_dir is not None:
-            log.warning("no tokenizer in %s (a checkpoint from before tokenizers were saved "
-                        "with it): the export has none", tokenizer_dir)
+            log.warning("no tokenizer in %s (the run had none, it could not be saved, or "
+                        "the checkpoint predates saved tokenizers): the export has none",
+                        tokenizer_dir)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         _write_safetensors(items, tmp, _parse_size(max_shard_size), progress)
         old = None

@@ -61,8 +61,11 @@ class TokenDataset:
             raise ConfigError(
                 f"train.seq_len={self.seq_len} is too long for the {split!r} split of "
                 f"{self.data_dir}: it holds {self.num_tokens} tokens and one sample needs "
-                f"seq_len + 1 = {self.seq_len + 1}. Lower train.seq_len, raise data.val_fraction "
-                f"(val split), or use a larger corpus (data.default_corpus_mb / data.source)"
+                f"seq_len + 1 = {self.seq_len + 1}. Lower train.seq_len, or use a larger "
+                f"corpus (data.default_corpus_mb / data.source); for the val split: raise "
+                f"data.val_fraction (the default corpus, Megatron data) or, for a directory "
+                f"of tools/prepare_data.py (its split is fixed), re-run it with "
+                f"--min-val-tokens {self.seq_len + 1}"
             )
 
     def __len__(self) -> int:

@@ -94,14 +94,35 @@ def save_hf_tokenizer(tok: Any, out: str | Path, model_max_length: int,
         _write_config(out, tok.eos_token, model_max_length)
         return {"bos_token_id": None, "eos_token_id": int(tok.eos_id)}
     if kind == "hf":
-        if source_dir is None or not Path(source_dir).is_dir():
-            raise FileNotFoundError(f"the Hugging Face tokenizer's files ({source_dir}) are "
-                                    f"missing: re-run tools/prepare_data.py --tokenizer PATH")
-        for name in HF_FILES:
-            src = Path(source_dir) / name
-            if src.is_file():
-                shutil.copy2(src, out / name)
-        return {"bos_token_id": getattr(tok, "bos_id", None), "eos_token_id": tok.eos_id}
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="moetrain-hf-tokenizer-") as tmp:
+            tok.save(tmp)  # its files (its own tokenizer.json whatever its name) in tmp/tokenizer
+            src = Path(tmp) / "tokenizer"
+            if not (src / "tokenizer.json").is_file():
+                # slow-only files (vocab.json + merges.txt, tokenizer.model): the fast
+                # conversion writes the tokenizer.json every reader needs
+                from transformers import AutoTokenizer
+
+                fast = AutoTokenizer.from_pretrained(str(tok.files_dir), use_fast=True)
+                fast.save_pretrained(str(src))
+            if not (src / "tokenizer.json").is_file():
+                raise ValueError(f"the tokenizer of {tok.files_dir} has no tokenizer.json "
+                                 f"and none could be converted from its slow files")
+            for name in HF_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, out / name)
+        # the conventions the data was written with (--bos, --eos-token) travel too
+        config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8")) \
+            if (out / "tokenizer_config.json").is_file() else {}
+        config.update(eos_token=tok.eos_token, add_bos_token=bool(tok.add_bos))
+        if tok.bos_token is not None:
+            config["bos_token"] = tok.bos_token
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n",
+                                                   encoding="utf-8")
+        return {"bos_token_id": tok.bos_id if tok.add_bos else None,
+                "eos_token_id": tok.eos_id}
     raise ValueError(f"cannot write a tokenizer of kind {kind!r} as a Hugging Face tokenizer")
 
 
@@ -139,10 +160,14 @@ PROBE = ("The quick brown fox jumps over the lazy dog. Naïve café, Übergröß
 
 def same_tokenizer(a: Any, b: Any) -> bool:
     """Whether two tokenizers (of any kind) give text the same ids: the same vocabulary
-    size, EOS and BOS conventions, and the same ids for :data:`PROBE`."""
-    same = (a.vocab_size, a.eos_id, getattr(a, "bos_id", None), getattr(a, "add_bos", False)) == (
-        b.vocab_size, b.eos_id, getattr(b, "bos_id", None), getattr(b, "add_bos", False))
-    return same and a.encode(PROBE).tolist() == b.encode(PROBE).tolist()
+    size and the same ids for :data:`PROBE` (the EOS/BOS framing is :func:`same_framing`)."""
+    return a.vocab_size == b.vocab_size and a.encode(PROBE).tolist() == b.encode(PROBE).tolist()
+
+
+def same_framing(a: Any, b: Any) -> bool:
+    """Whether two tokenizers frame documents alike: the same EOS id, and BOS (if any)."""
+    bos = (lambda t: getattr(t, "bos_id", None) if getattr(t, "add_bos", False) else None)
+    return a.eos_id == b.eos_id and bos(a) == bos(b)
 
 
 def describe(tok: Any) -> str:

@@ -73,7 +73,13 @@ def _walk(root: Path, glob: str | None) -> list[tuple[str, Path]]:
     """(relative path, path) of the files under ``root`` matching ``glob`` and of the
     ``datasets`` directories (not descended into); hidden entries skipped."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or two links to one directory: read it once
+            dirnames[:] = []
+            continue
+        seen.add(real)
         here = Path(dirpath)
         keep = []
         for d in sorted(dirnames):
@@ -130,21 +136,81 @@ def find_inputs(inputs: list[str], glob: str | None = None, fmt: str = "auto") -
     return found
 
 
-def open_text(path: Path) -> TextIO:
-    """A text stream over ``path``, decompressing ``.gz``/``.zst``; bytes that are not
-    UTF-8 become U+FFFD."""
-    _, comp = _strip_compression(path.name)
-    if comp == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    if comp in (".zst", ".zstd"):
+class _Decompressed(io.RawIOBase):
+    """The decompressed bytes of a ``.gz`` or ``.zst`` file, read in 1 MiB chunks. A
+    truncated or damaged file is a CorpusError naming it, never a silently short corpus:
+    zstd's streaming reader reports a cut-off frame as a plain end of file, so frames are
+    decoded one ``decompressobj`` each (any number of concatenated frames) and the last
+    one must be complete."""
+
+    def __init__(self, path: Path, comp: str) -> None:
+        super().__init__()
+        self.path, self._buf, self._done = path, b"", False
+        if comp == ".gz":
+            self._gz = gzip.open(path, "rb")  # noqa: SIM115 - closed in close()
+            return
         try:
             import zstandard
         except ImportError as e:
             raise ImportError(f"{path} is zstd-compressed: reading it needs the zstandard "
                               f"package: {_INSTALL}") from e
-        raw = open(path, "rb")  # noqa: SIM115 - closed with the wrapper
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return io.TextIOWrapper(reader, encoding="utf-8", errors="replace")
+        self._gz, self._raw = None, open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._zstd, self._zstd_error = zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self._frame, self._fed = self._zstd.decompressobj(), False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fail(self, why: object) -> CorpusError:
+        return CorpusError(f"{self.path}: the compressed file is truncated or damaged "
+                           f"({why}); re-download or re-compress it")
+
+    def _zstd_chunk(self) -> bytes:
+        chunk = self._raw.read(1 << 20)
+        if not chunk:
+            if self._fed and not self._frame.eof:
+                raise self._fail("its last zstd frame ends early")
+            self._done = True
+            return b""
+        out = []
+        try:
+            while chunk:
+                if self._frame.eof:  # the next frame of a multi-frame file
+                    self._frame, self._fed = self._zstd.decompressobj(), False
+                out.append(self._frame.decompress(chunk))
+                self._fed = True
+                chunk = self._frame.unused_data if self._frame.eof else b""
+        except self._zstd_error as e:
+            raise self._fail(e) from None
+        return b"".join(out)
+
+    def readinto(self, b) -> int:
+        while not self._buf and not self._done:
+            if self._gz is None:
+                self._buf = self._zstd_chunk()
+                continue
+            try:
+                self._buf = self._gz.read(1 << 20)
+            except (EOFError, OSError) as e:  # truncated, or not gzip at all
+                raise self._fail(e) from None
+            self._done = not self._buf
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        (self._gz if self._gz is not None else self._raw).close()
+        super().close()
+
+
+def open_text(path: Path) -> TextIO:
+    """A text stream over ``path``, decompressing ``.gz``/``.zst`` (a truncated or damaged
+    file is a CorpusError naming it); bytes that are not UTF-8 become U+FFFD."""
+    _, comp = _strip_compression(path.name)
+    if comp in (".gz", ".zst", ".zstd"):
+        return io.TextIOWrapper(io.BufferedReader(_Decompressed(path, comp)),
+                                encoding="utf-8", errors="replace")
     return open(path, encoding="utf-8", errors="replace")
 
 

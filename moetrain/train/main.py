@@ -175,6 +175,14 @@ _job_started = False  # set once Hydra has composed the config and calls the job
 def _hydra_main(dcfg: DictConfig) -> None:
     global _job_started
     _job_started = True
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # Each job of a sweep (-m) in its own run dir, <run.dir>/sweep/<job number>: else
+        # they would share metrics.jsonl and checkpoints/ (and resume=auto each other's).
+        dcfg.run.dir = hydra_cfg.runtime.output_dir
     try:
         cfg: Config = OmegaConf.to_object(dcfg)
     except ConfigError as e:  # raised by a schema __post_init__

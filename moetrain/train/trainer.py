@@ -250,7 +250,7 @@ class Trainer:
         the way the dense model was. A Hugging Face directory or a moetrain checkpoint
         that carries its tokenizer is compared with the data's, before any work."""
         from moetrain.checkpoint.load import resolve_checkpoint
-        from moetrain.data.hf_tokenizer import describe, same_tokenizer
+        from moetrain.data.hf_tokenizer import describe, same_framing, same_tokenizer
         from moetrain.data.tokenizer import HFTokenizer
 
         src, data_tok = Path(self.cfg.init.from_dense).expanduser(), self.data.tokenizer
@@ -260,14 +260,24 @@ class Trainer:
         if not (where / "tokenizer.json").is_file():
             return  # an HF model without tokenizer.json, or an older checkpoint
         dense_tok = HFTokenizer(where)
+        d = self.cfg.data
+        data = f"data.sources={[s.path for s in d.sources]}" if d.sources else \
+            f"data.source={d.source}"
         if not same_tokenizer(dense_tok, data_tok):
             raise ConfigError(
                 f"init.from_dense={self.cfg.init.from_dense} was trained with its own "
-                f"tokenizer ({describe(dense_tok)}) but data.source={self.cfg.data.source} "
-                f"was tokenized with another ({describe(data_tok)}): the upcycled model "
-                f"would read ids of another vocabulary. Prepare the data with its "
-                f"tokenizer: python tools/prepare_data.py --input ... --output DIR "
-                f"--tokenizer {where}, then data.source=DIR")
+                f"tokenizer ({describe(dense_tok)}) but {data} was tokenized with another "
+                f"({describe(data_tok)}): the upcycled model would read ids of another "
+                f"vocabulary. Prepare the data with its tokenizer: python "
+                f"tools/prepare_data.py --input ... --output DIR --tokenizer {where}, then "
+                f"data.source=DIR")
+        if not same_framing(dense_tok, data_tok) and self.rank == 0:
+            log.warning("init.from_dense=%s and %s share a vocabulary but frame documents "
+                        "differently (EOS %s / BOS %s against EOS %s / BOS %s): as prepared "
+                        "with --eos-token / --bos", self.cfg.init.from_dense, data,
+                        dense_tok.eos_id, dense_tok.bos_id if dense_tok.add_bos else None,
+                        data_tok.eos_id, getattr(data_tok, "bos_id", None)
+                        if getattr(data_tok, "add_bos", False) else None)
 
     def _init_from_dense(self) -> None:
         """Upcycle ``init.from_dense`` into the placed model (docs/upcycling.md): every rank

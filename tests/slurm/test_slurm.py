@@ -257,13 +257,13 @@ def scene_elastic(ctx: Ctx) -> Scene:
 
 def scene_sweep(ctx: Ctx) -> Scene:
     """`moetrain-train -m hydra/launcher=submitit_slurm optim.lr=1e-3,3e-3`, each job in its
-    own run dir (run.dir=${hydra:runtime.output_dir}: <sweep dir>/<job number>). Job 0 gets
+    own run dir (a multirun sets run.dir to <sweep dir>/<job number>). Job 0 gets
     SIGUSR2 at step 4, submitit's timeout/preemption signal: moetrain checkpoints, then
     submitit's handler requeues the job (as at a time limit), which resumes and finishes."""
     sweep = ctx.root / "sweep"
     s = Scene(sweep, ctx.root / "sweep.out")
     cmd = [sys.executable, "-m", "moetrain.train", "-m", "hydra/launcher=submitit_slurm",
-           f"hydra.sweep.dir={sweep}", "run.dir=${hydra:runtime.output_dir}", *BASE,
+           f"hydra.sweep.dir={sweep}", *BASE,
            f"train.steps={SWEEP_STEPS}", "checkpoint.every=0", f"data.cache_dir={ctx.cache}",
            f"optim.lr={','.join(SWEEP_LRS)}"]
     env = ctx.cluster.env(MOETRAIN_FAULTS="step_end:step=4:action=hold:seconds=12")
@@ -287,9 +287,9 @@ def scene_sweep(ctx: Ctx) -> Scene:
     return s
 
 
-SCENES = {"ep2": scene_ep2, "time_limit": scene_time_limit, "warning": scene_warning,
-          "stops": scene_stops, "requeue": scene_requeue, "elastic": scene_elastic,
-          "sweep": scene_sweep}
+SCENES = {  # the longest first: SLURM's time limit comes a minute after the job starts
+    "time_limit": scene_time_limit, "stops": scene_stops, "requeue": scene_requeue,
+    "elastic": scene_elastic, "warning": scene_warning, "sweep": scene_sweep, "ep2": scene_ep2}
 TESTS = {  # test -> its scenarios
     "test_two_node_ep2": ("ep2",), "test_time_limit_stop_then_resubmission": ("time_limit",),
     "test_usr1_to_the_step_then_resubmission": ("stops",),

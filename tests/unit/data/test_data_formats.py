@@ -234,3 +234,27 @@ def test_prepare_workers_byte_identical(tmp_path):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
     assert _stream(tmp_path / "w2", "train").tolist() + _stream(tmp_path / "w2", "val").tolist() \
         == _cat(_byte_ref(DOCS * 20))
+
+
+def test_truncated_or_damaged_compressed_files_are_named(tmp_path):
+    """zstd's streaming reader ends a cut-off frame quietly: the corpus would be short with
+    no error. A truncated .zst or .gz, or a .gz that is not gzip, stops with the file; a
+    file of several zstd frames reads whole."""
+    zstandard = oracle("zstandard")
+    from moetrain.data.readers import CorpusError, open_text
+
+    text = "".join(f"line {i} " + "x" * 40 + "\n" for i in range(20000))
+    c = zstandard.ZstdCompressor()
+    whole = c.compress(text.encode())
+    files = {"multi.txt.zst": c.compress(text[:999].encode()) + c.compress(text[999:].encode()),
+             "cut.txt.zst": whole[:len(whole) // 2],
+             "cut.txt.gz": gzip.compress(text.encode())[:2000],
+             "bad.txt.gz": b"not gzip at all"}
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+    with open_text(tmp_path / "multi.txt.zst") as f:
+        assert f.read() == text
+    for name in ("cut.txt.zst", "cut.txt.gz", "bad.txt.gz"):
+        with (pytest.raises(CorpusError, match=rf"{name}: the compressed file is truncated"),
+              open_text(tmp_path / name) as f):
+            f.read()

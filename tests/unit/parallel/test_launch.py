@@ -104,10 +104,15 @@ def test_slurm_sbatch(tmp_path):
     r = _run("slurm.sbatch", OVERRIDES, env, tmp_path)
     assert r.returncode == 0, r.stderr
     argv = _argv(out)
-    assert argv[:2] == ["--kill-on-bad-exit=1", "torchrun"]
-    a = get_args_parser().parse_args(argv[2:])
+    # srun --kill-on-bad-exit=1 bash -c 'trap "" TERM USR1 USR2; exec "$@"' NAME torchrun ...:
+    # the agents ignore the stop signals SLURM sends every process of the step.
+    assert argv[:3] == ["--kill-on-bad-exit=1", "bash", "-c"]
+    assert argv[3].startswith('trap "" TERM USR1 USR2;') and argv[5] == "torchrun"
+    a = get_args_parser().parse_args(argv[6:])
+    assert a.signals_to_handle == "SIGINT,SIGHUP,SIGQUIT"
     assert (a.nnodes, a.nproc_per_node) == ("2", "4")
-    assert (a.rdzv_backend, a.rdzv_endpoint, a.rdzv_id) == ("c10d", "gpu07:29500", "9157")
+    # MASTER_PORT defaults to 29500 + SLURM_JOB_ID % 1000: a port of its own per job.
+    assert (a.rdzv_backend, a.rdzv_endpoint, a.rdzv_id) == ("c10d", "gpu07:29657", "9157")
     assert (a.module, a.training_script, a.training_script_args) == (
         True, "moetrain.train", OVERRIDES)
     header = [ln for ln in (LAUNCH / "slurm.sbatch").read_text().splitlines()
