@@ -23,6 +23,7 @@ tokens; the train/val split is by whole documents (:func:`split_documents`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
           7: np.float32, 8: np.uint16}
 _SCAN_CHUNK = 1 << 24  # tokens per step of the vocabulary scan
+_CHUNK = 1 << 22  # sequences per step of the pointer check
 
 
 def is_megatron(path: str) -> bool:
@@ -78,9 +80,22 @@ class MegatronIndex:
 
     def document_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, end) token offsets of every document in :attr:`tokens`."""
-        lengths = self.sequence_lengths.astype(np.int64)
-        at_seq = np.concatenate([[0], np.cumsum(lengths)])  # token offset of each sequence
-        return at_seq[self.document_indices[:-1]], at_seq[self.document_indices[1:]]
+        return self._bounds
+
+    @functools.cached_property
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        # The sequences lie back to back (read_index checks it): sequence i starts at token
+        # pointers[i] / itemsize, and index S (past the last) at the token count. Built
+        # once, 16 bytes per document, from the memory-mapped pointers.
+        n_seq, n_tok = len(self.sequence_pointers), int(self.tokens.size)
+
+        def at(seq: np.ndarray) -> np.ndarray:
+            inside = seq < n_seq
+            out = np.full(seq.shape, n_tok, dtype=np.int64)
+            out[inside] = self.sequence_pointers[seq[inside]] // self.dtype.itemsize
+            return out
+
+        return at(self.document_indices[:-1]), at(self.document_indices[1:])
 
     def document(self, d: int) -> np.ndarray:
         starts, ends = self.document_bounds()
@@ -133,10 +148,15 @@ def read_index(prefix: str | os.PathLike) -> MegatronIndex:
         raise _bad(idx, "its document indices do not ascend from 0 within the sequence count")
     if np.any(lengths < 0):
         raise _bad(idx, "it has negative sequence lengths")
-    expect = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]) * dtype.itemsize
-    if not np.array_equal(pointers, expect):
-        raise _bad(idx, "its sequences are not stored back to back in the .bin file")
-    n_tokens = int(lengths.sum(dtype=np.int64))
+    # Back to back: pointer i = (tokens before sequence i) * itemsize; checked in chunks so
+    # that memory stays bounded whatever the sequence count.
+    n_tokens = 0
+    for lo in range(0, n_seq, _CHUNK):
+        part = lengths[lo:lo + _CHUNK].astype(np.int64)
+        before = n_tokens + np.cumsum(part) - part
+        if not np.array_equal(pointers[lo:lo + _CHUNK], before * dtype.itemsize):
+            raise _bad(idx, "its sequences are not stored back to back in the .bin file")
+        n_tokens += int(part.sum())
     bin_size = bin_.stat().st_size
     if bin_size != n_tokens * dtype.itemsize:
         raise _bad(bin_, f"{bin_size} bytes, but {idx.name} describes {n_tokens} "

@@ -41,6 +41,9 @@ def _missing() -> str | None:
     return None
 
 
+_SESSION_ENV = dict(os.environ)  # before any test runs (see Cluster.env)
+
+
 class Cluster:
     """Client commands of the test cluster. ``lock`` serialises what must not overlap with
     a node being down (submissions, signals, requeues) against the node-loss test."""
@@ -50,8 +53,10 @@ class Cluster:
         self.lock = threading.Lock()
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The environment a job is submitted with (sbatch exports it to the job)."""
-        e = {k: v for k, v in os.environ.items()
+        """The environment a job is submitted with (sbatch exports it to the job): the
+        session's environment as it was at collection, since the scenarios run while other
+        tests set variables of their own (monkeypatch.setenv) in this process."""
+        e = {k: v for k, v in _SESSION_ENV.items()
              if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "MOETRAIN_FAULTS"))}
         e.update(SLURM_CONF=str(self.conf), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                  MOETRAIN_DIST_TIMEOUT_S="60", HYDRA_FULL_ERROR="1")
@@ -60,8 +65,9 @@ class Cluster:
         return e
 
     def run(self, *cmd: str, env: dict[str, str] | None = None, check: bool = True) -> str:
+        # a fixed working directory (a job's, for sbatch): other tests may chdir meanwhile
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False,
-                           env=env or self.env())
+                           env=env or self.env(), cwd=ROOT)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr}")
         return r.stdout
@@ -130,3 +136,15 @@ def slurm_cluster(request) -> Cluster:
         r = subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, text=True,
                            env=env, timeout=120, check=False)
         _report(request.config, [f"tests/slurm: {line}" for line in r.stdout.splitlines()])
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The SLURM scenarios start with the session and are checked at its end: their time
+    is mostly SLURM's timers (a one-minute time limit, a requeue hold), which then overlaps
+    the rest of the suite instead of adding to it."""
+    first = [i for i in items if i.name == "test_scenarios_start_with_the_session"]
+    slurm = [i for i in items if "tests/slurm/" in i.nodeid.replace("\\", "/") and i not in first]
+    if not first or len(slurm) == len(items) - len(first):
+        return
+    others = [i for i in items if i not in first and i not in slurm]
+    items[:] = first + others + slurm
