@@ -19,6 +19,16 @@ from moetrain.config.schema import ConfigError
 from moetrain.data.shards import open_split, read_meta
 
 
+def batch_of(sample, indices: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs_BS, targets_BS)`` int64 tensors of the samples ``sample(i)`` (each of
+    seq_len + 1 tokens): inputs are the first seq_len tokens, targets the last."""
+    rows_BS1 = np.empty((len(indices), seq_len + 1), dtype=np.int64)
+    for b, i in enumerate(indices):
+        rows_BS1[b] = sample(int(i))
+    rows = torch.from_numpy(rows_BS1)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
 class TokenDataset:
     """``len(ds) = (num_tokens - 1) // seq_len`` samples of ``seq_len + 1`` tokens."""
 
@@ -96,11 +106,7 @@ class TokenDataset:
 
     def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs_BS, targets_BS)`` int64 tensors for the given sample indices."""
-        rows_BS1 = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
-        for b, i in enumerate(indices):
-            rows_BS1[b] = self.sample(int(i))
-        rows = torch.from_numpy(rows_BS1)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return batch_of(self.sample, indices, self.seq_len)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = self.get_batch([index])

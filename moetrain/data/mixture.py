@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from moetrain.config.schema import ConfigError
-from moetrain.data.dataset import TokenDataset
+from moetrain.data.dataset import TokenDataset, batch_of
 from moetrain.data.sampler import GlobalBatchSampler
 
 
@@ -56,11 +56,7 @@ class MixtureDataset:
         return self.parts[k].sample(i)
 
     def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows_BS1 = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
-        for b, i in enumerate(indices):
-            rows_BS1[b] = self.sample(int(i))
-        rows = torch.from_numpy(rows_BS1)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return batch_of(self.sample, indices, self.seq_len)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {len(p)}" for n, p in zip(self.names, self.parts))
