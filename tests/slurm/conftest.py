@@ -137,14 +137,3 @@ def slurm_cluster(request) -> Cluster:
                            env=env, timeout=120, check=False)
         _report(request.config, [f"tests/slurm: {line}" for line in r.stdout.splitlines()])
 
-
-def pytest_collection_modifyitems(session, config, items) -> None:
-    """The SLURM scenarios start with the session and are checked at its end: their time
-    is mostly SLURM's timers (a one-minute time limit, a requeue hold), which then overlaps
-    the rest of the suite instead of adding to it."""
-    first = [i for i in items if i.name == "test_scenarios_start_with_the_session"]
-    slurm = [i for i in items if "tests/slurm/" in i.nodeid.replace("\\", "/") and i not in first]
-    if not first or len(slurm) == len(items) - len(first):
-        return
-    others = [i for i in items if i not in first and i not in slurm]
-    items[:] = first + others + slurm

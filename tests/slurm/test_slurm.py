@@ -300,13 +300,10 @@ TESTS = {  # test -> its scenarios
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def scenarios(request, slurm_cluster, tmp_path_factory, data_cache):
     """Start the scenarios of the selected tests at once (the data cache is built first, by
-    the reference run); yield {name: Future[Scene]}. Session-scoped: the first test of the
-    session starts them (conftest.py orders it first), and they run, mostly waiting on
-    SLURM's timers, while the rest of the suite does; the tests of this module, ordered
-    last, check them."""
+    the reference run); yield {name: Future[Scene]}."""
     selected = {name for i in request.session.items
                 if i.module.__name__ == __name__ and i.name in TESTS for name in TESTS[i.name]}
     if not in_ci() and not _has_submitit():
@@ -351,13 +348,6 @@ def reference(cache: str, steps: int = STEPS, lr: str | None = None) -> dict:
                "checkpoint.every=0", *extra])
         _REFS[key] = tr.step_losses(run_dir)
     return _REFS[key]
-
-
-def test_scenarios_start_with_the_session(scenarios, slurm_cluster):
-    """Not a check of its own: ordered first in the session, it submits every selected
-    scenario, so that their minute-long SLURM waits overlap the rest of the suite."""
-    assert set(scenarios) <= set(SCENES)
-    assert "n1" in slurm_cluster.run("sinfo", "-h", "-o", "%N", check=False)
 
 
 def scene(scenarios: dict[str, Future], name: str) -> Scene:
