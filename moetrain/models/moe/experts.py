@@ -277,6 +277,19 @@ def virtual_slots(sizes: list[int], ep: int) -> list[list[int]]:
     return slots
 
 
+@functools.lru_cache(maxsize=16)
+def _rank_flop_matrix(sizes: tuple[int, ...], ep: int) -> torch.Tensor:
+    """``RaggedExperts.rank_flop_matrix``: from ``virtual_slots``, each expert's work spread
+    evenly over the slots that hold it (read-only: shared between calls)."""
+    m = torch.zeros(len(sizes), ep)
+    slots = virtual_slots(list(sizes), ep)
+    per_rank = sum(len(s) for s in slots) // ep
+    for e, held in enumerate(slots):
+        for slot in held:
+            m[e, slot // per_rank] += 1.0 / len(held)
+    return m
+
+
 class RaggedExperts(nn.Module):
     """HMoE's heterogeneous experts (Wang et al., 2024, arXiv 2408.10681): expert e is a
     SwiGLU of hidden size ``sizes[e]``.
@@ -338,14 +351,9 @@ class RaggedExperts(nn.Module):
 
     def rank_flop_matrix(self, ep: int) -> torch.Tensor:
         """float (E, ep): the share of expert e's work on rank j under ``ep`` (1 on the rank
-        of a whole expert, 1/ep on every rank for a split one)."""
-        m = torch.zeros(self.num_experts, ep)
-        slots = virtual_slots(self.sizes, ep)
-        per_rank = sum(len(s) for s in slots) // ep
-        for e, held in enumerate(slots):
-            for slot in held:
-                m[e, slot // per_rank] += 1.0 / len(held)
-        return m
+        of a whole expert, 1/ep on every rank for a split one). Read every step by the
+        balance metrics: built once per (sizes, ep)."""
+        return _rank_flop_matrix(tuple(self.sizes), ep)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for g in self.groups:
